@@ -1,0 +1,77 @@
+"""Small internal helpers: ids, clocks, the rate budget and validation of names."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import secrets
+import time
+
+from .errors import ConfigurationError, InvalidSessionId
+
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_BAD_CHAR = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def validate_session_id(session_id: object) -> str:
+    """Return the id if it can name a channel on every backend, else raise :class:`InvalidSessionId`."""
+    if not isinstance(session_id, str):
+        raise InvalidSessionId(session_id, "a session id is a string")
+    if not session_id:
+        raise InvalidSessionId(session_id, "a session id cannot be empty")
+    if len(session_id) > 128:
+        raise InvalidSessionId(session_id, f"{len(session_id)} characters, at most 128 are allowed")
+    if not _SESSION_ID.fullmatch(session_id):
+        bad = _BAD_CHAR.search(session_id)
+        char = bad.group() if bad else "?"
+        raise InvalidSessionId(session_id, f"character {char!r} is not allowed (use letters, digits, '_' and '-')")
+    return session_id
+
+
+def validate_name(kind: str, value: object) -> str:
+    """Agent names and similar labels: 1 to 128 printable characters."""
+    if not isinstance(value, str) or not value or len(value) > 128 or not value.isprintable():
+        raise ConfigurationError(f"{kind} must be 1 to 128 printable characters, got {value!r}")
+    return value
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class IdFactory:
+    """Unique ids without a system call per id: a random 64-bit prefix and a counter."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._counter):x}"
+
+
+class RateBudget:
+    """A token bucket that keeps any one-second window at or under ``per_second`` publishes.
+
+    90% of the budget refills steadily and 10% is burst, so a quiet channel flushes at once and a busy one
+    widens its batching window instead of being rejected by the broker.
+    """
+
+    def __init__(self, per_second: float) -> None:
+        if per_second <= 0:
+            raise ConfigurationError("rate_limit must be positive")
+        self._capacity = max(1.0, per_second * 0.1)
+        self._rate = max(per_second - self._capacity, per_second * 0.5)
+        self._tokens = self._capacity
+        self._stamp = time.monotonic()
+
+    async def acquire(self) -> None:
+        while True:
+            now = time.monotonic()
+            self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self._rate)
+            self._stamp = now
+            if self._tokens >= 1.0:
+                self._tokens -= 1.0
+                return
+            await asyncio.sleep((1.0 - self._tokens) / self._rate)

@@ -1,0 +1,152 @@
+"""The errors durable-ai raises.
+
+Usage mistakes are ``ValueError``/``RuntimeError`` subclasses so plain ``except ValueError`` code keeps working;
+failures of the broker are ``BackendError``. Every error is a ``DurableAIError``::
+
+    DurableAIError
+    ├── ConfigurationError (ValueError)      a bad argument: fix the calling code
+    │   ├── InvalidSessionId                 .session_id, .reason
+    │   ├── InvalidCursor                    .cursor, .reason
+    │   └── UnknownBackend                   .scheme, .package (what to install)
+    ├── PayloadTooLarge (ValueError)         .size, .limit
+    │   ├── EventTooLarge                    an event over the hub's max_event_bytes
+    │   └── ControlTooLarge                  a control over the hub's max_control_bytes
+    ├── ProtocolError (ValueError)           bytes that are not valid durable-ai wire data
+    ├── RunClosed (RuntimeError)             writing to a run after its block has exited
+    ├── HubClosed (RuntimeError)             using a hub that is not open
+    ├── AckTimeout (TimeoutError)            no control-ack arrived in time; .control_id
+    └── BackendError                         the broker failed
+        ├── BackendUnavailable (ConnectionError)  the broker cannot be reached (gone mid-run, refused)
+        ├── PublishError                     a publish did not land; nothing was lost, retrying is safe
+        ├── PermissionDenied                 the credentials do not allow the operation
+        └── LogReset                         a position no longer exists in the log; .reason
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AckTimeout",
+    "BackendError",
+    "BackendUnavailable",
+    "ConfigurationError",
+    "ControlTooLarge",
+    "DurableAIError",
+    "EventTooLarge",
+    "HubClosed",
+    "InvalidCursor",
+    "InvalidSessionId",
+    "LogReset",
+    "PayloadTooLarge",
+    "PermissionDenied",
+    "ProtocolError",
+    "PublishError",
+    "RunClosed",
+    "UnknownBackend",
+]
+
+
+class DurableAIError(Exception):
+    """Base class of every error raised by durable-ai."""
+
+
+class ConfigurationError(DurableAIError, ValueError):
+    """An argument or setting is invalid; the calling code must change."""
+
+
+class InvalidSessionId(ConfigurationError):
+    """A session id that cannot name a channel on every backend."""
+
+    def __init__(self, session_id: object, reason: str) -> None:
+        self.session_id = session_id
+        self.reason = reason
+        super().__init__(f"invalid session id {session_id!r}: {reason}")
+
+
+class InvalidCursor(ConfigurationError):
+    """A cursor string that durable-ai did not produce."""
+
+    def __init__(self, cursor: object, reason: str) -> None:
+        self.cursor = cursor
+        self.reason = reason
+        super().__init__(f"invalid cursor {cursor!r}: {reason}")
+
+
+class UnknownBackend(ConfigurationError):
+    """No installed backend handles the URL's scheme."""
+
+    def __init__(self, scheme: str, package: str | None) -> None:
+        self.scheme = scheme
+        self.package = package
+        hint = f"; install it with: pip install {package}" if package else ""
+        super().__init__(f"no durable-ai backend is installed for '{scheme}://'{hint}")
+
+
+class PayloadTooLarge(DurableAIError, ValueError):
+    """A payload over a configured size limit. Nothing was written."""
+
+    what = "payload"
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(f"{self.what} of {size} bytes is over the limit of {limit} bytes; nothing was written")
+
+
+class EventTooLarge(PayloadTooLarge):
+    """An event whose encoded size is over the hub's ``max_event_bytes``."""
+
+    what = "event"
+
+
+class ControlTooLarge(PayloadTooLarge):
+    """A control whose encoded size is over the hub's ``max_control_bytes``."""
+
+    what = "control"
+
+
+class ProtocolError(DurableAIError, ValueError):
+    """Bytes that do not decode as durable-ai wire data."""
+
+
+class RunClosed(DurableAIError, RuntimeError):
+    """A write to a run whose ``async with`` block has already exited."""
+
+
+class HubClosed(DurableAIError, RuntimeError):
+    """The hub is not open (never entered, or already closed)."""
+
+
+class AckTimeout(DurableAIError, TimeoutError):
+    """No ``control-ack`` for a control arrived within the timeout."""
+
+    def __init__(self, control_id: str, timeout: float) -> None:
+        self.control_id = control_id
+        self.timeout = timeout
+        super().__init__(f"no control-ack for control {control_id!r} within {timeout:g}s")
+
+
+class BackendError(DurableAIError):
+    """The broker failed an operation."""
+
+
+class BackendUnavailable(BackendError, ConnectionError):
+    """The broker cannot be reached."""
+
+
+class PublishError(BackendError):
+    """A publish did not land. Events stay buffered; publishing is idempotent, so a retry never duplicates."""
+
+
+class PermissionDenied(BackendError):
+    """The credentials in use do not allow the operation."""
+
+
+class LogReset(BackendError):
+    """A log position no longer exists: the log was recreated or retention dropped it.
+
+    Backends raise it from ``read``; ``Session.events`` turns it into a ``reset`` event, never a silent gap.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
