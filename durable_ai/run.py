@@ -18,9 +18,9 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import JsonValue, ValidationError
+from pydantic import ValidationError
 
 from ._util import now_ms, validate_name
 from .errors import ConfigurationError, EventTooLarge, RunClosed
@@ -305,14 +305,17 @@ class Run:
         self._text_part = None
         await self._delta("reasoning-delta", delta, part_id, first)
 
-    async def tool_call(self, name: str, input: JsonValue = None, *, call_id: str | None = None) -> str:
-        """Record a tool call; returns its ``call_id`` for :meth:`tool_result`. Returns once it is stored."""
+    async def tool_call(self, name: str, input: Any = None, *, call_id: str | None = None) -> str:
+        """Record a tool call; returns its ``call_id`` for :meth:`tool_result`. Returns once it is stored.
+
+        ``input`` must be JSON-compatible (validated: :class:`ConfigurationError` otherwise).
+        """
         self._text_part = self._reasoning_part = None
         call_id = call_id or self.session.hub._new_id()
         await self._write(self._stamp(ToolCall, call_id=call_id, name=name, input=input), wait=True)
         return call_id
 
-    async def tool_result(self, call: str, output: JsonValue = None, *, error: str | None = None) -> None:
+    async def tool_result(self, call: str, output: Any = None, *, error: str | None = None) -> None:
         """Record the result (or the error) of a tool call."""
         self._text_part = self._reasoning_part = None
         await self._write(self._stamp(ToolResult, call_id=call, output=output, error=error), wait=True)
@@ -321,7 +324,7 @@ class Run:
         """Show progress in the UI ("reading 3 pages")."""
         await self._write(self._stamp(Status, text=text), wait=True)
 
-    async def data(self, name: str, value: JsonValue = None) -> None:
+    async def data(self, name: str, value: Any = None) -> None:
         """Write application-defined data (citations, UI state...)."""
         await self._write(self._stamp(Data, name=name, value=value), wait=True)
 

@@ -176,7 +176,7 @@ async def resume_after_drop(target: Target) -> str:
                         await dropped.wait()
                     elif i % 25 == 0:
                         await asyncio.sleep(0)
-                return run.id
+            return run.id
 
         task = asyncio.create_task(agent())
         client = hubs.client.session(sid)
@@ -217,7 +217,7 @@ async def join_mid_run(target: Target) -> str:
                         await run.flush()
                         half_written.set()
                         await joined.wait()
-                return run.id
+            return run.id
 
         task = asyncio.create_task(agent())
         await within(half_written.wait(), "the agent's first half")
@@ -411,7 +411,7 @@ async def steer_into_run(target: Target) -> str:
                     received.append(steer.text)
                     await run.text(f"ok, {steer.text}")
                     break
-                return run.id
+            return run.id
 
         task = asyncio.create_task(agent())
         client = hubs.client.session(sid)
@@ -542,7 +542,7 @@ async def malformed_controls(target: Target) -> str:
                 await run.text("still ")
                 await release.wait()
                 await run.text("here")
-                return run.id
+            return run.id
 
         task = asyncio.create_task(agent())
         client = hubs.client.session(sid)
@@ -773,7 +773,7 @@ async def rate_budget(target: Target) -> str:
                 for i in range(60):
                     await run.text(f"{n}.{i} ")
                     await asyncio.sleep(0.01)  # an LLM producing ~100 tokens/s
-                return run.id
+            return run.id
 
         run_ids = await asyncio.gather(*(writer(n) for n in range(3)))
         events = await collect(session.events(follow=False))
