@@ -17,7 +17,7 @@ failures of the broker are ``BackendError``. Every error is a ``DurableAIError``
     ├── AckTimeout (TimeoutError)            no control-ack arrived in time; .control_id
     └── BackendError                         the broker failed
         ├── BackendUnavailable (ConnectionError)  the broker cannot be reached (gone mid-run, refused)
-        ├── PublishError                     a publish did not land; nothing was lost, retrying is safe
+        ├── PublishError                     the broker did not confirm in time; the events stay buffered
         ├── PermissionDenied                 the credentials do not allow the operation
         └── LogReset                         a position no longer exists in the log; .reason
 """
@@ -134,7 +134,11 @@ class BackendUnavailable(BackendError, ConnectionError):
 
 
 class PublishError(BackendError):
-    """A publish did not land. Events stay buffered; publishing is idempotent, so a retry never duplicates."""
+    """The broker did not confirm a write within ``publish_timeout``.
+
+    Nothing is dropped: the events stay buffered in the hub and are published (once, thanks to idempotent message
+    ids) when the broker is back. Do not write them again; a new write would be a new event.
+    """
 
 
 class PermissionDenied(BackendError):

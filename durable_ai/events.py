@@ -179,11 +179,16 @@ class Reset(_Event):
 
 
 class UnknownEvent(_Event):
-    """An event of a type this version does not know; every field is kept as received."""
+    """An event of a type (or version) this library does not know; every field is kept as received."""
 
     id: str = ""
     session: str = ""
     ts: int = 0
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """The event exactly as it was received, to forward or inspect."""
+        return self.model_dump(exclude_unset=True)
 
 
 Event: TypeAlias = (

@@ -282,7 +282,12 @@ def connect(
 
     No I/O happens until the hub is opened: ``async with durable_ai.connect(url) as hub: ...``.
     """
-    backend = backend_from_url(url) if isinstance(url, str) else url
+    if isinstance(url, str):
+        backend = backend_from_url(url)
+    elif isinstance(url, Backend):
+        backend = url
+    else:
+        raise ConfigurationError(f"expected a backend URL such as 'memory://' or a Backend, got {url!r}")
     return Hub(
         backend,
         coalesce=coalesce,

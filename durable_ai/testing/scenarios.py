@@ -163,7 +163,8 @@ async def resume_after_drop(target: Target) -> str:
     """A subscriber drops mid-stream and resumes from its last cursor: no gap, no duplicate."""
     sid = new_session_id("resume")
     tokens = words(600)
-    async with _Hubs(target) as hubs:
+    # Small batches, so that the drop falls between many broker messages.
+    async with _Hubs(target, coalesce=Coalesce(max_bytes=256)) as hubs:
         half_written, dropped = asyncio.Event(), asyncio.Event()
 
         async def agent() -> str:
@@ -360,7 +361,7 @@ async def idempotent_publish(target: Target) -> str:
 async def resume_from_every_cursor(target: Target, steps: Sequence[tuple[str, str]] | None = None) -> str:
     """Resuming after any event's cursor yields exactly the events that follow it."""
     sid = new_session_id("cursors")
-    plan = steps or [("text", f"t{i} ") for i in range(40)] + [("tool", "search"), ("text", "end")]
+    plan = list(steps) if steps else _DEFAULT_PLAN
     async with _Hubs(target) as hubs:
         await _play(hubs.agent, sid, plan)
         client = hubs.client.session(sid)
@@ -372,6 +373,21 @@ async def resume_from_every_cursor(target: Target, steps: Sequence[tuple[str, st
                 f"resuming after event {i} ({event.type}) did not yield exactly the rest",
             )
     return f"{len(everything)} cursors, each resumes exactly"
+
+
+_DEFAULT_PLAN = [
+    step
+    for round_ in range(3)
+    for step in (
+        *[("text", f"t{round_}.{i} ") for i in range(10)],
+        ("yield", ""),
+        ("tool", "search"),
+        *[("reasoning", f"r{i} ") for i in range(5)],
+        ("status", f"round {round_}"),
+        ("text", "and "),
+        ("flush", ""),
+    )
+]
 
 
 async def _play(hub: Hub, sid: str, steps: Sequence[tuple[str, str]]) -> None:

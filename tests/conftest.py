@@ -1,0 +1,40 @@
+"""Shared fixtures: a memory backend and hubs on it, and a check that no test leaves a task running."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+import durable_ai
+from durable_ai import Hub, MemoryBackend
+
+
+@pytest.fixture(autouse=True)
+async def no_leaked_tasks() -> AsyncIterator[None]:
+    """Every background task a test started must be finished or cancelled when it ends."""
+    before = asyncio.all_tasks()
+    yield
+    leaked = [t for t in asyncio.all_tasks() - before if t is not asyncio.current_task() and not t.done()]
+    for task in leaked:
+        task.cancel()
+    assert not leaked, f"tasks left running: {[t.get_name() for t in leaked]}"
+
+
+@pytest.fixture
+def backend() -> MemoryBackend:
+    return MemoryBackend()
+
+
+@pytest.fixture
+async def hub(backend: MemoryBackend) -> AsyncIterator[Hub]:
+    async with durable_ai.connect(backend) as hub:
+        yield hub
+
+
+@pytest.fixture
+async def client_hub(backend: MemoryBackend) -> AsyncIterator[Hub]:
+    """A second hub on the same broker: a client in another process."""
+    async with durable_ai.connect(backend) as hub:
+        yield hub

@@ -1,0 +1,144 @@
+"""Live control as a client experiences it: every control gets an answer, and a disconnect is never a cancel."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from durable_ai import AckTimeout, Hub, Run, RunEnd, UserMessage
+from durable_ai.testing.scenarios import collect
+
+
+async def _stalled(hub: Hub, session: str, agent: str, runs: list[Run], started: asyncio.Event) -> None:
+    async with hub.session(session).run(agent=agent) as run:
+        runs.append(run)
+        started.set()
+        await asyncio.Event().wait()
+
+
+async def test_cancel_without_run_id_stops_every_active_run_with_one_ack(hub: Hub, client_hub: Hub) -> None:
+    runs: list[Run] = []
+    started = [asyncio.Event(), asyncio.Event()]
+    tasks = [asyncio.create_task(_stalled(hub, "s", f"agent-{i}", runs, started[i])) for i in range(2)]
+    for event in started:
+        await asyncio.wait_for(event.wait(), 5)
+    handle = await client_hub.session("s").cancel(reason="stop everything")
+    ack = await handle.ack()
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    events = await collect(client_hub.session("s").events(follow=False))
+    assert ack.outcome == "applied" and ack.control_type == "cancel"
+    assert all(run.cancelled and run.cancel_reason == "stop everything" for run in runs)
+    assert sorted(e.status for e in events if isinstance(e, RunEnd)) == ["cancelled", "cancelled"]
+    assert sum(e.type == "control-ack" for e in events) == 1
+
+
+async def test_a_served_session_answers_controls_for_runs_it_does_not_have(hub: Hub, client_hub: Hub) -> None:
+    async def never(run: Run, message: UserMessage) -> None:
+        raise AssertionError("no prompt was sent")
+
+    async with hub.session("s").serve(never):
+        cancel = await (await client_hub.session("s").cancel("run-that-does-not-exist")).ack()
+        steer = await (await client_hub.session("s").steer("hello?")).ack()
+    assert (cancel.outcome, cancel.reason) == ("ignored", "run run-that-does-not-exist is not active")
+    assert (steer.outcome, steer.reason) == ("ignored", "no run is active")
+
+
+async def test_closing_a_subscriber_is_not_a_cancel(hub: Hub, client_hub: Hub) -> None:
+    release = asyncio.Event()
+
+    async def agent() -> Run:
+        async with hub.session("s").run(agent="w") as run:
+            await run.text("part one, ")
+            await release.wait()
+            await run.text("part two")
+        return run
+
+    task = asyncio.create_task(agent())
+    stream = client_hub.session("s").events()
+    first = await collect(stream, count=2)  # collect closes the stream: the tab goes away
+    release.set()
+    run = await asyncio.wait_for(task, 5)
+    events = await collect(client_hub.session("s").events(after=first[-1].cursor, follow=False))
+    assert not run.cancelled
+    assert events[-1].status == "completed"  # type: ignore[union-attr]
+
+
+async def test_an_external_cancellation_records_cancelled_and_propagates(hub: Hub, client_hub: Hub) -> None:
+    started = asyncio.Event()
+    runs: list[Run] = []
+    task = asyncio.create_task(_stalled(hub, "s", "w", runs, started))
+    await asyncio.wait_for(started.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    events = await collect(client_hub.session("s").events(follow=False))
+    end = events[-1]
+    assert isinstance(end, RunEnd) and end.status == "cancelled" and end.reason == "the agent task was cancelled"
+    assert not runs[0].cancelled  # not a client's cancel
+
+
+async def test_a_cancel_after_the_run_ended_is_ignored(hub: Hub, client_hub: Hub) -> None:
+    async with hub.session("s").run(agent="w") as run:
+        await run.text("done")
+        done = run
+    async with hub.session("s").serve(_unused):
+        ack = await (await client_hub.session("s").cancel(done.id)).ack()
+    assert ack.outcome == "ignored"
+
+
+async def _unused(run: Run, message: UserMessage) -> None:
+    await run.text("unused")
+
+
+async def test_a_repeated_prompt_is_answered_once(hub: Hub, client_hub: Hub) -> None:
+    answered: list[str] = []
+
+    async def agent(run: Run, message: UserMessage) -> None:
+        answered.append(message.content)
+        await run.text(f"re: {message.content}")
+
+    async with hub.session("s").serve(agent):
+        first = await (await client_hub.session("s").prompt("hi", message_id="m-1")).ack()
+        again = await (await client_hub.session("s").prompt("hi", message_id="m-1")).ack()
+        await hub.flush()
+    assert (first.outcome, again.outcome) == ("applied", "ignored")
+    events = await collect(client_hub.session("s").events(follow=False))
+    assert [e.content for e in events if isinstance(e, UserMessage)] == ["hi"]
+
+
+async def test_clients_may_only_ask_for_allowed_strategies(hub: Hub, client_hub: Hub) -> None:
+    async with hub.session("s").serve(_unused, strategy="enqueue", client_strategies=["reject"]):
+        refused = await (await client_hub.session("s").prompt("x", strategy="interrupt")).ack()
+        allowed = await (await client_hub.session("s").prompt("y", strategy="reject")).ack()
+    assert refused.outcome == "rejected" and "'interrupt' is not allowed" in (refused.reason or "")
+    assert allowed.outcome in ("applied", "rejected") and "not allowed" not in (allowed.reason or "")
+
+
+async def test_a_prompt_nobody_serves_times_out_with_a_typed_error(client_hub: Hub) -> None:
+    handle = await client_hub.session("s").prompt("anyone there?")
+    with pytest.raises(AckTimeout) as caught:
+        await handle.ack(timeout=0.2)
+    assert caught.value.control_id == handle.id
+
+
+async def test_a_failing_agent_does_not_stop_the_server(hub: Hub, client_hub: Hub) -> None:
+    async def flaky(run: Run, message: UserMessage) -> None:
+        if message.content == "boom":
+            raise RuntimeError("tool crashed")
+        await run.text("fine")
+
+    async with hub.session("s").serve(flaky):
+        await (await client_hub.session("s").prompt("boom")).ack()
+        await (await client_hub.session("s").prompt("ok")).ack()
+        ends = await collect(
+            client_hub.session("s").events(), until=lambda e: isinstance(e, RunEnd) and e.status == "completed"
+        )
+    statuses = [e.status for e in ends if isinstance(e, RunEnd)]
+    assert statuses == ["failed", "completed"]
+
+
+async def test_presence_members_carry_their_data(hub: Hub, client_hub: Hub) -> None:
+    async with client_hub.session("s").join("phone", data={"app": "ios"}):
+        members = await hub.session("s").presence()
+    assert [(m.member_id, m.role, m.data) for m in members] == [("phone", "client", {"app": "ios"})]
