@@ -152,7 +152,7 @@ class SessionControl:
             message_id=message_id,
             content=content,
         )
-        await self.hub._commit(self.session, event)
+        await self.hub._commit(self.session, event, wait=False)
 
     async def ack(self, control_id: str, control_type: str | None, outcome: _Outcome, reason: str | None) -> None:
         digest = hashlib.sha256(f"{control_id}\x00{outcome}".encode()).hexdigest()[:32]
@@ -165,7 +165,8 @@ class SessionControl:
             outcome=outcome,
             reason=reason,
         )
-        await self.hub._commit(self.session, event)
+        # Queued, not awaited: a slow broker must not hold up the next control (which may be a cancel).
+        await self.hub._commit(self.session, event, wait=False)
 
     def first_sighting(self, message_id: str) -> bool:
         """False for a prompt whose message id was already handled (a client retrying)."""
@@ -267,8 +268,8 @@ class Server:
             message_id=prompt.message_id,
             content=prompt.content,
         )
-        # Committed before it is queued, so the user-message always precedes the run that answers it.
-        await self.session.hub._commit(self.session.id, message)
+        # Queued in the writer before the run is, so the user-message always precedes the run that answers it.
+        await self.session.hub._commit(self.session.id, message, wait=False)
         reason = None
         if strategy == "interrupt" and active is not None:
             active._request_cancel("interrupted by a new message")

@@ -58,10 +58,17 @@ async def read_events(
     seen: OrderedDict[str, None] = OrderedDict()
     partial: dict[str, dict[int, bytes]] = {}
     pending_reset: str | None = None
+    reset_unannounced = False
     down_since: float | None = None
     backoff = 0.05
     while True:
         try:
+            if reset_unannounced:
+                # An empty log has no first message to announce the reset with: announce it now.
+                reset_unannounced = False
+                if pending_reset is not None and await backend.head(channel) is None:
+                    yield _reset(session, pending_reset, None, options)
+                    pending_reset = None
             async with closing(backend.read(channel, start=start, follow=follow)) as messages:
                 async for message in messages:
                     down_since, backoff = None, 0.05
@@ -83,11 +90,7 @@ async def read_events(
                 yield _reset(session, pending_reset, None, options)
             return
         except LogReset as exc:
-            head = await backend.head(channel)
-            if head is None:
-                yield _reset(session, exc.reason, None, options)
-            else:
-                pending_reset = exc.reason
+            pending_reset, reset_unannounced = exc.reason, True
             start, skip_position, skip_index = None, None, -1
             partial.clear()
         except _LostFragments as exc:

@@ -183,14 +183,20 @@ class Hub:
         if writer.users == 0 and self._writers.get(session) is writer:
             del self._writers[session]
 
-    async def _commit(self, session: str, event: Event) -> None:
-        """Write one trusted event and wait until the broker has it."""
+    async def _commit(self, session: str, event: Event, *, wait: bool = True) -> None:
+        """Write one trusted event; with ``wait``, return once the broker has it.
+
+        Without ``wait`` the event is queued in the session's writer, which publishes in order: anything written
+        to the session later by this hub lands after it.
+        """
         data = encode(event)
         if len(data) > self.max_event_bytes:
             raise EventTooLarge(len(data), self.max_event_bytes)
         writer = self._acquire_writer(session)
         try:
-            await writer.wait(writer.add_encoded(id=event.id, run_id=event.run_id, data=data))
+            seq = writer.add_encoded(id=event.id, run_id=event.run_id, data=data)
+            if wait:
+                await writer.wait(seq)
         finally:
             self._release_writer(writer)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -17,6 +18,7 @@ from durable_ai import (
     UserMessage,
 )
 from durable_ai.events import ControlRejected, parse_control
+from durable_ai.testing.scenarios import text_of
 
 
 async def _raw(backend: MemoryBackend, session: str, *lines: dict[str, object]) -> None:
@@ -95,3 +97,28 @@ async def test_cursor_of_another_session_or_epoch_yields_reset(hub: Hub) -> None
     events = [e async for e in hub.session("b").events(after=cursor_in_a, follow=False)]
     assert isinstance(events[0], Reset)
     assert [e.type for e in events[1:]] == ["run-start", "text-delta", "run-end"]
+
+
+async def test_a_deleted_session_yields_a_reset_even_when_nothing_replaced_it(hub: Hub) -> None:
+    async with hub.session("s").run(agent="w") as run:
+        await run.text("gone soon")
+    cursor = [e async for e in hub.session("s").events(follow=False)][-1].cursor
+    await hub.session("s").delete()
+    events = [e async for e in hub.session("s").events(after=cursor, follow=False)]
+    assert len(events) == 1 and isinstance(events[0], Reset)
+    assert events[0].cursor is None and "recreated" in events[0].reason
+
+
+async def test_a_live_follower_is_told_when_the_session_is_deleted(hub: Hub, client_hub: Hub) -> None:
+    async with hub.session("s").run(agent="w") as run:
+        await run.text("old")
+    async with client_hub.session("s").events() as follower:  # reading live before, during and after
+        old = [await asyncio.wait_for(anext(follower), 5) for _ in range(3)]
+        await hub.session("s").delete()
+        async with hub.session("s").run(agent="w") as run:
+            await run.text("new")
+        events = [await asyncio.wait_for(anext(follower), 5) for _ in range(4)]
+    assert [e.type for e in old] == ["run-start", "text-delta", "run-end"]
+    assert isinstance(events[0], Reset) and events[0].reason == "the session was deleted"
+    assert [e.type for e in events[1:]] == ["run-start", "text-delta", "run-end"]
+    assert text_of(events) == "new"
