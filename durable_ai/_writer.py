@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from .backend import Backend, Channel
+from ._util import now_ms
 from .coalesce import Coalesce
 from .errors import BackendError, HubClosed, PublishError
 
@@ -123,8 +124,17 @@ class SessionWriter:
     # -- adding events -------------------------------------------------------------------------------------
 
     def add_delta(
-        self, *, type: str, id: str, run_id: str, agent: str, ts: int, part_id: str, delta: str, urgent: bool
+        self,
+        *,
+        type: str,
+        run_id: str,
+        agent: str,
+        part_id: str,
+        delta: str,
+        urgent: bool,
+        new_id: Callable[[], str],
     ) -> None:
+        """Buffer a delta, concatenating it to the run's open delta of the same part when the policy allows."""
         self._check()
         size = len(delta)
         open_delta = self._open_delta.get(run_id)
@@ -139,7 +149,7 @@ class SessionWriter:
             open_delta.size += size
         else:
             self._seq += 1
-            open_delta = _Delta(self._seq, id, type, run_id, agent, ts, part_id, [delta], size)
+            open_delta = _Delta(self._seq, new_id(), type, run_id, agent, now_ms(), part_id, [delta], size)
             self._items.append(open_delta)
             self._open_delta[run_id] = open_delta
         self._pending_bytes += size

@@ -271,14 +271,13 @@ class Run:
             raise EventTooLarge(size, self._max_event_bytes)
         writer.add_delta(
             type=kind,
-            id=self.session.hub._new_id(),
             run_id=self.id,
             agent=self.agent,
-            ts=now_ms(),
             part_id=part_id,
             delta=delta,
             # A new part's first delta is flushed at once: time to first token matters more than cost.
             urgent=first and self.session.hub.coalesce.flush_first_delta,
+            new_id=self.session.hub._new_id,
         )
         if writer.overloaded:
             await writer.wait(writer.last_seq)
