@@ -19,8 +19,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from .backend import Backend, Channel
 from ._util import now_ms
+from .backend import Backend, Channel
 from .coalesce import Coalesce
 from .errors import BackendError, HubClosed, PublishError
 
