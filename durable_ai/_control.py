@@ -2,8 +2,11 @@
 
 One ``SessionControl`` per session per hub reads the control log from the point where it started (so a cancel
 sent right after ``run-start`` is never missed), validates every control, applies it to the runs of this hub and
-answers with a ``control-ack`` in the events log. Acks have ids derived from the control and the outcome, so
-when several processes reach the same answer the broker keeps one.
+answers with a ``control-ack`` in the events log.
+
+Acks, and the ``user-message`` recorded for a steer or a prompt, have ids derived from the control, and each is
+published as a broker message of its own with that id: when several processes write the same answer, the
+broker's deduplication keeps one (within its dedupe window).
 
 Who answers: a cancel or steer is answered by the process that owns the targeted run; when no run matches here,
 a process that is serving the session (``session.serve``) answers ``ignored``. Prompts are answered by the
@@ -43,6 +46,11 @@ Handler = Callable[["Run", UserMessage], Awaitable[None]]
 
 _Outcome = Literal["applied", "rejected", "ignored"]
 _STRATEGIES: tuple[Strategy, ...] = ("enqueue", "interrupt", "reject", "steer")
+
+
+def derived_id(kind: str, source: str) -> str:
+    """An event id computed from what caused the event, so processes that write it independently agree."""
+    return f"{kind}-{hashlib.sha256(source.encode()).hexdigest()[:32]}"
 
 
 class SessionControl:
@@ -133,7 +141,7 @@ class SessionControl:
             if self.server is not None:
                 await self.ack(control.id, "steer", "ignored", self._nothing_to(control.run_id))
             return
-        message_id = self.hub._new_id()
+        message_id = derived_id("steer", control.id)
         await self.commit_user_message(message_id, control.text, targets[0].id if len(targets) == 1 else None)
         for run in targets:
             run.inbox.put(SteerMessage(control.text, control.id, message_id))
@@ -145,7 +153,7 @@ class SessionControl:
 
     async def commit_user_message(self, message_id: str, content: str, run_id: str | None) -> None:
         event = UserMessage(
-            id=self.hub._new_id(),
+            id=derived_id("user-message", message_id),
             session=self.session,
             run_id=run_id,
             ts=now_ms(),
@@ -155,9 +163,8 @@ class SessionControl:
         await self.hub._commit(self.session, event, wait=False)
 
     async def ack(self, control_id: str, control_type: str | None, outcome: _Outcome, reason: str | None) -> None:
-        digest = hashlib.sha256(f"{control_id}\x00{outcome}".encode()).hexdigest()[:32]
         event = ControlAck(
-            id=f"ack-{digest}",
+            id=derived_id(f"ack-{outcome}", control_id),
             session=self.session,
             ts=now_ms(),
             control_id=None if control_id.startswith("@") else control_id,
@@ -262,7 +269,7 @@ class Server:
             await control.ack(prompt.id, "prompt", "applied", f"steered run {active.id}")
             return
         message = UserMessage(
-            id=self.session.hub._new_id(),
+            id=derived_id("user-message", prompt.message_id),
             session=self.session.id,
             ts=now_ms(),
             message_id=prompt.message_id,

@@ -62,6 +62,7 @@ class _Encoded:
     seq: int
     id: str
     data: bytes
+    standalone: bool = False
 
 
 @dataclass(slots=True)
@@ -131,12 +132,13 @@ class SessionWriter:
         agent: str,
         part_id: str,
         delta: str,
+        size: int,
         urgent: bool,
         new_id: Callable[[], str],
     ) -> None:
-        """Buffer a delta, concatenating it to the run's open delta of the same part when the policy allows."""
+        """Buffer a delta (``size``: its UTF-8 bytes), concatenating it to the run's open delta of the same part
+        when the policy allows."""
         self._check()
-        size = len(delta)
         open_delta = self._open_delta.get(run_id)
         if (
             self._policy.batching
@@ -155,11 +157,15 @@ class SessionWriter:
         self._pending_bytes += size
         self._schedule(urgent or not self._policy.batching or self._pending_bytes >= self._policy.max_bytes)
 
-    def add_encoded(self, *, id: str, run_id: str | None, data: bytes) -> int:
-        """Queue an encoded non-delta event for an immediate flush; returns the sequence to ``wait`` on."""
+    def add_encoded(self, *, id: str, run_id: str | None, data: bytes, standalone: bool = False) -> int:
+        """Queue an encoded non-delta event for an immediate flush; returns the sequence to ``wait`` on.
+
+        A ``standalone`` event gets a broker message of its own, whose id is the event's id, so that the broker
+        deduplicates it against the same event written by another process.
+        """
         self._check()
         self._seq += 1
-        self._items.append(_Encoded(self._seq, id, data))
+        self._items.append(_Encoded(self._seq, id, data, standalone))
         if run_id is not None:
             self._open_delta.pop(run_id, None)
         self._pending_bytes += len(data)
@@ -309,7 +315,11 @@ class SessionWriter:
             line = item.encode(self._session) if isinstance(item, _Delta) else item.data
             if len(line) > limit:
                 close_batch()
-                self._outbox.append(_Message(item.id, item.seq, fragments=self._fragment(item.id, line)))
+                self._outbox.append(_Message(item.id, item.seq, fragments=self._fragment(line)))
+                continue
+            if isinstance(item, _Encoded) and item.standalone:
+                close_batch()
+                self._outbox.append(_Message(item.id, item.seq, data=line))
                 continue
             if lines and (not self._policy.batching or size + 1 + len(line) > limit):
                 close_batch()
@@ -320,7 +330,7 @@ class SessionWriter:
             last_seq = item.seq
         close_batch()
 
-    def _fragment(self, event_id: str, line: bytes) -> list[bytes]:
+    def _fragment(self, line: bytes) -> list[bytes]:
         chunk = (self._max_message - _FRAGMENT_OVERHEAD) // 4 * 3
         return [line[i : i + chunk] for i in range(0, len(line), chunk)]
 

@@ -14,9 +14,9 @@ class Coalesce:
     """The batching policy of a session's writer.
 
     Deltas are buffered and flushed as one broker message when ``max_delay`` seconds have passed since the first
-    buffered event, when ``max_bytes`` are buffered, or at once when a non-delta event (tool call, status, run
-    end...) is written. Adjacent deltas of one part are concatenated. The first delta of every run is flushed at
-    once, because time to first token matters more than cost.
+    buffered event, when ``max_bytes`` (UTF-8) are buffered, or at once when a non-delta event (tool call,
+    status, run end...) is written. Adjacent deltas of one part are concatenated. The first delta of every part
+    (so the first token of every run) is flushed at once, because time to first token matters more than cost.
 
     The default (40 ms) is 25 messages per second for a steady stream, half of Ably's per-channel limit.
     ``Coalesce.off()`` writes every event as its own broker message.

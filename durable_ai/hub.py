@@ -184,17 +184,17 @@ class Hub:
             del self._writers[session]
 
     async def _commit(self, session: str, event: Event, *, wait: bool = True) -> None:
-        """Write one trusted event; with ``wait``, return once the broker has it.
+        """Write one trusted event in a broker message of its own (deduplicated by its id across processes).
 
-        Without ``wait`` the event is queued in the session's writer, which publishes in order: anything written
-        to the session later by this hub lands after it.
+        With ``wait``, return once the broker has it. Without, the event is queued in the session's writer,
+        which publishes in order: anything this hub writes to the session later lands after it.
         """
         data = encode(event)
         if len(data) > self.max_event_bytes:
             raise EventTooLarge(len(data), self.max_event_bytes)
         writer = self._acquire_writer(session)
         try:
-            seq = writer.add_encoded(id=event.id, run_id=event.run_id, data=data)
+            seq = writer.add_encoded(id=event.id, run_id=event.run_id, data=data, standalone=True)
             if wait:
                 await writer.wait(seq)
         finally:

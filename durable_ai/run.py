@@ -14,6 +14,7 @@ tool calls, status and data, and writes ``run-end`` when the block exits:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ __all__ = ["Inbox", "Run", "SteerMessage"]
 logger = logging.getLogger("durable_ai")
 
 _State = Literal["new", "starting", "active", "ending", "ended"]
+_MAX_ERROR_CHARS = 4000
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +125,7 @@ class Run:
         self._writer: SessionWriter | None = None
         self._text_part: str | None = None
         self._reasoning_part: str | None = None
+        self._parts: set[str] = set()
         self._max_event_bytes = hub.max_event_bytes
 
     def __repr__(self) -> str:
@@ -184,18 +187,22 @@ class Run:
         assert task is not None
         swallow = False
         error: str | None = None
-        if self._cancel_requested:
+        cancelled_by_exc = exc_type is not None and issubclass(exc_type, asyncio.CancelledError)
+        external_cancel = False
+        if self._cancel_requested and not cancelled_by_exc:
+            # The block ended before our cancel was delivered (or it swallowed it). Before Python 3.13 the
+            # pending cancel survives uncancel() and would fire at the next await: take it here.
+            external_cancel = await self._absorb_own_cancel(task)
+        if self._cancel_requested and (exc_type is None or cancelled_by_exc):
             self.cancelled = True
             status: Literal["completed", "cancelled", "failed"] = "cancelled"
             reason = self.cancel_reason
-            if exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
+            if cancelled_by_exc:
                 swallow = task.uncancel() <= self._cancelling
-            elif exc_type is None:
-                task.uncancel()
-        elif exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
+        elif cancelled_by_exc:
             status, reason = "cancelled", "the agent task was cancelled"
         elif exc is not None:
-            status, reason = "failed", f"{type(exc).__name__}: {exc}"
+            status, reason = "failed", f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS]
             error = reason
         else:
             status, reason = "completed", None
@@ -216,7 +223,17 @@ class Run:
             hub._release_writer(self._writer)
             await hub._presence_leave(self)
             hub._schedule_snapshot(self.session.id)
+        if external_cancel:
+            raise asyncio.CancelledError
         return swallow
+
+    async def _absorb_own_cancel(self, task: asyncio.Task[object]) -> bool:
+        """Take our pending cancel; returns whether someone else cancelled the task too."""
+        if task.cancelling() <= self._cancelling:
+            return False
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0)
+        return task.uncancel() > self._cancelling
 
     def _request_cancel(self, reason: str | None) -> tuple[Literal["applied", "ignored"], str | None]:
         """Called by the session's control loop when a cancel for this run arrives."""
@@ -258,9 +275,7 @@ class Run:
         if wait:
             await writer.wait(seq)
 
-    async def _delta(
-        self, kind: Literal["text-delta", "reasoning-delta"], delta: str, part_id: str, first: bool
-    ) -> None:
+    async def _delta(self, kind: Literal["text-delta", "reasoning-delta"], delta: str, part_id: str) -> None:
         writer = self._check_open()
         if not isinstance(delta, str):
             raise ConfigurationError(f"a delta is a string, got {type(delta).__name__}")
@@ -269,13 +284,17 @@ class Run:
         size = len(delta) if delta.isascii() else len(delta.encode())
         if size > self._max_event_bytes - 512:
             raise EventTooLarge(size, self._max_event_bytes)
+        first = part_id not in self._parts
+        if first:
+            self._parts.add(part_id)
         writer.add_delta(
             type=kind,
             run_id=self.id,
             agent=self.agent,
             part_id=part_id,
             delta=delta,
-            # A new part's first delta is flushed at once: time to first token matters more than cost.
+            size=size,
+            # A part's first delta is flushed at once: time to first token matters more than cost.
             urgent=first and self.session.hub.coalesce.flush_first_delta,
             new_id=self.session.hub._new_id,
         )
@@ -283,26 +302,27 @@ class Run:
             await writer.wait(writer.last_seq)
 
     async def text(self, delta: str, *, part_id: str | None = None) -> None:
-        """Append answer text. Consecutive calls build one text part until another kind of output intervenes."""
-        first = False
+        """Append answer text.
+
+        Consecutive calls build one text part; a reasoning delta, a tool call or a tool result ends it, and the
+        next text starts a new part (``status`` and ``data`` do not). Pass ``part_id`` to manage parts yourself.
+        The first delta of each part is flushed at once.
+        """
         if part_id is None:
             if self._text_part is None and delta:
                 self._text_part = self.session.hub._new_id()
-                first = True
             part_id = self._text_part or ""
         self._reasoning_part = None
-        await self._delta("text-delta", delta, part_id, first)
+        await self._delta("text-delta", delta, part_id)
 
     async def reasoning(self, delta: str, *, part_id: str | None = None) -> None:
-        """Append reasoning text, in its own part."""
-        first = False
+        """Append reasoning text, in a part of its own (the same rules as :meth:`text`)."""
         if part_id is None:
             if self._reasoning_part is None and delta:
                 self._reasoning_part = self.session.hub._new_id()
-                first = True
             part_id = self._reasoning_part or ""
         self._text_part = None
-        await self._delta("reasoning-delta", delta, part_id, first)
+        await self._delta("reasoning-delta", delta, part_id)
 
     async def tool_call(self, name: str, input: Any = None, *, call_id: str | None = None) -> str:
         """Record a tool call; returns its ``call_id`` for :meth:`tool_result`. Returns once it is stored.

@@ -16,7 +16,7 @@ from ._reader import ReadOptions, read_events
 from ._util import now_ms, validate_name
 from .backend import Channel
 from .cursor import Cursor, LogPosition
-from .errors import AckTimeout, ConfigurationError, ControlTooLarge, EventTooLarge
+from .errors import AckTimeout, ConfigurationError, ControlTooLarge, PayloadTooLarge
 from .events import (
     Cancel,
     ControlAck,
@@ -297,7 +297,7 @@ class Session:
         member = PresenceMember(member_id=member_id, role=role, data=data, since=now_ms())
         payload = encode(member)
         if len(payload) > self.hub.max_control_bytes:
-            raise EventTooLarge(len(payload), self.hub.max_control_bytes)
+            raise PayloadTooLarge(len(payload), self.hub.max_control_bytes)
         await self.hub.backend.enter_presence(self.id, member_id, payload)
         try:
             yield member

@@ -76,6 +76,8 @@ class MemoryBackend:
             raise ConfigurationError("max_age must be positive")
         if max_message_bytes < 1024:
             raise ConfigurationError("max_message_bytes must be at least 1024")
+        if not dedupe_window > 0:
+            raise ConfigurationError("dedupe_window must be a positive number of seconds")
         self.max_messages = max_messages
         self.max_age = max_age
         self.dedupe_window = dedupe_window
@@ -248,10 +250,15 @@ def from_url(url: str) -> MemoryBackend:
         raise ConfigurationError(f"not a memory:// URL: {url!r}")
     options: dict[str, float | int | None] = {}
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key in ("max_messages", "max_message_bytes"):
-            options[key] = None if value in ("", "none") and key == "max_messages" else _number(key, value, int)
-        elif key in ("max_age", "dedupe_window", "rate_limit"):
-            options[key] = None if value in ("", "none") else _number(key, value, float)
+        unbounded = value in ("", "none")
+        if key == "max_messages":
+            options[key] = None if unbounded else _number(key, value, int)
+        elif key in ("max_age", "rate_limit"):
+            options[key] = None if unbounded else _number(key, value, float)
+        elif key == "max_message_bytes":
+            options[key] = _number(key, value, int)
+        elif key == "dedupe_window":
+            options[key] = _number(key, value, float)
         else:
             raise ConfigurationError(f"unknown memory:// option {key!r}")
     return MemoryBackend(**options)  # type: ignore[arg-type]

@@ -107,3 +107,9 @@ async def test_bad_cursors_are_refused(hub: durable_ai.Hub) -> None:
     for cursor in ["", "nocolons", "e:1:x", "e:1:-2", "e::3", "a b:1:0", "x" * 600]:
         with pytest.raises(InvalidCursor):
             hub.session("s").events(after=cursor)
+
+
+@pytest.mark.parametrize("query", ["dedupe_window=none", "dedupe_window=", "dedupe_window=-1", "max_message_bytes=10"])
+def test_memory_options_are_validated(query: str) -> None:
+    with pytest.raises(ConfigurationError):
+        durable_ai.connect(f"memory://?{query}")

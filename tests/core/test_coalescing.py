@@ -131,3 +131,27 @@ async def test_writers_do_not_outlive_their_runs(hub: Hub) -> None:
     await hub.flush()
     await asyncio.sleep(0)
     assert not hub._writers and not hub._controls
+
+
+async def test_max_bytes_counts_utf8_bytes_not_characters(backend: MemoryBackend) -> None:
+    policy = Coalesce(max_delay=3600, max_bytes=100)
+    async with Hub(backend, coalesce=policy) as agent, Hub(backend) as client:
+        live = client.session("s").events()
+        async with agent.session("s").run(agent="w") as run:
+            await run.text("·")
+            for _ in range(20):
+                await run.text("✓✓")  # 6 bytes, 2 characters: 120 bytes buffered, 40 characters
+            got = await collect(live, until=lambda e: "✓" in text_of([e]))
+        events = await collect(client.session("s").events(follow=False))
+    # The first item closes at 98 bytes ("·" and 16 pairs); counted in characters, all 41 would have fit in it.
+    assert text_of(got[-1:]) == "·" + "✓✓" * 16
+    assert text_of(events) == "·" + "✓✓" * 20
+
+
+async def test_the_first_delta_of_an_explicit_part_is_flushed_at_once(backend: MemoryBackend) -> None:
+    async with Hub(backend, coalesce=HOUR) as agent, Hub(backend) as client:
+        live = client.session("s").events()
+        async with agent.session("s").run(agent="w") as run:
+            await run.text("first", part_id="answer")
+            got = await collect(live, until=lambda e: isinstance(e, TextDelta))
+    assert text_of(got) == "first"

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from durable_ai import AckTimeout, Hub, Run, RunEnd, UserMessage
+from durable_ai import AckTimeout, Channel, Hub, LogPosition, MemoryBackend, Run, RunEnd, UserMessage
 from durable_ai.testing.scenarios import collect
 
 
@@ -142,3 +142,87 @@ async def test_presence_members_carry_their_data(hub: Hub, client_hub: Hub) -> N
     async with client_hub.session("s").join("phone", data={"app": "ios"}):
         members = await hub.session("s").presence()
     assert [(m.member_id, m.role, m.data) for m in members] == [("phone", "client", {"app": "ios"})]
+
+
+class _GatedBackend(MemoryBackend):
+    """Holds publishes to the events log until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.held = asyncio.Event()
+
+    async def publish(self, channel: Channel, data: bytes, *, message_id: str) -> LogPosition:
+        if channel.kind == "events" and not self.gate.is_set():
+            self.held.set()
+            await self.gate.wait()
+        return await super().publish(channel, data, message_id=message_id)
+
+
+async def test_a_cancel_that_arrives_while_the_run_starts_stops_it_cleanly() -> None:
+    """Even when the block never suspends, the cancel ends the run without escaping the ``async with``."""
+    backend = _GatedBackend()
+    async with Hub(backend) as agent_hub, Hub(backend) as client_hub:
+        backend.gate.clear()
+        outcome: list[str] = []
+
+        async def agent() -> None:
+            async with agent_hub.session("s").run(agent="w") as run:
+                await run.text("never suspends")
+            outcome.append("exited normally, cancelled" if run.cancelled else "exited normally")
+
+        task = asyncio.create_task(agent())
+        await asyncio.wait_for(backend.held.wait(), 5)  # run-start is being published: the run is starting
+        await client_hub.session("s").cancel(reason="too early")
+        ack_stream = client_hub.session("s").events()
+        await asyncio.wait_for(_wait_for_control_loop(agent_hub), 5)
+        backend.gate.set()
+        await asyncio.wait_for(task, 5)
+        events = await collect(ack_stream, until=lambda e: isinstance(e, RunEnd))
+    assert outcome == ["exited normally, cancelled"]
+    assert [e.status for e in events if isinstance(e, RunEnd)] == ["cancelled"]
+
+
+async def _wait_for_control_loop(hub: Hub) -> None:
+    """Until the agent side has applied the cancel to its starting run."""
+    while True:
+        control = hub._controls.get("s")
+        runs = list(control.runs.values()) if control else []
+        if runs and runs[0]._cancel_requested:
+            return
+        await asyncio.sleep(0)
+
+
+async def test_two_processes_answering_one_control_leave_one_ack_and_one_user_message(backend: MemoryBackend) -> None:
+    async with Hub(backend) as one, Hub(backend) as two, Hub(backend) as client:
+        ready = [asyncio.Event(), asyncio.Event()]
+        steered = [asyncio.Event(), asyncio.Event()]
+
+        async def agent(hub: Hub, n: int) -> None:
+            async with hub.session("s").run(agent=f"agent-{n}") as run:
+                await run.text("buffered text ahead of the ack ")
+                ready[n].set()
+                async for _ in run.steering():
+                    await run.text("steered ")
+                    steered[n].set()
+                    await asyncio.Event().wait()
+
+        tasks = [asyncio.create_task(agent(hub, n)) for n, hub in enumerate((one, two))]
+        for event in ready:
+            await asyncio.wait_for(event.wait(), 5)
+        steer_ack = await (await client.session("s").steer("be brief")).ack()
+        for event in steered:
+            await asyncio.wait_for(event.wait(), 5)
+        cancel_ack = await (await client.session("s").cancel()).ack()
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        await one.flush()
+        await two.flush()
+        events = await collect(client.session("s").events(follow=False))
+        after_first_ack = await collect(client.session("s").events(after=cancel_ack.cursor, follow=False))
+    assert (steer_ack.outcome, cancel_ack.outcome) == ("applied", "applied")
+    acks = [e for e in events if e.type == "control-ack"]
+    assert len(acks) == 2 and {a.id for a in acks} == {steer_ack.id, cancel_ack.id}
+    assert cancel_ack.id not in {e.id for e in after_first_ack}
+    assert [e.content for e in events if isinstance(e, UserMessage)] == ["be brief"]
+    assert sorted(e.status for e in events if isinstance(e, RunEnd)) == ["cancelled", "cancelled"]
