@@ -177,12 +177,20 @@ class SessionWriter:
             raise HubClosed("the hub was closed; nothing more can be written")
 
     def _schedule(self, urgent: bool) -> None:
+        # Wake the flush loop only when a window opens or a flush becomes urgent, not for every token.
         if urgent:
-            self._urgent = True
+            if not self._urgent:
+                self._urgent = True
+                self._wake.set()
         elif self._deadline is None:
             self._deadline = time.monotonic() + self._policy.max_delay
+            self._wake.set()
         self._start()
-        self._wake.set()
+
+    @property
+    def flush_due(self) -> bool:
+        """A flush should happen now: a writer that never awaits anything else must yield to let it."""
+        return self._urgent or (self._deadline is not None and time.monotonic() >= self._deadline)
 
     @property
     def overloaded(self) -> bool:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import math
+from collections import OrderedDict
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
@@ -17,6 +18,7 @@ from .coalesce import Coalesce
 from .errors import ConfigurationError, EventTooLarge, HubClosed
 from .events import Event, encode
 from .session import PresenceMember, Session
+from .view import ViewBuilder
 
 if TYPE_CHECKING:
     from .run import Run
@@ -24,6 +26,9 @@ if TYPE_CHECKING:
 __all__ = ["Hub", "connect"]
 
 logger = logging.getLogger("durable_ai")
+
+# Sessions whose folded view a hub keeps between snapshots (the most recently snapshotted ones).
+_SNAPSHOT_VIEWS_KEPT = 256
 
 
 class Hub:
@@ -40,7 +45,8 @@ class Hub:
         publish_timeout: how long a write waits for the broker before :class:`PublishError` (the events stay
             buffered and are retried).
         reconnect_timeout: how long a reader keeps reconnecting to a broker that is gone.
-        snapshots: save a snapshot of the session's view after each run, so late joiners read little.
+        snapshots: save a snapshot of the session's view after each run, so late joiners read little. A hub
+            always uses the snapshots it finds; this only decides whether it saves them.
         close_timeout: how long closing waits for buffered events to be published.
     """
 
@@ -79,6 +85,7 @@ class Hub:
         self._servers: set[Server] = set()
         self._snapshot_tasks: dict[str, asyncio.Task[None]] = {}
         self._snapshot_dirty: set[str] = set()
+        self._snapshot_views: OrderedDict[str, ViewBuilder] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"<Hub {type(self.backend).__name__} {self._state}>"
@@ -118,6 +125,7 @@ class Hub:
                 await task
         await asyncio.gather(*(w.close(self.close_timeout) for w in list(self._writers.values())))
         self._writers.clear()
+        self._snapshot_views.clear()
         self._state = "closed"
         await self.backend.close()
 
@@ -260,10 +268,15 @@ class Hub:
         try:
             while True:
                 self._snapshot_dirty.discard(session)
+                # The view folded for the previous snapshot is kept, so each snapshot folds only the new tail.
+                builder = self._snapshot_views.pop(session, None)
                 try:
-                    view = await self.session(session).view()
-                    if view.cursor is not None:
-                        await self.backend.save_snapshot(session, view.model_dump_json().encode())
+                    builder = await self.session(session)._fold(builder)
+                    if builder.cursor is not None:
+                        await self.backend.save_snapshot(session, builder.build().model_dump_json().encode())
+                    self._snapshot_views[session] = builder
+                    while len(self._snapshot_views) > _SNAPSHOT_VIEWS_KEPT:
+                        self._snapshot_views.popitem(last=False)
                 except Exception as exc:
                     logger.warning("could not save a snapshot of session %r: %s", session, exc)
                 if session not in self._snapshot_dirty:

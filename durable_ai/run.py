@@ -300,6 +300,8 @@ class Run:
         )
         if writer.overloaded:
             await writer.wait(writer.last_seq)
+        elif writer.flush_due:
+            await asyncio.sleep(0)  # let the flush loop run even if the agent never awaits anything else
 
     async def text(self, delta: str, *, part_id: str | None = None) -> None:
         """Append answer text.

@@ -236,25 +236,23 @@ class Session:
         Built from the latest snapshot plus the events after it, so its cost follows the number of broker
         messages since the snapshot, not the number of tokens in the session.
         """
+        self.hub._check_open()
+        return (await self._fold(None)).build()
+
+    async def _fold(self, builder: ViewBuilder | None) -> ViewBuilder:
+        """Bring a view up to date: a given builder from its cursor, or a new one from the saved snapshot."""
         hub = self.hub
-        hub._check_open()
-        base: SessionView | None = None
-        raw = await hub.backend.load_snapshot(self.id)
-        if raw is not None:
-            try:
-                base = SessionView.model_validate_json(raw)
-            except ValidationError:
-                logger.warning("ignoring an unreadable snapshot of session %r", self.id)
         after: Cursor | None = None
-        if base is not None and base.cursor is not None:
-            after = Cursor.parse(base.cursor)
+        if builder is None:
+            base = await self._load_snapshot()
+            builder = ViewBuilder(self.id, base)
+        if builder.cursor is not None:
+            after = Cursor.parse(builder.cursor)
         else:
-            base = None
             head = await hub.backend.head(Channel(self.id, "events"))
             if head is not None:
                 # From the start of the epoch, so that events lost to retention are reported, not skipped.
                 after = Cursor(head.epoch, None, -1)
-        builder = ViewBuilder(self.id, base)
         async with self._read(after=after, follow=False) as stream:
             async for event in stream:
                 if isinstance(event, Reset):
@@ -268,7 +266,18 @@ class Session:
                     builder.cursor = event.cursor
                     continue
                 builder.apply(event)
-        return builder.build()
+        return builder
+
+    async def _load_snapshot(self) -> SessionView | None:
+        raw = await self.hub.backend.load_snapshot(self.id)
+        if raw is None:
+            return None
+        try:
+            view = SessionView.model_validate_json(raw)
+        except ValidationError:
+            logger.warning("ignoring an unreadable snapshot of session %r", self.id)
+            return None
+        return view if view.cursor is not None else None
 
     async def delete(self) -> None:
         """Delete the session's history, snapshot and presence. Readers get a ``reset``."""

@@ -126,15 +126,15 @@ class ViewBuilder:
     def _load(self, view: SessionView) -> None:
         self.cursor = view.cursor
         self.truncated = view.truncated
+        # The builder takes the view over: it was just parsed from a snapshot and nobody else holds it.
         for message in view.messages:
-            copy = message.model_copy(deep=True)
-            self._add(copy)
-            for part in copy.parts:
+            self._add(message)
+            for part in message.parts:
                 if isinstance(part, TextPart | ReasoningPart):
-                    self._chunks[(copy.id, part.id)] = [part.text]
+                    self._chunks[(message.id, part.id)] = [part.text]
                 elif isinstance(part, ToolPart):
-                    self._tools[(copy.id, part.call_id)] = part
-        self._active = {run.run_id: run.model_copy() for run in view.active_runs}
+                    self._tools[(message.id, part.call_id)] = part
+        self._active = {run.run_id: run for run in view.active_runs}
 
     def _add(self, message: Message) -> None:
         self._messages.append(message)
@@ -209,6 +209,7 @@ class ViewBuilder:
             self._active.pop(message.run_id or "", None)
 
     def build(self) -> SessionView:
+        """The view so far. It shares its objects with the builder: serialise it or stop folding before reuse."""
         for message in self._messages:
             for part in message.parts:
                 if isinstance(part, TextPart | ReasoningPart):
@@ -221,7 +222,7 @@ class ViewBuilder:
         return SessionView(
             session=self.session,
             cursor=self.cursor,
-            messages=[m.model_copy(deep=True) for m in self._messages],
+            messages=list(self._messages),
             active_runs=list(self._active.values()),
             truncated=self.truncated,
         )

@@ -101,15 +101,14 @@ async def collect(
 ) -> list[Event]:
     """Read events until ``until`` matches one (inclusive), ``count`` are read, or the stream ends."""
     events: list[Event] = []
-
-    async def read() -> None:
-        async for event in stream:
-            events.append(event)
-            if (until is not None and until(event)) or (count is not None and len(events) >= count):
-                return
-
     try:
-        await within(read(), "events", seconds)
+        async with asyncio.timeout(seconds):
+            async for event in stream:
+                events.append(event)
+                if (until is not None and until(event)) or (count is not None and len(events) >= count):
+                    break
+    except TimeoutError:
+        raise CheckFailed(f"timed out after {seconds:g}s waiting for events; got {len(events)}") from None
     finally:
         await stream.aclose()
     return events

@@ -51,13 +51,14 @@ async def test_max_bytes_triggers_a_flush(backend: MemoryBackend) -> None:
             def got_all(event: Event) -> bool:
                 nonlocal received
                 received += text_of([event])
-                return len(received) >= 151
+                return len(received) >= 101
 
             await collect(live, until=got_all)
             await run.text("tail")
         events = await collect(client.session("s").events(follow=False))
-    assert received == "0" + "".join(f"{i:09d}," for i in range(15))
-    assert text_of(events) == received + "tail"
+    # Flushed as soon as 100 bytes were buffered; the last 50 waited for the run to end.
+    assert received == "0" + "".join(f"{i:09d}," for i in range(10))
+    assert text_of(events) == "0" + "".join(f"{i:09d}," for i in range(15)) + "tail"
 
 
 async def test_coalescing_off_writes_one_message_per_event() -> None:
@@ -143,8 +144,8 @@ async def test_max_bytes_counts_utf8_bytes_not_characters(backend: MemoryBackend
                 await run.text("✓✓")  # 6 bytes, 2 characters: 120 bytes buffered, 40 characters
             got = await collect(live, until=lambda e: "✓" in text_of([e]))
         events = await collect(client.session("s").events(follow=False))
-    # The first item closes at 98 bytes ("·" and 16 pairs); counted in characters, all 41 would have fit in it.
-    assert text_of(got[-1:]) == "·" + "✓✓" * 16
+    # The item closes at 96 bytes (16 pairs); counted in characters, all 40 would have fit in it.
+    assert text_of(got[-1:]) == "✓✓" * 16
     assert text_of(events) == "·" + "✓✓" * 20
 
 
@@ -155,3 +156,15 @@ async def test_the_first_delta_of_an_explicit_part_is_flushed_at_once(backend: M
             await run.text("first", part_id="answer")
             got = await collect(live, until=lambda e: isinstance(e, TextDelta))
     assert text_of(got) == "first"
+
+
+async def test_an_agent_that_never_awaits_still_gets_its_first_token_out(backend: MemoryBackend) -> None:
+    """A synchronous token loop (a blocking model client, say) must not hold back the first token."""
+    async with Hub(backend, coalesce=HOUR) as hub, hub.session("s").run(agent="w") as run:
+        published_at_start = backend.published
+        for i in range(1000):
+            await run.text(f"{i} ")
+            if i == 500:
+                published_mid_loop = backend.published
+    assert published_at_start == 1  # run-start
+    assert published_mid_loop == 2  # and the first delta, while the loop was still running
