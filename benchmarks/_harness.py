@@ -1,0 +1,338 @@
+"""The benchmark harness: sizes, result rows, groups, timing helpers and the printed table.
+
+A **group** is the set of benchmarks for one backend (``memory`` here; ``nats`` and ``ably`` later). Each
+benchmark is an async function ``(sizes, report) -> None`` that adds :class:`Row` objects and free-form notes to
+the :class:`Report` of its group. Rows compare the SDK with a baseline doing the same work (an ``asyncio.Queue``,
+the raw broker, or another SDK setting) and carry the ratio SDK/baseline.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import math
+import os
+import platform
+import statistics
+import subprocess
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import durable_ai
+
+__all__ = [
+    "Benchmark",
+    "BenchmarkError",
+    "BenchmarkFunction",
+    "Better",
+    "Group",
+    "Report",
+    "Row",
+    "Samples",
+    "Sizes",
+    "machine_description",
+    "render_json",
+    "render_markdown",
+    "sample",
+    "settle",
+    "source_revision",
+    "sources_digest",
+]
+
+Better = Literal["higher", "lower"]
+
+
+class BenchmarkError(Exception):
+    """A benchmark saw something wrong (a lost token, a view that differs from the replay): its figures are void."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    """How much work each benchmark does.
+
+    :meth:`full` is what docs/performance.md reports; :meth:`quick` is for the smoke test (a couple of seconds).
+    """
+
+    repeats: int = 3
+    """Timed measurements are repeated this many times; the table shows the best."""
+    tokens: int = 20_000
+    """Tokens of the single run in the throughput benchmark."""
+    runs: int = 100
+    """Concurrent runs in the throughput benchmark."""
+    run_tokens: int = 1_000
+    """Tokens of each concurrent run."""
+    paced_tokens: int = 1_000
+    """Tokens of the paced run in the coalescing benchmark."""
+    token_interval: float = 0.010
+    """Seconds between two tokens of the paced run (0.010: a model at 100 tokens/s)."""
+    catch_up_tokens: int = 10_000
+    """Tokens of the finished run that a new subscriber reads in the catch-up benchmark."""
+    view_runs: int = 100
+    """Finished runs in the session of the view benchmark."""
+    view_run_tokens: int = 2_000
+    """Tokens of each of those runs."""
+
+    @classmethod
+    def full(cls) -> Sizes:
+        return cls()
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(
+            repeats=1,
+            tokens=500,
+            runs=10,
+            run_tokens=50,
+            paced_tokens=40,
+            catch_up_tokens=500,
+            view_runs=5,
+            view_run_tokens=100,
+        )
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if not value > 0:
+                raise ValueError(f"{item.name} must be positive, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One line of the table.
+
+    ``id`` is stable across sizes (tests and tools key on it); ``benchmark`` and ``configuration`` are for people.
+    ``sdk`` and ``baseline`` are in ``unit``; ``extra`` holds further measured facts (medians, message counts).
+    """
+
+    id: str
+    benchmark: str
+    configuration: str
+    statistic: str
+    unit: str
+    sdk: float
+    baseline: float | None = None
+    baseline_label: str | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        """SDK / baseline, or ``None`` where no baseline applies."""
+        if self.baseline is None or self.baseline == 0:
+            return None
+        return self.sdk / self.baseline
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ratio"] = self.ratio
+        return data
+
+
+@dataclass(slots=True)
+class Report:
+    """What one group's benchmarks measured."""
+
+    group: str
+    title: str
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+BenchmarkFunction = Callable[[Sizes, Report], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Benchmark:
+    """One benchmark of a group; ``name`` is what ``--only`` selects (``NAME`` or ``GROUP.NAME``)."""
+
+    name: str
+    summary: str
+    run: BenchmarkFunction
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """The benchmarks of one backend. A group module (``benchmarks/core.py``...) defines ``GROUP: Group``."""
+
+    name: str
+    title: str
+    benchmarks: tuple[Benchmark, ...]
+
+
+# -- measuring ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Samples:
+    """Repeated measurements of one figure."""
+
+    values: tuple[float, ...]
+    better: Better
+
+    def best(self) -> float:
+        return max(self.values) if self.better == "higher" else min(self.values)
+
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def statistic(self) -> str:
+        return f"best of {len(self.values)}" if len(self.values) > 1 else "1 run"
+
+
+async def sample(times: int, measure: Callable[[], Awaitable[float]], better: Better) -> Samples:
+    """Run ``measure`` ``times`` times, one after the other."""
+    return Samples(tuple([await measure() for _ in range(times)]), better)
+
+
+def settle() -> None:
+    """Call right before starting a clock: collect the garbage earlier measurements left behind."""
+    gc.collect()
+
+
+# -- rendering ---------------------------------------------------------------------------------------------------
+
+
+def _number(value: float, unit: str) -> str:
+    if math.isnan(value) or math.isinf(value):
+        return str(value)
+    if unit == "ms":
+        digits = 3 if value < 1 else 2 if value < 10 else 1 if value < 100 else 0
+        return f"{value:,.{digits}f} ms"
+    text = f"{value:,.0f}" if abs(value) >= 100 or value == int(value) else f"{value:,.1f}"
+    if value == 1 and unit.endswith("messages"):
+        unit = unit[:-1]
+    return f"{text} {unit}"
+
+
+def _ratio(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if value == 0:
+        return "0"
+    if value < 0.01:
+        return f"{value:.1e}"
+    return f"{value:.2f}" if value < 100 else f"{value:,.0f}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def machine_description() -> dict[str, str]:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+    return {
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "cpus": str(usable),
+        "cpu": cpu,
+        "platform": platform.platform(),
+        "revision": source_revision(),
+        "sources": sources_digest(),
+    }
+
+
+def source_revision() -> str:
+    """The git commit of the code measured, and whether the library had uncommitted changes."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True)
+        return done.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "durable_ai")
+    except (OSError, subprocess.SubprocessError):
+        return f"unknown commit (sources {sources_digest()})"
+    return f"{commit} + uncommitted changes to durable_ai/ (sources {sources_digest()})" if dirty else commit
+
+
+def sources_digest() -> str:
+    """A short hash of the library's source files, to notice code that changes while the benchmarks run."""
+    package = Path(durable_ai.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def render_markdown(reports: Sequence[Report], *, sizes: Sizes, command: str, machine: dict[str, str]) -> str:
+    """The table(s) and notes as markdown; ``machine`` comes from :func:`machine_description`."""
+    lines = [
+        "# durable-ai benchmarks",
+        "",
+        f"`{command}` on {machine['python']}, {machine['cpus']} CPU(s) ({machine['cpu']}), {machine['platform']}; "
+        f"durable-ai {durable_ai.__version__} at {machine['revision']}.",
+        (
+            f"Timed figures: the best of {sizes.repeats} measurements. "
+            if sizes.repeats > 1
+            else "Timed figures: one measurement each. "
+        )
+        + "Ratio = SDK / baseline: for rates (tokens/s) below 1 means slower than the baseline, "
+        "for times and counts above 1 means slower or more.",
+    ]
+    if machine.get("sources_after", machine["sources"]) != machine["sources"]:
+        lines.append(
+            f"**Warning: durable_ai/ changed during the run** (now {machine.get('revision_after')}): "
+            "the figures may mix two versions of the code."
+        )
+    for report in reports:
+        lines += [
+            "",
+            f"## {report.group}: {report.title}",
+            "",
+            "| Benchmark | Configuration | Statistic | SDK | Baseline | SDK / baseline |",
+            "| --- | --- | --- | ---: | ---: | ---: |",
+        ]
+        for row in report.rows:
+            baseline = "n/a"
+            if row.baseline is not None:
+                baseline = _number(row.baseline, row.unit)
+                if row.baseline_label:
+                    baseline += f" ({row.baseline_label})"
+            cells = [
+                row.benchmark,
+                row.configuration,
+                row.statistic,
+                _number(row.sdk, row.unit),
+                baseline,
+                _ratio(row.ratio),
+            ]
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        if report.notes:
+            lines += ["", "Notes:", ""]
+            lines += [f"- {note}" for note in report.notes]
+    return "\n".join(lines) + "\n"
+
+
+def render_json(reports: Sequence[Report], *, sizes: Sizes, command: str, machine: dict[str, str]) -> dict[str, Any]:
+    """The same results as data (``--json PATH``)."""
+    return {
+        "command": command,
+        "machine": machine,
+        "sizes": asdict(sizes),
+        "groups": [
+            {
+                "group": report.group,
+                "title": report.title,
+                "rows": [row.as_dict() for row in report.rows],
+                "notes": list(report.notes),
+            }
+            for report in reports
+        ],
+    }
