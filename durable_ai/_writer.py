@@ -120,7 +120,6 @@ class SessionWriter:
         self.closing = False
         self.on_retired: Callable[[], None] | None = None
         self._stopped = False
-        self.messages_published = 0
 
     # -- adding events -------------------------------------------------------------------------------------
 
@@ -205,6 +204,7 @@ class SessionWriter:
 
     async def wait(self, seq: int) -> None:
         """Wait until every event up to ``seq`` is stored by the broker."""
+        self._check()
         if self._done >= seq:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -238,7 +238,7 @@ class SessionWriter:
     # -- the flush loop ------------------------------------------------------------------------------------
 
     def _start(self) -> None:
-        if self._task is None or self._task.done():
+        if (self._task is None or self._task.done()) and not self._stopped:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"durable-ai writer {self._session}")
 
     @property
@@ -345,7 +345,6 @@ class SessionWriter:
     async def _publish(self, message: _Message) -> None:
         if message.fragments is None:
             await self._backend.publish(self._channel, message.data, message_id=message.message_id)
-            self.messages_published += 1
             return
         count = len(message.fragments)
         while message.next_fragment < count:
@@ -363,7 +362,6 @@ class SessionWriter:
             }
             data = json.dumps(record, separators=(",", ":")).encode()
             position = await self._backend.publish(self._channel, data, message_id=f"{message.message_id}#{index}")
-            self.messages_published += 1
             if index == 0:
                 message.first_position = position.position
             message.next_fragment = index + 1

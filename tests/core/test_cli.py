@@ -12,14 +12,15 @@ from durable_ai.cli import main, print_events
 from durable_ai.testing.scenarios import CHECKS
 
 
-def test_check_memory_prints_a_passing_scorecard() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "durable_ai.cli", "check", "memory://"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """The installed command, in a process of its own."""
+    return subprocess.run(
+        [sys.executable, "-m", "durable_ai.cli", *args], capture_output=True, text=True, timeout=120, check=False
     )
+
+
+def test_check_memory_prints_a_passing_scorecard() -> None:
+    result = _cli("check", "memory://")
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     for name in CHECKS:
@@ -29,13 +30,7 @@ def test_check_memory_prints_a_passing_scorecard() -> None:
 
 
 def test_check_of_an_unknown_backend_fails_once_with_what_to_install() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "durable_ai.cli", "check", "nats://127.0.0.1:1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = _cli("check", "nats://127.0.0.1:1")
     assert result.returncode == 2
     assert "durable-ai[nats]" in result.stderr and "PASS" not in result.stdout
 

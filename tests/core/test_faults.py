@@ -129,3 +129,16 @@ async def test_text_deltas_before_and_after_an_outage_stay_in_order(backend: Mem
         events = await collect(hub.session("s").events(follow=False))
     assert text_of(events) == "".join(f"{i}," for i in range(100))
     assert all(isinstance(e, TextDelta) for e in events[1:-1])
+
+
+async def test_nothing_restarts_after_the_hub_closed(backend: MemoryBackend) -> None:
+    hub = Hub(backend, close_timeout=0.1, publish_timeout=0.1)
+    await hub.open()
+    run = hub.session("s").run(agent="w")
+    await run.__aenter__()
+    backend.set_offline(True)
+    await run.text("unpublished")
+    await hub.close()
+    with pytest.raises(HubClosed):
+        await run.flush()  # must not start a new flush task that nobody owns
+    backend.set_offline(False)
