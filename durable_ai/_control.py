@@ -93,13 +93,17 @@ class SessionControl:
                         except Exception:
                             logger.exception("failed to apply a control in session %r", self.session)
             except LogReset:
-                # Never replay old controls: continue from the newest one.
-                start = await backend.head(self._channel)
-                skip = start.position if start is not None else None
-            except BackendUnavailable as exc:
+                # Our position was dropped or the log was recreated: every control still retained came after
+                # the ones handled here, so read from the earliest (never from the newest: that loses some).
+                start, skip = None, None
+            except Exception as exc:
                 if self.hub.closed:
                     return
-                logger.info("control of session %r unavailable (%s); retrying", self.session, exc)
+                # Whatever failed, controls must keep flowing: a dead loop would make every stop button inert.
+                if isinstance(exc, BackendUnavailable):
+                    logger.info("control of session %r unavailable (%s); retrying", self.session, exc)
+                else:
+                    logger.exception("reading the control of session %r failed; retrying", self.session)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 

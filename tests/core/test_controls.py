@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 
-from durable_ai import AckTimeout, Channel, Hub, LogPosition, MemoryBackend, Run, RunEnd, UserMessage
+from durable_ai import AckTimeout, Hub, MemoryBackend, Run, RunEnd, UserMessage
 from durable_ai.testing.scenarios import collect
+from tests.core.doubles import GatedBackend, SignallingBackend, StumblingControlBackend
 
 
 async def _stalled(hub: Hub, session: str, agent: str, runs: list[Run], started: asyncio.Event) -> None:
@@ -144,25 +145,9 @@ async def test_presence_members_carry_their_data(hub: Hub, client_hub: Hub) -> N
     assert [(m.member_id, m.role, m.data) for m in members] == [("phone", "client", {"app": "ios"})]
 
 
-class _GatedBackend(MemoryBackend):
-    """Holds publishes to the events log until the test opens the gate."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate = asyncio.Event()
-        self.gate.set()
-        self.held = asyncio.Event()
-
-    async def publish(self, channel: Channel, data: bytes, *, message_id: str) -> LogPosition:
-        if channel.kind == "events" and not self.gate.is_set():
-            self.held.set()
-            await self.gate.wait()
-        return await super().publish(channel, data, message_id=message_id)
-
-
 async def test_a_cancel_that_arrives_while_the_run_starts_stops_it_cleanly() -> None:
     """Even when the block never suspends, the cancel ends the run without escaping the ``async with``."""
-    backend = _GatedBackend()
+    backend = GatedBackend()
     async with Hub(backend) as agent_hub, Hub(backend) as client_hub:
         backend.gate.clear()
         outcome: list[str] = []
@@ -226,3 +211,31 @@ async def test_two_processes_answering_one_control_leave_one_ack_and_one_user_me
     assert cancel_ack.id not in {e.id for e in after_first_ack}
     assert [e.content for e in events if isinstance(e, UserMessage)] == ["be brief"]
     assert sorted(e.status for e in events if isinstance(e, RunEnd)) == ["cancelled", "cancelled"]
+
+
+async def test_controls_keep_working_after_the_broker_comes_back() -> None:
+    backend = SignallingBackend()
+    async with Hub(backend) as agent_hub, Hub(backend) as client_hub:
+        started = asyncio.Event()
+        runs: list[Run] = []
+        task = asyncio.create_task(_stalled(agent_hub, "s", "w", runs, started))
+        await asyncio.wait_for(started.wait(), 5)
+        backend.set_offline(True)
+        await asyncio.wait_for(backend.control_read_failed.wait(), 5)  # the control loop met the outage
+        backend.set_offline(False)
+        ack = await (await client_hub.session("s").cancel(reason="after the outage")).ack()
+        await asyncio.wait_for(task, 5)
+    assert ack.outcome == "applied" and runs[0].cancelled
+
+
+async def test_the_control_loop_survives_a_reset_followed_by_a_failure() -> None:
+    backend = StumblingControlBackend()
+    async with Hub(backend) as agent_hub, Hub(backend) as client_hub:
+        started = asyncio.Event()
+        runs: list[Run] = []
+        task = asyncio.create_task(_stalled(agent_hub, "s", "w", runs, started))
+        await asyncio.wait_for(started.wait(), 5)
+        ack = await (await client_hub.session("s").cancel()).ack()
+        await asyncio.wait_for(task, 5)
+    assert backend.stumbles == 2
+    assert ack.outcome == "applied" and runs[0].cancelled

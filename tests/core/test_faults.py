@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
 from durable_ai import (
     BackendUnavailable,
-    Channel,
     Hub,
     HubClosed,
-    LogPosition,
     MemoryBackend,
     PublishError,
+    Run,
     RunClosed,
     RunEnd,
     Status,
-    StoredMessage,
     TextDelta,
 )
 from durable_ai.testing.scenarios import collect, ids_unique, text_of
+from tests.core.doubles import SignallingBackend
 
 
 async def test_writer_buffers_while_the_broker_is_gone_and_loses_nothing(backend: MemoryBackend) -> None:
@@ -46,24 +44,8 @@ async def test_writer_buffers_while_the_broker_is_gone_and_loses_nothing(backend
     assert events[-1].status == "completed"  # type: ignore[union-attr]
 
 
-class _SignallingBackend(MemoryBackend):
-    """Tells the test when a reader has met the outage."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.read_failed = asyncio.Event()
-
-    async def read(self, channel: Channel, *, start: LogPosition | None, follow: bool) -> AsyncIterator[StoredMessage]:
-        try:
-            async for message in super().read(channel, start=start, follow=follow):
-                yield message
-        except BackendUnavailable:
-            self.read_failed.set()
-            raise
-
-
 async def test_reader_reconnects_after_an_outage_without_gap_or_duplicate() -> None:
-    backend = _SignallingBackend()
+    backend = SignallingBackend()
     async with Hub(backend) as agent, Hub(backend) as client:
         live = client.session("s").events()
         async with agent.session("s").run(agent="w") as run:
@@ -88,13 +70,19 @@ async def test_reader_gives_up_after_reconnect_timeout(backend: MemoryBackend) -
         backend.set_offline(False)
 
 
-async def test_closing_with_the_broker_gone_does_not_hang(backend: MemoryBackend) -> None:
+async def _run_with_broker_gone(backend: MemoryBackend) -> tuple[Hub, Run]:
+    """An open hub and a run that has buffered text the broker, now gone, never received."""
     hub = Hub(backend, close_timeout=0.1, publish_timeout=0.1)
     await hub.open()
     run = hub.session("s").run(agent="w")
     await run.__aenter__()
     backend.set_offline(True)
     await run.text("lost with the process")
+    return hub, run
+
+
+async def test_closing_with_the_broker_gone_does_not_hang(backend: MemoryBackend) -> None:
+    hub, run = await _run_with_broker_gone(backend)
     with pytest.raises(PublishError):
         await run.__aexit__(None, None, None)
     await hub.close()
@@ -132,12 +120,7 @@ async def test_text_deltas_before_and_after_an_outage_stay_in_order(backend: Mem
 
 
 async def test_nothing_restarts_after_the_hub_closed(backend: MemoryBackend) -> None:
-    hub = Hub(backend, close_timeout=0.1, publish_timeout=0.1)
-    await hub.open()
-    run = hub.session("s").run(agent="w")
-    await run.__aenter__()
-    backend.set_offline(True)
-    await run.text("unpublished")
+    hub, run = await _run_with_broker_gone(backend)
     await hub.close()
     with pytest.raises(HubClosed):
         await run.flush()  # must not start a new flush task that nobody owns
