@@ -115,8 +115,11 @@ class Hub:
             await server.stop()
         for control in list(self._controls.values()):
             await control.stop()
-        for start in self._control_starts.values():
+        for start in list(self._control_starts.values()):
             start.cancel()
+            # Its acquirer already got any error it raised; closing only needs it finished.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await start
         self._controls.clear()
         for task in self._snapshot_tasks.values():
             task.cancel()

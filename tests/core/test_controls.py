@@ -18,12 +18,18 @@ async def _stalled(hub: Hub, session: str, agent: str, runs: list[Run], started:
         await asyncio.Event().wait()
 
 
-async def test_cancel_without_run_id_stops_every_active_run_with_one_ack(hub: Hub, client_hub: Hub) -> None:
+async def _start_stalled(hub: Hub, agent: str = "w") -> tuple[asyncio.Task[None], Run]:
+    """An agent task whose run waits forever (an LLM that never answers), once its run is active."""
     runs: list[Run] = []
-    started = [asyncio.Event(), asyncio.Event()]
-    tasks = [asyncio.create_task(_stalled(hub, "s", f"agent-{i}", runs, started[i])) for i in range(2)]
-    for event in started:
-        await asyncio.wait_for(event.wait(), 5)
+    started = asyncio.Event()
+    task = asyncio.create_task(_stalled(hub, "s", agent, runs, started))
+    await asyncio.wait_for(started.wait(), 5)
+    return task, runs[0]
+
+
+async def test_cancel_without_run_id_stops_every_active_run_with_one_ack(hub: Hub, client_hub: Hub) -> None:
+    stalled = [await _start_stalled(hub, f"agent-{i}") for i in range(2)]
+    tasks, runs = [t for t, _ in stalled], [r for _, r in stalled]
     handle = await client_hub.session("s").cancel(reason="stop everything")
     ack = await handle.ack()
     await asyncio.wait_for(asyncio.gather(*tasks), 5)
@@ -66,17 +72,14 @@ async def test_closing_a_subscriber_is_not_a_cancel(hub: Hub, client_hub: Hub) -
 
 
 async def test_an_external_cancellation_records_cancelled_and_propagates(hub: Hub, client_hub: Hub) -> None:
-    started = asyncio.Event()
-    runs: list[Run] = []
-    task = asyncio.create_task(_stalled(hub, "s", "w", runs, started))
-    await asyncio.wait_for(started.wait(), 5)
+    task, run = await _start_stalled(hub)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     events = await collect(client_hub.session("s").events(follow=False))
     end = events[-1]
     assert isinstance(end, RunEnd) and end.status == "cancelled" and end.reason == "the agent task was cancelled"
-    assert not runs[0].cancelled  # not a client's cancel
+    assert not run.cancelled  # not a client's cancel
 
 
 async def test_a_cancel_after_the_run_ended_is_ignored(hub: Hub, client_hub: Hub) -> None:
@@ -113,7 +116,7 @@ async def test_clients_may_only_ask_for_allowed_strategies(hub: Hub, client_hub:
         refused = await (await client_hub.session("s").prompt("x", strategy="interrupt")).ack()
         allowed = await (await client_hub.session("s").prompt("y", strategy="reject")).ack()
     assert refused.outcome == "rejected" and "'interrupt' is not allowed" in (refused.reason or "")
-    assert allowed.outcome in ("applied", "rejected") and "not allowed" not in (allowed.reason or "")
+    assert allowed.outcome == "applied"  # nothing was busy, so "reject" let it through
 
 
 async def test_a_prompt_nobody_serves_times_out_with_a_typed_error(client_hub: Hub) -> None:
@@ -216,26 +219,20 @@ async def test_two_processes_answering_one_control_leave_one_ack_and_one_user_me
 async def test_controls_keep_working_after_the_broker_comes_back() -> None:
     backend = SignallingBackend()
     async with Hub(backend) as agent_hub, Hub(backend) as client_hub:
-        started = asyncio.Event()
-        runs: list[Run] = []
-        task = asyncio.create_task(_stalled(agent_hub, "s", "w", runs, started))
-        await asyncio.wait_for(started.wait(), 5)
+        task, run = await _start_stalled(agent_hub)
         backend.set_offline(True)
         await asyncio.wait_for(backend.control_read_failed.wait(), 5)  # the control loop met the outage
         backend.set_offline(False)
         ack = await (await client_hub.session("s").cancel(reason="after the outage")).ack()
         await asyncio.wait_for(task, 5)
-    assert ack.outcome == "applied" and runs[0].cancelled
+    assert ack.outcome == "applied" and run.cancelled
 
 
 async def test_the_control_loop_survives_a_reset_followed_by_a_failure() -> None:
     backend = StumblingControlBackend()
     async with Hub(backend) as agent_hub, Hub(backend) as client_hub:
-        started = asyncio.Event()
-        runs: list[Run] = []
-        task = asyncio.create_task(_stalled(agent_hub, "s", "w", runs, started))
-        await asyncio.wait_for(started.wait(), 5)
+        task, run = await _start_stalled(agent_hub)
         ack = await (await client_hub.session("s").cancel()).ack()
         await asyncio.wait_for(task, 5)
     assert backend.stumbles == 2
-    assert ack.outcome == "applied" and runs[0].cancelled
+    assert ack.outcome == "applied" and run.cancelled
