@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from ._util import now_ms
 from .backend import Backend, Channel
 from .coalesce import Coalesce
-from .errors import BackendError, HubClosed, PublishError
+from .errors import BackendError, HubClosed, PermissionDenied, PublishError
 
 logger = logging.getLogger("durable_ai")
 
@@ -208,6 +208,8 @@ class SessionWriter:
         if self._done >= seq:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # A waiter that timed out no longer awaits its future; mark its late outcome retrieved.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._waiters.append(_Waiter(seq, future))
         self._start()
         try:
@@ -219,7 +221,7 @@ class SessionWriter:
                 f"{self._publish_timeout:g}s; they stay buffered and are retried until the hub closes"
             ) from self._failure
 
-    def _fail_waiters(self, error: PublishError, upto: int) -> None:
+    def _fail_waiters(self, error: BackendError, upto: int) -> None:
         while self._waiters and self._waiters[0].seq <= upto:
             waiter = self._waiters.popleft()
             if not waiter.future.done():
@@ -279,6 +281,12 @@ class SessionWriter:
             message = self._outbox[0]
             try:
                 await self._publish(message)
+            except PermissionDenied as exc:
+                # Retrying cannot help either: these credentials may not write here.
+                logger.error("may not publish to session %r; dropping one message: %s", self._session, exc)
+                self._outbox.popleft()
+                self._fail_waiters(exc, message.last_seq)
+                continue
             except (BackendError, OSError, TimeoutError) as exc:
                 if self._failure is None:
                     logger.warning("publishing to session %r failed, retrying: %s", self._session, exc)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from .backend import backend_from_url
-from .errors import DurableAIError
+from .errors import BackendUnavailable, DurableAIError
 from .events import Event, control_schema, event_schema
 from .hub import Hub, connect
 
@@ -39,6 +39,13 @@ async def _check(url: str, only: Sequence[str], stream: TextIO) -> int:
         _out(stream, f"no check matches {' '.join(only)!r}; checks: {', '.join(CHECKS)}")
         return 2
     _out(stream, f"durable-ai check {url}")
+    probe = target.backend()
+    try:
+        await probe.open()
+    except BackendUnavailable as exc:
+        _out(stream, f"cannot reach the broker: {exc}")
+        return 2
+    await probe.close()
     passed = failed = 0
     width = max(len(name) for name in names) + 2
     for name in names:

@@ -64,11 +64,20 @@ def test_connect_by_url_and_by_instance() -> None:
     assert durable_ai.connect("memory://?max_messages=7&max_age=60").backend.max_messages == 7  # type: ignore[attr-defined]
 
 
+def test_installed_adapters_are_found_by_scheme() -> None:
+    backend = durable_ai.connect("nats://127.0.0.1:4222?prefix=app").backend
+    assert type(backend).__name__ == "NatsBackend"
+
+
 @pytest.mark.parametrize(
     ("url", "package"),
     [("nats://127.0.0.1:4222", "'durable-ai[nats]'"), ("ably://?key=x", "'durable-ai[ably]'"), ("redis://x", None)],
 )
-def test_unknown_scheme_names_the_package_to_install(url: str, package: str | None) -> None:
+def test_unknown_scheme_names_the_package_to_install(
+    url: str, package: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As on a machine where no adapter is installed.
+    monkeypatch.setattr(durable_ai.backend, "entry_points", lambda group: [])
     with pytest.raises(UnknownBackend) as caught:
         durable_ai.connect(url)
     assert caught.value.package == package

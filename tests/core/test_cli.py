@@ -30,9 +30,15 @@ def test_check_memory_prints_a_passing_scorecard() -> None:
 
 
 def test_check_of_an_unknown_backend_fails_once_with_what_to_install() -> None:
-    result = _cli("check", "nats://127.0.0.1:1")
+    result = _cli("check", "ably://?key=x")
     assert result.returncode == 2
-    assert "durable-ai[nats]" in result.stderr and "PASS" not in result.stdout
+    assert "durable-ai[ably]" in result.stderr and "PASS" not in result.stdout
+
+
+def test_check_of_an_unreachable_broker_fails_once() -> None:
+    result = _cli("check", "nats://127.0.0.1:1?connect_timeout=1")
+    assert result.returncode == 2
+    assert "cannot reach the broker" in result.stdout and "PASS" not in result.stdout
 
 
 def test_tail_prints_events_with_cursors_and_refuses_bad_cursors() -> None:
