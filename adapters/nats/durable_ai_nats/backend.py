@@ -242,22 +242,23 @@ class NatsBackend:
         self._users -= 1
         if self._users > 0 or self._nc is None or self._closed:
             return
-        self._closed = True
         task, self._heartbeat_task = self._heartbeat_task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._present and self._nc.is_connected:
+            # Leave at once rather than linger until presence_ttl: best effort, bounded.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    for session, member in list(self._present):
+                        await self.leave_presence(session, member)
+        self._closed = True
         for feed in list(self._feeds.values()):
             await feed.close()
         self._feeds.clear()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
-        if self._present and self._nc.is_connected:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):
-                    for session, member in list(self._present):
-                        await self.leave_presence(session, member)
         await self._nc.close()
 
     async def _on_disconnected(self) -> None:
@@ -392,26 +393,36 @@ class NatsBackend:
     # -- publish -------------------------------------------------------------------------------------------
 
     async def publish(self, channel: Channel, data: bytes, *, message_id: str) -> LogPosition:
-        _, js, _ = self._parts()
+        _, js, jsm = self._parts()
         if len(data) > self._limits.max_message_bytes:
             raise PayloadTooLarge(len(data), self._limits.max_message_bytes)
-        epoch = await self._stream()
+        await self._stream()
         subject = self.names.subject(channel.session, channel.kind)
         headers = {"Nats-Msg-Id": message_id}
-        ttl = self.options.control_ttl if channel.kind == "control" and self._msg_ttl else None
 
         async def attempt() -> Any:
+            if self._epoch is None:
+                # The stream went away (deleted by an operator): create it again, as on first use.
+                async with self._stream_lock:
+                    if self._epoch is None:
+                        self._use(await self._stream_info(jsm))
+            ttl = self.options.control_ttl if channel.kind == "control" and self._msg_ttl else None
             try:
                 future = await js.publish_async(
                     subject, data, headers=dict(headers), msg_ttl=ttl, wait_stall=self.options.publish_timeout
                 )
             except nats.js.errors.TooManyStalledMsgsError as exc:
                 raise PendingBufferFull("too many publishes are waiting for their acknowledgement") from exc
-            async with asyncio.timeout(min(2.0, self.options.publish_timeout)):
-                return await future
+            try:
+                async with asyncio.timeout(min(2.0, self.options.publish_timeout)):
+                    return await future
+            except nats.js.errors.NoStreamResponseError:
+                self._epoch = None
+                raise
 
         ack = await self._call(attempt)
-        if ack.seq < self._highest_seq:
+        epoch = self._epoch
+        if ack.seq < self._highest_seq or epoch is None:
             epoch = await self._stream(refresh=True)
         self._highest_seq = max(self._highest_seq, ack.seq)
         return LogPosition(epoch, str(ack.seq))
@@ -449,6 +460,8 @@ class NatsBackend:
                     while (item := await backlog.next()) is not None:
                         if first is not None and last is None and item.seq != first:
                             raise LogReset("the message at the cursor is no longer retained")
+                        if backlog.remaining == 0:
+                            await backlog.close()  # before the last yield: a reader that stops here holds none
                         if last is not None and item.seq <= last:
                             continue
                         last = item.seq
@@ -508,9 +521,13 @@ class NatsBackend:
                 return await jsm.get_last_msg(self.names.stream, subject, direct=True)
             except nats.js.errors.NotFoundError:
                 return None
+            except nats.errors.NoRespondersError:
+                # Nobody serves direct gets for the stream: JetStream is starting, or the stream was deleted.
+                self._use(await self._stream_info(jsm))
+                raise
 
         message = await self._call(last)
-        return None if message is None else LogPosition(epoch, str(message.seq))
+        return None if message is None else LogPosition(self._epoch or epoch, str(message.seq))
 
     async def delete(self, session: str) -> None:
         _, _, jsm = self._parts()
@@ -672,6 +689,7 @@ def from_url(url: str) -> NatsBackend:
     Options: ``prefix``, ``replicas``, ``storage`` (file|memory), ``max_age`` (seconds, 0: forever),
     ``max_messages`` (per session log, 0: no limit), ``max_bytes``, ``max_message_bytes``, ``duplicate_window``,
     ``control_ttl`` (0: as events), ``presence_ttl``, ``publish_timeout``, ``connect_timeout``, ``heartbeat``,
+    ``tap_limit``,
     and for the connection ``name``, ``token``, ``creds`` (a credentials file), ``nkey_seed`` (a seed file),
     ``inbox_prefix``.
     """
@@ -687,9 +705,9 @@ def from_url(url: str) -> NatsBackend:
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
         if key in ("prefix", "storage"):
             kwargs[key] = value
-        elif key in ("replicas", "max_messages", "max_bytes", "max_message_bytes"):
+        elif key in ("replicas", "max_messages", "max_bytes", "max_message_bytes", "tap_limit"):
             number = int(_float(value, key))
-            kwargs[key] = number if number > 0 or key in ("replicas", "max_message_bytes") else None
+            kwargs[key] = number if number > 0 or key in ("replicas", "max_message_bytes", "tap_limit") else None
         elif key in ("max_age", "control_ttl"):
             seconds = _float(value, key)
             kwargs[key] = seconds if seconds > 0 else None

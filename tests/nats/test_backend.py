@@ -1,0 +1,169 @@
+"""What the NATS backend does beyond the conformance suite: its layout, consumers, snapshots, presence, options."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+
+import nats
+import pytest
+
+import durable_ai
+from durable_ai import Channel, Coalesce, Reset
+from durable_ai.errors import ConfigurationError
+from durable_ai.testing.scenarios import collect, text_of
+from durable_ai_nats import NatsBackend, NatsOptions, from_url, names
+from durable_ai_nats.testing import NatsServer
+
+
+def _url(server: NatsServer, prefix: str, query: str = "") -> str:
+    return f"{server.url}?prefix={prefix}{query}"
+
+
+async def _consumers(server: NatsServer, prefix: str) -> int:
+    nc = await nats.connect(server.url)
+    try:
+        info = await nc.jsm().stream_info(names(prefix).stream)
+        return int(info.state.consumer_count)
+    finally:
+        await nc.close()
+
+
+async def test_stream_is_created_with_the_options(nats_server: NatsServer, prefix: str) -> None:
+    url = _url(nats_server, prefix, "&max_messages=500&max_age=3600&duplicate_window=30&storage=memory")
+    async with durable_ai.connect(url) as hub, hub.session("s").run(agent="writer") as run:
+        await run.status("hello")
+    nc = await nats.connect(nats_server.url)
+    try:
+        config = (await nc.jsm().stream_info(names(prefix).stream)).config
+    finally:
+        await nc.close()
+    assert config.subjects == [f"{prefix}.*.events", f"{prefix}.*.control"]
+    assert (config.max_msgs_per_subject, config.max_age, config.duplicate_window) == (500, 3600, 30)
+    assert config.storage == "memory"
+    assert config.allow_msg_ttl and config.allow_direct
+
+
+async def test_one_live_consumer_per_session_and_none_left_after_close(nats_server: NatsServer, prefix: str) -> None:
+    url = _url(nats_server, prefix)
+    async with durable_ai.connect(url) as agent, durable_ai.connect(url) as client:
+        async with agent.session("s").run(agent="writer") as run:
+            await run.text("warm")
+        streams = [client.session("s").events() for _ in range(5)]
+        for stream in streams:
+            assert text_of([await anext(stream) for _ in range(3)]) == "warm"  # run-start, delta, run-end
+        # Five subscribers of one session in one process share one live consumer.
+        assert await _consumers(nats_server, prefix) == 1
+        async with agent.session("s").run(agent="writer") as run:
+            await run.text("live")
+        for stream in streams:
+            events = [await asyncio.wait_for(anext(stream), 10) for _ in range(3)]
+            assert text_of(events) == "live"
+            await stream.aclose()
+        assert await _consumers(nats_server, prefix) == 0, "closing the readers left consumers on the server"
+
+
+async def test_a_subscriber_that_falls_behind_the_feed_reads_the_backlog(nats_server: NatsServer, prefix: str) -> None:
+    """With a tiny per-reader queue, a stalled subscriber overflows and catches up from the log, losing nothing."""
+    url = _url(nats_server, prefix, "&tap_limit=3")
+    async with (
+        durable_ai.connect(url, coalesce=Coalesce.off()) as agent,
+        durable_ai.connect(url) as client,
+    ):
+        stream = client.session("s").events()
+        async with agent.session("s").run(agent="writer") as run:
+            await run.text("0 ")
+            first = await asyncio.wait_for(anext(stream), 10)
+            for i in range(1, 200):
+                await run.text(f"{i} ")
+        await agent.flush()
+        rest = await collect(stream, until=lambda e: e.type == "run-end")
+    assert text_of([first, *rest]) == "".join(f"{i} " for i in range(200))
+
+
+async def test_large_snapshots_are_compressed_or_split(nats_server: NatsServer, prefix: str) -> None:
+    backend = NatsBackend(nats_server.url, NatsOptions(prefix=prefix))
+    await backend.open()
+    try:
+        text = b'{"messages": "' + b"all work and no play " * 200_000 + b'"}'  # 4 MiB, compresses well
+        noise = os.urandom(3 * 1024 * 1024)  # 3 MiB that does not compress: split over several keys
+        await backend.save_snapshot("a", text)
+        await backend.save_snapshot("b", noise)
+        assert await backend.load_snapshot("a") == text
+        assert await backend.load_snapshot("b") == noise
+        assert await backend.load_snapshot("none") is None
+        await backend.delete("b")
+        assert await backend.load_snapshot("b") is None
+    finally:
+        await backend.close()
+
+
+async def test_presence_leaves_when_the_backend_closes(nats_server: NatsServer, prefix: str) -> None:
+    first = NatsBackend(nats_server.url, NatsOptions(prefix=prefix))
+    other = NatsBackend(nats_server.url, NatsOptions(prefix=prefix))
+    await first.open()
+    await other.open()
+    try:
+        await first.enter_presence("s", "tab/1 é", b'{"role":"client"}')
+        await first.enter_presence("t", "tab-2", b"{}")
+        assert await other.presence("s") == {"tab/1 é": b'{"role":"client"}'}
+        await first.close()
+        assert await other.presence("s") == {}
+        assert await other.presence("t") == {}
+    finally:
+        await other.close()
+
+
+async def test_a_recreated_stream_resets_old_cursors(nats_server: NatsServer, prefix: str) -> None:
+    url = _url(nats_server, prefix)
+    async with durable_ai.connect(url) as hub:
+        async with hub.session("s").run(agent="writer") as run:
+            await run.text("old")
+        old = await collect(hub.session("s").events(follow=False))
+        nc = await nats.connect(nats_server.url)
+        try:
+            await nc.jsm().delete_stream(names(prefix).stream)
+        finally:
+            await nc.close()
+        async with hub.session("s").run(agent="writer") as run:
+            await run.text("new")
+        after = await collect(hub.session("s").events(after=old[-1].cursor, follow=False))
+    assert isinstance(after[0], Reset)
+    assert text_of(after) == "new"
+
+
+async def test_head_and_publish_positions(nats_server: NatsServer, prefix: str) -> None:
+    backend = NatsBackend(nats_server.url, NatsOptions(prefix=prefix))
+    await backend.open()
+    try:
+        channel = Channel("s", "events")
+        assert await backend.head(channel) is None
+        first = await backend.publish(channel, b"{}", message_id="m1")
+        again = await backend.publish(channel, b"{}", message_id="m1")
+        second = await backend.publish(channel, b"{}", message_id="m2")
+        assert first == again and int(second.position or 0) > int(first.position or 0)
+        assert await backend.head(channel) == second
+    finally:
+        await backend.close()
+
+
+def test_url_options() -> None:
+    backend = from_url(
+        "nats://u:p@a:4222,b:4223?prefix=app&replicas=3&max_age=0&max_messages=0&control_ttl=60&inbox_prefix=_IN_x"
+    )
+    assert backend.servers == ["nats://u:p@a:4222", "nats://u:p@b:4223"]
+    o = backend.options
+    assert (o.prefix, o.replicas, o.max_age, o.max_messages, o.control_ttl) == ("app", 3, None, None, 60.0)
+    assert o.connect == {"inbox_prefix": "_IN_x"}
+    assert names("app").stream == "APP" and names("my-app").stream == "MY_APP"
+    for bad in ("nats://h?nope=1", "nats://h?replicas=x", "nats://h?prefix=a.b", "nats://h?replicas=9"):
+        with pytest.raises(ConfigurationError):
+            from_url(bad)
+
+
+async def test_unreachable_server_fails_fast(prefix: str) -> None:
+    port = secrets.randbelow(1000) + 1  # privileged ports: nothing listens there for us
+    hub = durable_ai.connect(f"nats://127.0.0.1:{port}?connect_timeout=0.5")
+    with pytest.raises(durable_ai.BackendUnavailable):
+        await hub.__aenter__()
