@@ -16,7 +16,7 @@ __all__ = ["GROUPS", "Benchmark", "BenchmarkError", "Group", "Report", "Row", "S
 
 GROUPS: dict[str, str] = {
     "memory": "benchmarks.core",
-    # "nats": "benchmarks.nats",  (the NATS JetStream adapter)
+    "nats": "benchmarks.nats",
     # "ably": "benchmarks.ably",  (the Ably adapter)
 }
 """Benchmark groups by name, in the order they run."""

@@ -34,7 +34,7 @@ class ReadOptions:
 
 def _reset(session: str, reason: str, cursor: Cursor | None, options: ReadOptions) -> Reset:
     event = Reset(id=options.new_id(), session=session, ts=options.now_ms(), reason=reason)
-    event._cursor = str(cursor) if cursor is not None else None
+    event._set_cursor(str(cursor) if cursor is not None else None)
     return event
 
 
@@ -139,7 +139,7 @@ async def _events_of(
                 continue
         else:
             event = parse_event(record)
-        event._cursor = f"{message.epoch}:{message.position}:{index}"
+        event._set_cursor(f"{message.epoch}:{message.position}:{index}")
         events.append(event)
     return events
 

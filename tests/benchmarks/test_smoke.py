@@ -38,6 +38,15 @@ EXPECTED_ROWS = {
     "view.time.uncoalesced",
     "view.messages-read.uncoalesced",
     "snapshots.write",
+    "nats.publish.one-run",
+    "nats.publish.concurrent-runs",
+    "nats.publish.pipelined-ceiling",
+    "nats.publish.coalesced",
+    "nats.publish.coalesced-messages",
+    "nats.latency.p50",
+    "nats.latency.p99",
+    "nats.catch-up.start",
+    "nats.catch-up.middle",
 }
 
 

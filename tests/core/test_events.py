@@ -17,7 +17,8 @@ from durable_ai import (
     UnknownEvent,
     UserMessage,
 )
-from durable_ai.events import ControlRejected, parse_control
+from durable_ai.errors import ProtocolError
+from durable_ai.events import ControlRejected, decode_records, parse_control
 from durable_ai.testing.scenarios import text_of
 
 
@@ -122,3 +123,17 @@ async def test_a_live_follower_is_told_when_the_session_is_deleted(hub: Hub, cli
     assert isinstance(events[0], Reset) and events[0].reason == "the session was deleted"
     assert [e.type for e in events[1:]] == ["run-start", "text-delta", "run-end"]
     assert text_of(events) == "new"
+
+
+@pytest.mark.parametrize(
+    ("data", "count"),
+    [(b'{"a":1}', 1), (b'  {"a":1}  ', 1), (b'{"a":1}\n{"b":2}\n', 2), (b'\n\n{"a":1}\n', 1), (b"", 0)],
+)
+def test_decode_records_reads_one_object_per_line(data: bytes, count: int) -> None:
+    assert len(decode_records(data)) == count
+
+
+@pytest.mark.parametrize("data", [b'{"a":1} trailing', b"[1, 2]", b'{"a":"\xff"}', b'{"a":1}\n{oops', b"not json"])
+def test_decode_records_refuses_what_is_not_wire_data(data: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode_records(data)

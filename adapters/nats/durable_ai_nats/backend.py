@@ -53,6 +53,7 @@ logger = logging.getLogger("durable_ai_nats")
 T = TypeVar("T")
 
 _HEADER_ROOM = 1024
+_MAX_PENDING_ACKS = 4000
 _KV_OPERATION = "KV-Operation"
 _RETRYABLE = (
     TimeoutError,
@@ -190,6 +191,7 @@ class NatsBackend:
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
         self._limits = BackendLimits(self.options.max_message_bytes, None)
+        self._ack_timeout = min(2.0, self.options.publish_timeout)
 
     # -- connection ----------------------------------------------------------------------------------------
 
@@ -233,7 +235,7 @@ class NatsBackend:
         self._nc = nc
         # Requests time out quickly and are retried (see _call) for up to publish_timeout.
         request_timeout = min(2.0, self.options.publish_timeout)
-        self._js = nc.jetstream(timeout=request_timeout)
+        self._js = nc.jetstream(timeout=request_timeout, publish_async_max_pending=_MAX_PENDING_ACKS)
         self._jsm = nc.jsm(timeout=request_timeout)
         headroom = max(nc.max_payload - _HEADER_ROOM, 4096)
         self._limits = BackendLimits(min(self.options.max_message_bytes, headroom), None)
@@ -357,25 +359,21 @@ class NatsBackend:
     async def _call(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """Run one request with retries on timeouts and disconnects, for up to ``publish_timeout``.
 
-        A request the server refused for lack of permission is not retried: the server answers it with an
-        asynchronous error and no reply, so the timeout that follows is turned into ``PermissionDenied``.
+        The first attempt runs bare (most requests succeed at once, and a retry loop per publish costs more
+        than the publish); a retryable failure hands over to tenacity. A request the server refused for lack of
+        permission is not retried: the server answers it with an asynchronous error and no reply, so the timeout
+        that follows is turned into ``PermissionDenied``.
         """
         started = time.monotonic()
-
-        def retryable(exc: BaseException) -> bool:
-            return isinstance(exc, _RETRYABLE) and self._denied_since(started) is None
-
         try:
-            async for trying in AsyncRetrying(
-                stop=stop_after_delay(self.options.publish_timeout),
-                wait=wait_exponential(multiplier=0.05, max=1.0),
-                retry=retry_if_exception(retryable),
-                reraise=True,
-            ):
-                with trying:
-                    result = await attempt()
-                    raise_if_cancelling()
-                    return result
+            try:
+                result = await attempt()
+            except _RETRYABLE:
+                if self._denied_since(started) is not None:
+                    raise
+                result = await self._retry(attempt, started)
+            raise_if_cancelling()
+            return result
         except _RETRYABLE as exc:
             if (denied := self._denied_since(started)) is not None:
                 raise PermissionDenied(denied) from exc
@@ -388,6 +386,19 @@ class NatsBackend:
             if exc.code == 403 or "permission" in str(exc).lower():
                 raise PermissionDenied(str(exc)) from exc
             raise BackendError(f"JetStream refused the request: {exc}") from exc
+
+    async def _retry(self, attempt: Callable[[], Awaitable[T]], started: float) -> T:
+        def retryable(exc: BaseException) -> bool:
+            return isinstance(exc, _RETRYABLE) and self._denied_since(started) is None
+
+        async for trying in AsyncRetrying(
+            stop=stop_after_delay(max(0.0, self.options.publish_timeout - (time.monotonic() - started))),
+            wait=wait_exponential(multiplier=0.05, max=1.0),
+            retry=retry_if_exception(retryable),
+            reraise=True,
+        ):
+            with trying:
+                return await attempt()
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- publish -------------------------------------------------------------------------------------------
@@ -396,9 +407,9 @@ class NatsBackend:
         _, js, jsm = self._parts()
         if len(data) > self._limits.max_message_bytes:
             raise PayloadTooLarge(len(data), self._limits.max_message_bytes)
-        await self._stream()
+        if self._epoch is None:
+            await self._stream()
         subject = self.names.subject(channel.session, channel.kind)
-        headers = {"Nats-Msg-Id": message_id}
 
         async def attempt() -> Any:
             if self._epoch is None:
@@ -407,18 +418,19 @@ class NatsBackend:
                     if self._epoch is None:
                         self._use(await self._stream_info(jsm))
             ttl = self.options.control_ttl if channel.kind == "control" and self._msg_ttl else None
+            if js.publish_async_pending() >= _MAX_PENDING_ACKS:
+                # Checked here rather than with publish_async's wait_stall, which costs a task per publish.
+                raise PendingBufferFull(f"{_MAX_PENDING_ACKS} publishes are waiting for their acknowledgement")
+            future = await js.publish_async(subject, data, headers={"Nats-Msg-Id": message_id}, msg_ttl=ttl)
+            # A lost ack would leave the future pending forever: expire it (cheaper than asyncio.timeout).
+            expiry = asyncio.get_running_loop().call_later(self._ack_timeout, _expire, future)
             try:
-                future = await js.publish_async(
-                    subject, data, headers=dict(headers), msg_ttl=ttl, wait_stall=self.options.publish_timeout
-                )
-            except nats.js.errors.TooManyStalledMsgsError as exc:
-                raise PendingBufferFull("too many publishes are waiting for their acknowledgement") from exc
-            try:
-                async with asyncio.timeout(min(2.0, self.options.publish_timeout)):
-                    return await future
+                return await future
             except nats.js.errors.NoStreamResponseError:
                 self._epoch = None
                 raise
+            finally:
+                expiry.cancel()
 
         ack = await self._call(attempt)
         epoch = self._epoch
@@ -674,6 +686,11 @@ class NatsBackend:
                     await kv.put(self._member_key(session, member), b"p" + data)
                 except Exception as exc:
                     logger.info("could not refresh presence of %r in %r: %s", member, session, exc)
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(nats.errors.TimeoutError())
 
 
 def _float(value: str, name: str) -> float:
