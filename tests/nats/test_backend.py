@@ -13,7 +13,7 @@ import durable_ai
 from durable_ai import Channel, Coalesce, Reset
 from durable_ai.errors import ConfigurationError
 from durable_ai.testing.scenarios import collect, text_of
-from durable_ai_nats import NatsBackend, NatsOptions, from_url, names
+from durable_ai_nats import NatsBackend, NatsOptions, PendingBufferFull, from_url, names
 from durable_ai_nats.testing import NatsServer
 
 
@@ -167,3 +167,51 @@ async def test_unreachable_server_fails_fast(prefix: str) -> None:
     hub = durable_ai.connect(f"nats://127.0.0.1:{port}?connect_timeout=0.5")
     with pytest.raises(durable_ai.BackendUnavailable):
         await hub.__aenter__()
+
+
+async def test_a_full_reconnect_buffer_is_a_typed_error_and_loses_nothing(prefix: str) -> None:
+    """While the server is away, publishes beyond nats-py's reconnect buffer get PendingBufferFull, never a drop."""
+    async with NatsServer() as server:
+        options = NatsOptions(prefix=prefix, publish_timeout=1.0, connect={"pending_size": 64 * 1024})
+        backend = NatsBackend(server.url, options)
+        await backend.open()
+        try:
+            channel = Channel("s", "events")
+            await backend.publish(channel, b'{"n":0}', message_id="m0")
+            await server.kill()
+            blob = b'{"blob":"' + b"x" * 40_000 + b'"}'
+            with pytest.raises(durable_ai.BackendUnavailable):
+                await backend.publish(channel, blob, message_id="m1")  # buffered, unconfirmed: may still land
+            with pytest.raises(PendingBufferFull):
+                await backend.publish(channel, blob, message_id="m2")
+            await server.restart()
+            async with asyncio.timeout(10):
+                while not backend.connection.is_connected:  # noqa: ASYNC110 - nats-py offers no awaitable for it
+                    await asyncio.sleep(0.05)
+            # The writer's retry, under the same ids, stores each message once.
+            for message_id in ("m1", "m2"):
+                await backend.publish(channel, blob, message_id=message_id)
+            stored = [m async for m in backend.read(channel, start=None, follow=False)]
+        finally:
+            await backend.close()
+    assert [len(m.data) for m in stored] == [7, len(blob), len(blob)]
+
+
+async def test_presence_of_a_crashed_member_expires(nats_server: NatsServer, prefix: str) -> None:
+    options = NatsOptions(prefix=prefix, presence_ttl=1.0)
+    crashed, watcher = NatsBackend(nats_server.url, options), NatsBackend(nats_server.url, options)
+    await crashed.open()
+    await watcher.open()
+    try:
+        await crashed.enter_presence("s", "agent-1", b"{}")
+        assert set(await watcher.presence("s")) == {"agent-1"}
+        # A process that dies neither leaves nor refreshes its entry: stop the refresher, forget the entry.
+        assert crashed._heartbeat_task is not None
+        crashed._heartbeat_task.cancel()
+        crashed._present.clear()
+        async with asyncio.timeout(10):
+            while await watcher.presence("s"):  # noqa: ASYNC110 - the state is on the server: poll it
+                await asyncio.sleep(0.1)
+    finally:
+        await watcher.close()
+        await crashed.close()

@@ -27,6 +27,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import nats
 import nats.errors
 import nats.js.errors
+from nats.aio.client import DEFAULT_PENDING_SIZE
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, StorageType, StreamConfig, StreamInfo
@@ -55,7 +56,14 @@ T = TypeVar("T")
 _HEADER_ROOM = 1024
 _MAX_PENDING_ACKS = 4000
 _KV_OPERATION = "KV-Operation"
+
+
+class _BufferFull(Exception):
+    """Retryable inside one request; surfaces as :class:`PendingBufferFull`."""
+
+
 _RETRYABLE = (
+    _BufferFull,
     TimeoutError,
     nats.errors.TimeoutError,
     nats.errors.ConnectionReconnectingError,
@@ -192,6 +200,7 @@ class NatsBackend:
         self._closing: set[asyncio.Task[None]] = set()
         self._limits = BackendLimits(self.options.max_message_bytes, None)
         self._ack_timeout = min(2.0, self.options.publish_timeout)
+        self._pending_limit = int(self.options.connect.get("pending_size", DEFAULT_PENDING_SIZE))
 
     # -- connection ----------------------------------------------------------------------------------------
 
@@ -377,6 +386,8 @@ class NatsBackend:
         except _RETRYABLE as exc:
             if (denied := self._denied_since(started)) is not None:
                 raise PermissionDenied(denied) from exc
+            if isinstance(exc, _BufferFull):
+                raise PendingBufferFull("the connection is down and its reconnect buffer is full") from exc
             raise BackendUnavailable(f"NATS did not answer: {exc!r}") from exc
         except nats.errors.ConnectionClosedError as exc:
             raise HubClosed("the NATS connection is closed") from exc
@@ -404,7 +415,7 @@ class NatsBackend:
     # -- publish -------------------------------------------------------------------------------------------
 
     async def publish(self, channel: Channel, data: bytes, *, message_id: str) -> LogPosition:
-        _, js, jsm = self._parts()
+        nc, js, jsm = self._parts()
         if len(data) > self._limits.max_message_bytes:
             raise PayloadTooLarge(len(data), self._limits.max_message_bytes)
         if self._epoch is None:
@@ -418,6 +429,10 @@ class NatsBackend:
                     if self._epoch is None:
                         self._use(await self._stream_info(jsm))
             ttl = self.options.control_ttl if channel.kind == "control" and self._msg_ttl else None
+            if not nc.is_connected and nc.pending_data_size + len(data) + _HEADER_ROOM > self._pending_limit:
+                # nats-py would raise after registering the ack future, which then never resolves: refuse first,
+                # and retry (for up to publish_timeout) in case the connection comes back.
+                raise _BufferFull
             if js.publish_async_pending() >= _MAX_PENDING_ACKS:
                 # Checked here rather than with publish_async's wait_stall, which costs a task per publish.
                 raise PendingBufferFull(f"{_MAX_PENDING_ACKS} publishes are waiting for their acknowledgement")
