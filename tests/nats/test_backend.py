@@ -215,3 +215,20 @@ async def test_presence_of_a_crashed_member_expires(nats_server: NatsServer, pre
     finally:
         await watcher.close()
         await crashed.close()
+
+
+async def test_a_reader_outrun_by_retention_gets_a_reset(nats_server: NatsServer, prefix: str) -> None:
+    """A live reader that overflowed its queue while retention dropped its place is told, not skipped ahead."""
+    url = _url(nats_server, prefix, "&tap_limit=2&max_messages=5")
+    async with durable_ai.connect(url, coalesce=Coalesce.off()) as agent, durable_ai.connect(url) as client:
+        stream = client.session("s").events()
+        async with agent.session("s").run(agent="writer") as run:
+            await run.status("first")
+            seen = [await asyncio.wait_for(anext(stream), 10) for _ in range(2)]  # run-start, status
+            for i in range(30):
+                await run.status(f"status {i}")
+        rest = await collect(stream, until=lambda e: e.type == "run-end")
+    assert [e.type for e in seen] == ["run-start", "status"]
+    assert isinstance(rest[0], Reset), f"no reset before {[e.type for e in rest[:3]]}"
+    statuses = [e.text for e in rest if e.type == "status"]  # type: ignore[attr-defined]
+    assert statuses == [f"status {i}" for i in range(26, 30)]

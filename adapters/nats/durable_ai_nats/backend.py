@@ -480,13 +480,16 @@ class NatsBackend:
                     else ConsumerSpec(self.names.stream, subject, DeliverPolicy.ALL)
                 )
                 backlog = Backlog(nc, jsm, spec, self.options.heartbeat)
+                expected = first  # reading from a position: the message there must still be the first one
                 try:
                     count = await self._call(backlog.open)
-                    if first is not None and count == 0:
+                    if expected is not None and count == 0:
                         raise LogReset("the message at the cursor is no longer retained")
                     while (item := await backlog.next()) is not None:
-                        if first is not None and last is None and item.seq != first:
-                            raise LogReset("the message at the cursor is no longer retained")
+                        if expected is not None:
+                            if item.seq != expected:
+                                raise LogReset("the message at the cursor is no longer retained")
+                            expected = None
                         if backlog.remaining == 0:
                             await backlog.close()  # before the last yield: a reader that stops here holds none
                         if last is not None and item.seq <= last:
