@@ -15,6 +15,7 @@ upstream. Sessions live on a backend chosen by URL: ``memory://`` (embedded), ``
 from __future__ import annotations
 
 from ._control import Handler, Server
+from ._util import validate_session_id
 from .backend import Backend, BackendLimits, Channel, ChannelKind, StoredMessage, backend_from_url
 from .backends.memory import MemoryBackend
 from .coalesce import Coalesce
@@ -134,4 +135,5 @@ __all__ = [
     "UserMessage",
     "backend_from_url",
     "connect",
+    "validate_session_id",
 ]

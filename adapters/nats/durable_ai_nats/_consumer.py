@@ -82,7 +82,7 @@ class ConsumerSpec:
 
 
 class _PushConsumer:
-    """One ephemeral, ordered push consumer; ``on_message`` sees each delivery in order, gaps raise."""
+    """One ephemeral push consumer on an inbox of its own; :meth:`check` classifies each delivery and finds gaps."""
 
     def __init__(self, nc: NATS, jsm: JetStreamManager, spec: ConsumerSpec, heartbeat: float) -> None:
         self.nc = nc

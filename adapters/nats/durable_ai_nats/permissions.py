@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import TypedDict
 
+from durable_ai import validate_session_id
 from durable_ai.errors import ConfigurationError
 
 from .backend import Names, NatsOptions
@@ -29,8 +30,6 @@ def client_inbox_prefix(session: str) -> str:
 
 
 def _checked(session: str) -> str:
-    from durable_ai._util import validate_session_id
-
     return validate_session_id(session)
 
 
