@@ -232,3 +232,18 @@ async def test_a_reader_outrun_by_retention_gets_a_reset(nats_server: NatsServer
     assert isinstance(rest[0], Reset), f"no reset before {[e.type for e in rest[:3]]}"
     statuses = [e.text for e in rest if e.type == "status"]  # type: ignore[attr-defined]
     assert statuses == [f"status {i}" for i in range(26, 30)]
+
+
+async def test_hubs_sharing_a_backend_open_one_connection(nats_server: NatsServer, prefix: str) -> None:
+    backend = NatsBackend(nats_server.url, NatsOptions(prefix=prefix))
+    hubs = [durable_ai.connect(backend) for _ in range(3)]
+    await asyncio.gather(*(hub.__aenter__() for hub in hubs))
+    connection = backend.connection
+    async with hubs[0].session("s").run(agent="writer") as run:
+        await run.text("shared")
+    for hub in hubs[:2]:
+        await hub.__aexit__(None, None, None)
+    assert connection.is_connected, "the backend closed while a hub still used it"
+    assert text_of(await collect(hubs[2].session("s").events(follow=False))) == "shared"
+    await hubs[2].__aexit__(None, None, None)
+    assert connection.is_closed

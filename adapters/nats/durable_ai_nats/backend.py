@@ -198,6 +198,7 @@ class NatsBackend:
         self._present: dict[tuple[str, str], bytes] = {}
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        self._open_lock = asyncio.Lock()
         self._limits = BackendLimits(self.options.max_message_bytes, None)
         self._ack_timeout = min(2.0, self.options.publish_timeout)
         self._pending_limit = int(self.options.connect.get("pending_size", DEFAULT_PENDING_SIZE))
@@ -217,8 +218,15 @@ class NatsBackend:
 
     async def open(self) -> None:
         self._users += 1
-        if self._nc is not None:
-            return
+        async with self._open_lock:  # hubs sharing this backend may open it concurrently: connect once
+            if self._nc is None:
+                try:
+                    await self._connect()
+                except BaseException:
+                    self._users -= 1
+                    raise
+
+    async def _connect(self) -> None:
         options: dict[str, Any] = {
             "name": "durable-ai",
             "connect_timeout": 2,
@@ -236,7 +244,6 @@ class NatsBackend:
             async with asyncio.timeout(self.options.connect_timeout):
                 await nc.connect(self.servers, **options)
         except (OSError, TimeoutError, nats.errors.Error) as exc:
-            self._users -= 1
             with contextlib.suppress(Exception):
                 await nc.close()
             reason = nc.last_error or exc
@@ -568,10 +575,9 @@ class NatsBackend:
             feed = self._feeds.get(subject)
             if feed is not None:
                 feed.fail("the session was deleted")
-        kv = await self._bucket(self.names.snapshots)
-        await self._call(lambda: self._purge_prefix(kv, session))
-        kv = await self._bucket(self.names.presence)
-        await self._call(lambda: self._purge_prefix(kv, session))
+        for bucket in (self.names.snapshots, self.names.presence):
+            await self._bucket(bucket)
+            await self._call(partial(self._purge_prefix, bucket, session))
         for key in [k for k in self._present if k[0] == session]:
             del self._present[key]
 
@@ -605,10 +611,10 @@ class NatsBackend:
         except nats.js.errors.BadRequestError:
             return await js.key_value(name)
 
-    async def _purge_prefix(self, kv: KeyValue, session: str) -> None:
+    async def _purge_prefix(self, bucket: str, session: str) -> None:
         _, _, jsm = self._parts()
-        await jsm.purge_stream(f"KV_{kv._name}", subject=f"$KV.{kv._name}.{session}")
-        await jsm.purge_stream(f"KV_{kv._name}", subject=f"$KV.{kv._name}.{session}.>")
+        await jsm.purge_stream(f"KV_{bucket}", subject=f"$KV.{bucket}.{session}")
+        await jsm.purge_stream(f"KV_{bucket}", subject=f"$KV.{bucket}.{session}.>")
 
     async def _latest(self, bucket: str, filter_subject: str) -> dict[str, Delivered]:
         """The newest value of every key under a subject filter, read through a consumer (not KV watch)."""
