@@ -1,0 +1,7 @@
+"""Test helpers for Ably: an offline emulator of the part of Ably's realtime and REST protocols ably-python 3.x uses."""
+
+from __future__ import annotations
+
+from durable_ai_ably.testing.emulator import AblyEmulator, EmulatorKey, StoredMessage
+
+__all__ = ["AblyEmulator", "EmulatorKey", "StoredMessage"]

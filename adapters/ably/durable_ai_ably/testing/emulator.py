@@ -1,0 +1,1108 @@
+"""An offline emulator of the part of Ably's realtime (WebSocket) and REST protocols that ably-python 3.x uses.
+
+It binds 127.0.0.1 on a free port and speaks protocol version 5 in JSON or msgpack. Point a client at it with
+`AblyEmulator.client_options()`: ably-python builds its WebSocket address as ``ws://{host}?...`` and ignores the
+`port` option there, while its REST address is ``http://{host}:{port}{path}``; the endpoint ``127.0.0.1:PORT/`` serves
+both (the REST base becomes ``http://127.0.0.1:PORT/:80`` and every REST path is absolute, so it replaces ``/:80``).
+ably-python refuses basic (API key) auth over plain HTTP, so the options ask for token auth: the client signs a token
+request with the key and posts it to ``/keys/{keyName}/requestToken``, which the emulator verifies and answers.
+
+What it does: API keys with capabilities, token requests and tokens (capability = key ∩ requested), CONNECTED with
+connection details and resume of a known connection key, HEARTBEAT, ATTACH/ATTACHED with ``params.rewind`` and
+channel-serial resume, DETACH, MESSAGE publish with ACK (``res`` serials) or NACK, delivery to every attached
+connection, AUTH, CLOSE/CLOSED, server DISCONNECTED, idempotent publishing by message id, REST publish, history with
+``Link`` pagination, time and token requests, capability checks everywhere. Fault hooks: `drop_connections`,
+`disconnect_connections`, `fail_next_rest`, `nack_next`. Not emulated: presence, annotations, message
+updates/deletes, deltas, channel globs other than ``*`` and a trailing ``*``, connection recovery (``recover``),
+stats, push, batch endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+import itertools
+import json
+import re
+import secrets
+import socket
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Self
+from urllib.parse import quote, urlencode
+
+import msgpack  # type: ignore[import-untyped]
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+__all__ = ["AblyEmulator", "EmulatorKey", "StoredMessage"]
+
+Capability = dict[str, list[str]]
+
+# Protocol message actions (ably/transport/websockettransport.py ProtocolMessageAction).
+HEARTBEAT, ACK, NACK, CONNECT, CONNECTED, DISCONNECT, DISCONNECTED = 0, 1, 2, 3, 4, 5, 6
+CLOSE, CLOSED, ERROR, ATTACH, ATTACHED, DETACH, DETACHED, PRESENCE, MESSAGE = 7, 8, 9, 10, 11, 12, 13, 14, 15
+AUTH = 17
+
+# Channel flags (ably/types/flags.py).
+FLAG_HAS_BACKLOG = 1 << 1
+FLAG_RESUMED = 1 << 2
+FLAG_PUBLISH = 1 << 17
+FLAG_SUBSCRIBE = 1 << 18
+
+_ALL_OPS = "*"
+_TOKEN_TTL_MS = 60 * 60 * 1000
+_MAX_TOKEN_TTL_MS = 24 * 60 * 60 * 1000
+_TOKEN_REQUEST_WINDOW_MS = 5 * 60 * 1000
+
+
+class AblyError(Exception):
+    """An error the way Ably reports it: an HTTP status, a 5-digit code and a message."""
+
+    def __init__(self, message: str, code: int, status: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.status = status
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"message": self.message, "code": self.code, "statusCode": self.status, "href": _href(self.code)}
+
+
+def _href(code: int) -> str:
+    return f"https://help.ably.io/error/{code}"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def parse_capability(value: str | Mapping[str, Sequence[str]] | None) -> Capability:
+    """A capability from its JSON text or mapping; None means every operation on every channel."""
+    if value is None or value == "":
+        return {"*": [_ALL_OPS]}
+    raw: Any = json.loads(value) if isinstance(value, str) else value
+    if not isinstance(raw, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, list | tuple) and all(isinstance(op, str) for op in v)
+        for k, v in raw.items()
+    ):
+        raise AblyError("Invalid capability: expected an object of channel names to lists of operations", 40000, 400)
+    return {k: sorted(set(v)) for k, v in raw.items()}
+
+
+def _covers(pattern: str, name: str) -> bool:
+    """Whether a capability resource matches a channel name (or a narrower pattern): exact, ``*``, trailing ``*``."""
+    if pattern == "*":
+        return True
+    if pattern.endswith("*"):
+        return name.startswith(pattern[:-1])
+    return pattern == name
+
+
+def _intersect_ops(a: Iterable[str], b: Iterable[str]) -> list[str]:
+    sa, sb = set(a), set(b)
+    if _ALL_OPS in sa:
+        return sorted(sb)
+    if _ALL_OPS in sb:
+        return sorted(sa)
+    return sorted(sa & sb)
+
+
+def intersect_capabilities(key: Capability, requested: Capability) -> Capability:
+    """The capability a token gets: what it asked for, narrowed to what its key allows."""
+    result: dict[str, set[str]] = {}
+    for req_res, req_ops in requested.items():
+        for key_res, key_ops in key.items():
+            if _covers(key_res, req_res):
+                resource = req_res
+            elif _covers(req_res, key_res):
+                resource = key_res
+            else:
+                continue
+            ops = _intersect_ops(req_ops, key_ops)
+            if ops:
+                result.setdefault(resource, set()).update(ops)
+    return {res: sorted(ops) for res, ops in result.items()}
+
+
+def _allows(capability: Capability, channel: str, op: str) -> bool:
+    return any(_covers(res, channel) and (_ALL_OPS in ops or op in ops) for res, ops in capability.items())
+
+
+def _any_op(capability: Capability, channel: str) -> bool:
+    return any(_covers(res, channel) and ops for res, ops in capability.items())
+
+
+def _denied(op: str, channel: str) -> AblyError:
+    return AblyError(f"Unable to perform channel operation; {op} not permitted on channel {channel!r}", 40160, 401)
+
+
+@dataclass(frozen=True)
+class EmulatorKey:
+    """An API key ``appId.keyId:secret`` and its capability."""
+
+    app_id: str
+    key_id: str
+    secret: str
+    capability: Capability = field(default_factory=lambda: {"*": [_ALL_OPS]})
+
+    @property
+    def name(self) -> str:
+        return f"{self.app_id}.{self.key_id}"
+
+    @property
+    def key(self) -> str:
+        """The full key string, as `AblyRest(key=...)` takes it."""
+        return f"{self.name}:{self.secret}"
+
+    @classmethod
+    def parse(cls, key: str, capability: str | Mapping[str, Sequence[str]] | None = None) -> EmulatorKey:
+        name, sep, secret = key.partition(":")
+        app_id, dot, key_id = name.partition(".")
+        if not (sep and dot and secret and app_id and key_id):
+            raise ValueError(f"an Ably key looks like appId.keyId:secret, not {key!r}")
+        return cls(app_id, key_id, secret, parse_capability(capability))
+
+
+@dataclass
+class _Credential:
+    """Who a request or connection is: a key (basic auth) or a token issued from one."""
+
+    key: EmulatorKey
+    capability: Capability
+    client_id: str | None
+    token: str | None = None
+    issued: int = 0
+    expires: int | None = None
+
+    def check(self) -> None:
+        if self.expires is not None and _now_ms() >= self.expires:
+            raise AblyError("Token expired", 40142, 401)
+
+    def token_details(self) -> dict[str, Any]:
+        details: dict[str, Any] = {
+            "token": self.token,
+            "keyName": self.key.name,
+            "issued": self.issued,
+            "expires": self.expires,
+            "capability": json.dumps(self.capability, separators=(",", ":")),
+        }
+        if self.client_id is not None:
+            details["clientId"] = self.client_id
+        return details
+
+
+@dataclass
+class StoredMessage:
+    """A message as the emulator stored it on a channel."""
+
+    channel: str
+    serial: str
+    id: str
+    timestamp: int
+    name: str | None = None
+    data: Any = None
+    encoding: str | None = None
+    client_id: str | None = None
+    connection_id: str | None = None
+    extras: Any = None
+
+    def wire(self, binary: bool) -> dict[str, Any]:
+        """The message as Ably sends it, for a JSON (``binary=False``) or msgpack client."""
+        data, encoding = self.data, self.encoding
+        if isinstance(data, bytes | bytearray) and not binary:
+            data = base64.b64encode(data).decode("ascii")
+            encoding = f"{encoding}/base64" if encoding else "base64"
+        elif binary and isinstance(data, str) and encoding and encoding.split("/")[-1] == "base64":
+            with contextlib.suppress(binascii.Error, ValueError):
+                data = base64.b64decode(data)
+                encoding = "/".join(encoding.split("/")[:-1]) or None
+        out: dict[str, Any] = {
+            "id": self.id,
+            "serial": self.serial,
+            "timestamp": self.timestamp,
+            "action": 0,  # MESSAGE_CREATE
+            "version": {"serial": self.serial, "timestamp": self.timestamp},
+        }
+        for key, value in (
+            ("name", self.name),
+            ("data", data),
+            ("encoding", encoding),
+            ("clientId", self.client_id),
+            ("connectionId", self.connection_id),
+            ("extras", self.extras),
+        ):
+            if value is not None:
+                out[key] = value
+        return out
+
+
+@dataclass
+class _Channel:
+    name: str
+    messages: deque[StoredMessage] = field(default_factory=deque)
+    #: serial of the newest message dropped by retention; a resume from before it cannot be continuous
+    evicted_upto: str = ""
+    #: message id -> (serial, time stored in ms), for idempotent publishing
+    ids: dict[str, tuple[str, int]] = field(default_factory=dict)
+    sessions: set[_Session] = field(default_factory=set)
+
+
+class _Transport:
+    """One WebSocket: the writer side queue of protocol messages."""
+
+    def __init__(self, websocket: WebSocket, binary: bool) -> None:
+        self.websocket = websocket
+        self.binary = binary
+        self.outgoing: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.closed = False
+
+    def send(self, message: dict[str, Any]) -> None:
+        if not self.closed:
+            self.outgoing.put_nowait(message)
+
+    def close(self) -> None:
+        """Ask the writer to stop (after what is queued) and close the socket normally."""
+        if not self.closed:
+            self.closed = True
+            self.outgoing.put_nowait(None)
+
+
+class _Session:
+    """A realtime connection: it outlives its WebSocket for connectionStateTtl, so a client can resume it."""
+
+    def __init__(self, connection_id: str, credential: _Credential, echo: bool) -> None:
+        self.id = connection_id
+        self.key = f"{connection_id}!{secrets.token_urlsafe(12)}"
+        self.credential = credential
+        self.echo = echo
+        self.transport: _Transport | None = None
+        self.attached: set[str] = set()
+        #: msgSerial -> serials it was acknowledged with, so a resent message is acknowledged, not republished
+        self.acked: dict[int, list[str | None]] = {}
+        self.detached_at: float | None = None
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Session) and other.id == self.id
+
+
+class _Server(uvicorn.Server):
+    """Uvicorn without its signal handlers: the emulator lives inside someone else's program."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
+
+
+class AblyEmulator:
+    """An Ably stand-in on 127.0.0.1 for offline tests of code that uses ably-python 3.x.
+
+    Use it as an async context manager; `client_options()` gives the keyword arguments for `AblyRest` and
+    `AblyRealtime`.
+    """
+
+    def __init__(
+        self,
+        keys: Mapping[str, str | Mapping[str, Sequence[str]] | None] | None = None,
+        *,
+        retention_limit: int = 10_000,
+        retention_seconds: float | None = None,
+        idempotency_window: float = 120.0,
+        max_message_size: int = 65536,
+        connection_state_ttl_ms: int = 120_000,
+        max_idle_interval_ms: int = 15_000,
+    ) -> None:
+        """`keys` maps ``appId.keyId:secret`` to its capability (JSON text, a mapping, or None for everything).
+
+        Without keys there is one, ``emu.root:secret``, with every capability.
+        """
+        if keys is None:
+            keys = {"emu.root:secret": None}
+        self.keys: dict[str, EmulatorKey] = {}
+        for key_text, capability in keys.items():
+            key = EmulatorKey.parse(key_text, capability)
+            self.keys[key.name] = key
+        self.retention_limit = retention_limit
+        self.retention_seconds = retention_seconds
+        self.idempotency_window = idempotency_window
+        self.max_message_size = max_message_size
+        self.connection_state_ttl_ms = connection_state_ttl_ms
+        self.max_idle_interval_ms = max_idle_interval_ms
+
+        self._channels: dict[str, _Channel] = {}
+        self._tokens: dict[str, _Credential] = {}
+        self._nonces: dict[tuple[str, str], int] = {}
+        self._sessions: dict[str, _Session] = {}
+        self._transports: set[_Transport] = set()
+        self._serial_counter = itertools.count(1)
+        self._last_ts = 0
+        self._instance = secrets.token_hex(4)
+        self._base_serial = self._serial_at(0, 0)
+        self._fail_rest: list[tuple[int, str | None]] = []
+        self._nack: list[tuple[int, int, str]] = []
+        self._connection_counter = itertools.count(1)
+
+        self._server: _Server | None = None
+        self._serve_task: asyncio.Task[None] | None = None
+        self._socket: socket.socket | None = None
+        self.port = 0
+
+    # ----------------------------------------------------------------------------------------------- life cycle
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Bind a free loopback port and serve until `close()`."""
+        if self._serve_task is not None:
+            raise RuntimeError("the emulator is already started")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self._socket = sock
+        self.port = sock.getsockname()[1]
+        app = Starlette(
+            routes=[
+                WebSocketRoute("/", self._websocket),
+                Route("/time", self._time, methods=["GET"]),
+                Route("/keys/{key_name}/requestToken", self._request_token, methods=["POST"]),
+                Route("/channels/{channel}/messages", self._channel_messages, methods=["GET", "POST"]),
+            ]
+        )
+        config = uvicorn.Config(
+            app,
+            lifespan="off",
+            log_level="warning",
+            ws="websockets-sansio",
+            ws_ping_interval=None,
+            ws_max_size=16 * 1024 * 1024,
+            timeout_graceful_shutdown=2,
+        )
+        self._server = _Server(config)
+        self._serve_task = asyncio.create_task(self._server.serve(sockets=[sock]), name="ably-emulator")
+        while not self._server.started:
+            if self._serve_task.done():
+                await self._serve_task
+                raise RuntimeError("the emulator's server stopped while starting")
+            await asyncio.sleep(0.005)
+
+    async def close(self) -> None:
+        """Close every connection and stop serving; every task the emulator started is finished on return."""
+        for transport in list(self._transports):
+            transport.close()
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._serve_task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._serve_task), 5)
+            except TimeoutError:
+                if self._server is not None:
+                    self._server.force_exit = True
+                self._serve_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._serve_task
+            self._serve_task = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+    # --------------------------------------------------------------------------------------------- client side
+
+    @property
+    def endpoint(self) -> str:
+        """The ably-python ``endpoint`` option that reaches this emulator for both REST and realtime."""
+        return f"127.0.0.1:{self.port}/"
+
+    def client_options(self, key: str | None = None, **overrides: Any) -> dict[str, Any]:
+        """Keyword arguments for `AblyRest`/`AblyRealtime`: token auth signed with `key` (default: the first key)."""
+        if key is None:
+            key = next(iter(self.keys.values())).key
+        options: dict[str, Any] = {
+            "key": key,
+            "endpoint": self.endpoint,
+            "tls": False,
+            "use_token_auth": True,
+            "use_binary_protocol": False,
+            "fallback_hosts": [],
+        }
+        options.update(overrides)
+        return options
+
+    def issue_token(
+        self,
+        key: str | None = None,
+        *,
+        capability: str | Mapping[str, Sequence[str]] | None = None,
+        client_id: str | None = None,
+        ttl_ms: int = _TOKEN_TTL_MS,
+    ) -> dict[str, Any]:
+        """Issue a token directly, as TokenDetails JSON; an ``auth_callback`` may return it as it is."""
+        key_name = (key or next(iter(self.keys.values())).key).partition(":")[0]
+        emulator_key = self.keys.get(key_name)
+        if emulator_key is None:
+            raise KeyError(f"no key named {key_name!r}")
+        requested = parse_capability(capability) if capability is not None else emulator_key.capability
+        return self._issue(emulator_key, requested, client_id, ttl_ms).token_details()
+
+    # ------------------------------------------------------------------------------------------------ fault hooks
+
+    def drop_connections(self) -> int:
+        """Close every WebSocket at once (close code 1011, no CLOSED); clients see a dropped transport."""
+        count = 0
+        for transport in list(self._transports):
+            if not transport.closed:
+                transport.closed = True
+                transport.outgoing.put_nowait({"__drop__": True})
+                count += 1
+        return count
+
+    def disconnect_connections(self, error: AblyError | None = None) -> int:
+        """Send DISCONNECTED (with an error, which ably-python needs to act on it) and close every WebSocket."""
+        error = error or AblyError("Connection disconnected by the emulator", 80003, 400)
+        count = 0
+        for transport in list(self._transports):
+            if not transport.closed:
+                transport.send({"action": DISCONNECTED, "error": error.to_dict()})
+                transport.close()
+                count += 1
+        return count
+
+    def fail_next_rest(self, status: int = 503, count: int = 1, *, path_prefix: str | None = None) -> None:
+        """Answer the next `count` REST requests (whose path starts with `path_prefix`, if given) with `status`."""
+        self._fail_rest.extend([(status, path_prefix)] * count)
+
+    def nack_next(self, count: int = 1, *, code: int = 50000, status: int = 500, message: str = "") -> None:
+        """NACK the next `count` realtime publishes instead of storing them."""
+        self._nack.extend([(code, status, message or "Message rejected by the emulator")] * count)
+
+    # ----------------------------------------------------------------------------------------------- inspection
+
+    def messages(self, channel: str) -> list[StoredMessage]:
+        """What is stored on a channel, oldest first."""
+        ch = self._channels.get(channel)
+        return list(ch.messages) if ch else []
+
+    @property
+    def connection_count(self) -> int:
+        """How many WebSockets are open."""
+        return sum(1 for t in self._transports if not t.closed)
+
+    # ------------------------------------------------------------------------------------------------ auth
+
+    def _issue(self, key: EmulatorKey, requested: Capability, client_id: str | None, ttl_ms: int | None) -> _Credential:
+        capability = intersect_capabilities(key.capability, requested)
+        if not capability:
+            raise AblyError("Invalid capability: the intersection with the key's capability is empty", 40160, 401)
+        ttl = _TOKEN_TTL_MS if not ttl_ms else int(ttl_ms)
+        if ttl <= 0 or ttl > _MAX_TOKEN_TTL_MS:
+            raise AblyError("Invalid ttl", 40003, 400)
+        issued = _now_ms()
+        token = f"{key.app_id}.{secrets.token_urlsafe(24)}"
+        credential = _Credential(key, capability, client_id, token, issued, issued + ttl)
+        self._tokens[token] = credential
+        return credential
+
+    def _token_request(self, key_name: str, body: Mapping[str, Any]) -> _Credential:
+        key = self.keys.get(key_name)
+        if key is None or body.get("keyName") not in (None, key_name):
+            raise AblyError(f"No key found with name {key_name!r}", 40400, 404)
+        ttl, capability = body.get("ttl"), body.get("capability")
+        client_id, timestamp, nonce, mac = (
+            body.get("clientId"),
+            body.get("timestamp"),
+            body.get("nonce"),
+            body.get("mac"),
+        )
+        if not isinstance(nonce, str) or len(nonce) < 16 or not isinstance(mac, str) or timestamp is None:
+            raise AblyError("Invalid token request: nonce, timestamp and mac are required", 40001, 400)
+        sign_text = "\n".join(
+            str(x) for x in (key_name, ttl or "", capability or "", client_id or "", timestamp or 0, nonce, "")
+        )
+        expected = base64.b64encode(hmac.new(key.secret.encode(), sign_text.encode(), hashlib.sha256).digest())
+        if not hmac.compare_digest(expected.decode("ascii"), mac):
+            raise AblyError("Invalid mac on token request", 40101, 401)
+        now = _now_ms()
+        if abs(now - int(timestamp)) > _TOKEN_REQUEST_WINDOW_MS:
+            raise AblyError("Timestamp not current", 40104, 401)
+        self._nonces = {k: t for k, t in self._nonces.items() if now - t < 2 * _TOKEN_REQUEST_WINDOW_MS}
+        if (key_name, nonce) in self._nonces:
+            raise AblyError("Nonce value replayed", 40105, 401)
+        self._nonces[(key_name, nonce)] = now
+        requested = parse_capability(capability) if capability else key.capability
+        return self._issue(key, requested, client_id, int(ttl) if ttl else None)
+
+    def _credential_for_key(self, key_text: str, client_id: str | None = None) -> _Credential:
+        name, _, secret = key_text.partition(":")
+        key = self.keys.get(name)
+        if key is None or not hmac.compare_digest(key.secret, secret):
+            raise AblyError("Invalid key in request", 40101, 401)
+        return _Credential(key, key.capability, client_id)
+
+    def _credential_for_token(self, token: str) -> _Credential:
+        credential = self._tokens.get(token)
+        if credential is None:
+            with contextlib.suppress(binascii.Error, UnicodeDecodeError, ValueError):
+                credential = self._tokens.get(base64.b64decode(token, validate=True).decode())
+        if credential is None:
+            raise AblyError("Invalid token; token not found", 40140, 401)
+        credential.check()
+        return credential
+
+    def _rest_credential(self, request: Request) -> _Credential:
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value:
+            return self._credential_for_token(value.strip())
+        if scheme.lower() == "basic" and value:
+            try:
+                key_text = base64.b64decode(value.strip(), validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError, ValueError):
+                raise AblyError("Invalid basic credentials", 40101, 401) from None
+            client_id = request.headers.get("x-ably-clientid")
+            if client_id:
+                client_id = base64.b64decode(client_id).decode()
+            return self._credential_for_key(key_text, client_id)
+        if "key" in request.query_params:
+            return self._credential_for_key(request.query_params["key"])
+        if "accessToken" in request.query_params:
+            return self._credential_for_token(request.query_params["accessToken"])
+        raise AblyError("Authentication failed: no credentials", 40101, 401)
+
+    # ------------------------------------------------------------------------------------------------ storage
+
+    def _serial_at(self, ts: int, n: int) -> str:
+        return f"{ts:014d}-{n:09d}@{self._instance}"
+
+    def _next_serial(self) -> tuple[str, int]:
+        ts = max(_now_ms(), self._last_ts)
+        self._last_ts = ts
+        return self._serial_at(ts, next(self._serial_counter)), ts
+
+    def _channel(self, name: str) -> _Channel:
+        ch = self._channels.get(name)
+        if ch is None:
+            ch = self._channels[name] = _Channel(name)
+        return ch
+
+    def _last_serial(self, ch: _Channel) -> str:
+        if ch.messages:
+            return ch.messages[-1].serial
+        return ch.evicted_upto or self._base_serial
+
+    def _trim(self, ch: _Channel, now: int) -> None:
+        horizon = now - self.retention_seconds * 1000 if self.retention_seconds is not None else None
+        while ch.messages and (
+            len(ch.messages) > self.retention_limit or (horizon is not None and ch.messages[0].timestamp < horizon)
+        ):
+            ch.evicted_upto = ch.messages.popleft().serial
+        window = self.idempotency_window * 1000
+        if ch.ids and next(iter(ch.ids.values()))[1] < now - window:
+            ch.ids = {mid: v for mid, v in ch.ids.items() if v[1] >= now - window}
+
+    def _publish(
+        self,
+        channel: str,
+        raw_messages: Sequence[Mapping[str, Any]],
+        *,
+        credential: _Credential,
+        id_prefix: str,
+        connection_id: str | None = None,
+        origin: _Session | None = None,
+    ) -> list[str | None]:
+        """Store messages (dropping ids already seen within the idempotency window), deliver them, return serials."""
+        if not _allows(credential.capability, channel, "publish"):
+            raise _denied("publish", channel)
+        size = sum(len(json.dumps(m.get("data"), default=str)) + len(str(m.get("name") or "")) for m in raw_messages)
+        if size > self.max_message_size:
+            raise AblyError(f"Maximum message length exceeded (size {size}, max {self.max_message_size})", 40009, 400)
+        default_client = credential.client_id if credential.client_id not in (None, "*") else None
+        for m in raw_messages:
+            client_id = m.get("clientId")
+            if client_id is not None and default_client is not None and client_id != default_client:
+                raise AblyError(f"Mismatched clientId {client_id!r} for this connection", 40012, 400)
+        ch = self._channel(channel)
+        self._trim(ch, _now_ms())
+        serials: list[str | None] = []
+        new: list[StoredMessage] = []
+        for index, m in enumerate(raw_messages):
+            message_id = m.get("id")
+            if isinstance(message_id, str) and message_id in ch.ids:
+                serials.append(ch.ids[message_id][0])
+                continue
+            serial, ts = self._next_serial()
+            stored = StoredMessage(
+                channel=channel,
+                serial=serial,
+                id=message_id if isinstance(message_id, str) and message_id else f"{id_prefix}:{index}",
+                timestamp=ts,
+                name=m.get("name"),
+                data=m.get("data"),
+                encoding=m.get("encoding") or None,
+                client_id=m.get("clientId") or default_client,
+                connection_id=connection_id,
+                extras=m.get("extras"),
+            )
+            ch.messages.append(stored)
+            if isinstance(message_id, str) and message_id:
+                ch.ids[message_id] = (serial, ts)
+            new.append(stored)
+            serials.append(serial)
+        self._trim(ch, _now_ms())
+        if new:
+            self._deliver(ch, new, origin, id_prefix, connection_id)
+        return serials
+
+    def _deliver(
+        self,
+        ch: _Channel,
+        new: list[StoredMessage],
+        origin: _Session | None,
+        id_prefix: str,
+        connection_id: str | None,
+    ) -> None:
+        for session in list(ch.sessions):
+            transport = session.transport
+            if transport is None or transport.closed:
+                continue
+            if session is origin and not session.echo:
+                continue
+            if not _allows(session.credential.capability, ch.name, "subscribe"):
+                continue
+            message: dict[str, Any] = {
+                "action": MESSAGE,
+                "channel": ch.name,
+                "id": id_prefix,
+                "channelSerial": new[-1].serial,
+                "timestamp": new[0].timestamp,
+                "messages": [m.wire(transport.binary) for m in new],
+            }
+            if connection_id is not None:
+                message["connectionId"] = connection_id
+            transport.send(message)
+
+    # ------------------------------------------------------------------------------------------------ REST
+
+    def _rest_failure(self, path: str) -> Response | None:
+        for index, (status, prefix) in enumerate(self._fail_rest):
+            if prefix is None or path.startswith(prefix):
+                del self._fail_rest[index]
+                code = status * 100
+                return self._error_response(AblyError(f"Injected failure ({status})", code, status), binary=False)
+        return None
+
+    @staticmethod
+    def _wants_binary(request: Request) -> bool:
+        return (
+            "application/x-msgpack" in request.headers.get("accept", "")
+            or request.query_params.get("format") == "msgpack"
+        )
+
+    @staticmethod
+    def _encode(body: Any, binary: bool, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+        if binary:
+            return Response(msgpack.packb(body, use_bin_type=True), status, headers, media_type="application/x-msgpack")
+        return Response(json.dumps(body, separators=(",", ":")), status, headers, media_type="application/json")
+
+    def _error_response(self, error: AblyError, binary: bool) -> Response:
+        headers = {"X-Ably-Errorcode": str(error.code), "X-Ably-Errormessage": error.message}
+        return self._encode({"error": error.to_dict()}, binary, error.status, headers)
+
+    @staticmethod
+    async def _read_body(request: Request) -> Any:
+        raw = await request.body()
+        if not raw:
+            return None
+        content_type = request.headers.get("content-type", "application/json")
+        try:
+            if content_type.startswith("application/x-msgpack"):
+                return msgpack.unpackb(raw, raw=False)
+            return json.loads(raw)
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+            raise AblyError(f"Unable to parse request body: {exc}", 40000, 400) from None
+
+    async def _time(self, request: Request) -> Response:
+        failure = self._rest_failure(request.url.path)
+        if failure is not None:
+            return failure
+        return self._encode([_now_ms()], self._wants_binary(request))
+
+    async def _request_token(self, request: Request) -> Response:
+        binary = self._wants_binary(request)
+        failure = self._rest_failure(request.url.path)
+        if failure is not None:
+            return failure
+        try:
+            body = await self._read_body(request)
+            if not isinstance(body, Mapping):
+                raise AblyError("Invalid token request body", 40000, 400)
+            credential = self._token_request(request.path_params["key_name"], body)
+        except AblyError as error:
+            return self._error_response(error, binary)
+        return self._encode(credential.token_details(), binary)
+
+    async def _channel_messages(self, request: Request) -> Response:
+        binary = self._wants_binary(request)
+        failure = self._rest_failure(request.url.path)
+        if failure is not None:
+            return failure
+        channel = request.path_params["channel"]
+        try:
+            credential = self._rest_credential(request)
+            if request.method == "POST":
+                return await self._rest_publish(request, channel, credential, binary)
+            return self._history(request, channel, credential, binary)
+        except AblyError as error:
+            return self._error_response(error, binary)
+
+    async def _rest_publish(self, request: Request, channel: str, credential: _Credential, binary: bool) -> Response:
+        body = await self._read_body(request)
+        raw_messages = [body] if isinstance(body, Mapping) else body
+        if not isinstance(raw_messages, list) or not all(isinstance(m, Mapping) for m in raw_messages):
+            raise AblyError("Invalid message body: expected a message or a list of messages", 40000, 400)
+        id_prefix = f"{secrets.token_urlsafe(9)}"
+        serials = self._publish(channel, raw_messages, credential=credential, id_prefix=id_prefix)
+        return self._encode({"channel": channel, "messageId": id_prefix, "serials": serials}, binary, 201)
+
+    def _history(self, request: Request, channel: str, credential: _Credential, binary: bool) -> Response:
+        if not _allows(credential.capability, channel, "history"):
+            raise _denied("history", channel)
+        q = request.query_params
+        direction = q.get("direction", "backwards")
+        if direction not in ("backwards", "forwards"):
+            raise AblyError(f"Invalid direction {direction!r}", 40003, 400)
+        try:
+            limit = int(q.get("limit", "100"))
+            start = int(q["start"]) if q.get("start") else None
+            end = int(q["end"]) if q.get("end") else None
+        except ValueError:
+            raise AblyError("Invalid limit, start or end parameter", 40003, 400) from None
+        if not 1 <= limit <= 1000:
+            raise AblyError("limit must be between 1 and 1000", 40003, 400)
+        if start is not None and end is not None and start > end:
+            raise AblyError("start must be before end", 40003, 400)
+        from_serial = q.get("fromSerial") or q.get("from_serial")
+        cursor = q.get("cursor")
+        ch = self._channels.get(channel)
+        items = list(ch.messages) if ch else []
+        if start is not None:
+            items = [m for m in items if m.timestamp >= start]
+        if end is not None:
+            items = [m for m in items if m.timestamp <= end]
+        backwards = direction == "backwards"
+        if backwards:
+            items.reverse()
+            if from_serial:
+                items = [m for m in items if m.serial <= from_serial]
+            if cursor:
+                items = [m for m in items if m.serial < cursor]
+        else:
+            if from_serial:
+                items = [m for m in items if m.serial >= from_serial]
+            if cursor:
+                items = [m for m in items if m.serial > cursor]
+        page, rest = items[:limit], items[limit:]
+        base = {k: v for k, v in q.items() if k != "cursor"}
+        base.setdefault("limit", str(limit))
+        base.setdefault("direction", direction)
+        links = [f'<./messages?{urlencode(base, quote_via=quote)}>; rel="first"']
+        links.append(f'<./messages?{urlencode(dict(q.items()), quote_via=quote)}>; rel="current"')
+        if rest and page:
+            links.append(f'<./messages?{urlencode({**base, "cursor": page[-1].serial}, quote_via=quote)}>; rel="next"')
+        return self._encode([m.wire(binary) for m in page], binary, 200, {"Link": ", ".join(links)})
+
+    # ------------------------------------------------------------------------------------------------ realtime
+
+    async def _websocket(self, websocket: WebSocket) -> None:
+        params = websocket.query_params
+        binary = params.get("format") == "msgpack"
+        await websocket.accept()
+        transport = _Transport(websocket, binary)
+        self._transports.add(transport)
+        try:
+            async with asyncio.TaskGroup() as group:
+                writer = group.create_task(self._write_loop(transport), name="ably-emulator-writer")
+                session = self._open_session(transport, params)
+                if session is not None:
+                    reader = group.create_task(self._read_loop(transport, session), name="ably-emulator-reader")
+                    writer.add_done_callback(lambda _: reader.cancel())
+        except* (WebSocketDisconnect, OSError, RuntimeError):
+            pass
+        finally:
+            transport.closed = True
+            self._transports.discard(transport)
+            for session in self._sessions.values():
+                if session.transport is transport:
+                    session.transport = None
+                    session.detached_at = time.monotonic()
+                    for name in session.attached:
+                        self._channel(name).sessions.discard(session)
+                    session.attached.clear()
+
+    def _open_session(self, transport: _Transport, params: Mapping[str, str]) -> _Session | None:
+        """Answer the connection request in the URL: CONNECTED, or ERROR and close."""
+        try:
+            if params.get("v") not in (None, "5", "4", "3", "2"):
+                raise AblyError(f"Unsupported protocol version {params.get('v')!r}", 40000, 400)
+            if "accessToken" in params:
+                credential = self._credential_for_token(params["accessToken"])
+            elif "key" in params:
+                credential = self._credential_for_key(params["key"], params.get("clientId"))
+            else:
+                raise AblyError("No authentication information provided", 40101, 401)
+            client_id = params.get("clientId")
+            if client_id and credential.client_id not in (None, "*", client_id):
+                raise AblyError(f"Mismatched clientId {client_id!r}", 40102, 401)
+        except AblyError as error:
+            transport.send({"action": ERROR, "error": error.to_dict()})
+            transport.close()
+            return None
+        self._expire_sessions()
+        resume_error: AblyError | None = None
+        session: _Session | None = None
+        resume = params.get("resume")
+        if resume:
+            session = self._sessions.get(resume.partition("!")[0])
+            if session is None or session.key != resume or session.credential.key.name != credential.key.name:
+                session = None
+                resume_error = AblyError("Unable to resume connection: unknown or expired connection key", 80008, 400)
+            elif session.transport is not None:
+                old = session.transport
+                session.transport = None
+                old.close()
+        if session is None:
+            session = _Session(f"emu{next(self._connection_counter)}-{secrets.token_hex(4)}", credential, True)
+            self._sessions[session.id] = session
+        session.credential = credential
+        session.echo = params.get("echo", "true") != "false"
+        session.transport = transport
+        session.detached_at = None
+        for name in session.attached:
+            self._channel(name).sessions.discard(session)
+        session.attached.clear()
+        transport.send(self._connected(session, resume_error))
+        return session
+
+    def _connected(self, session: _Session, error: AblyError | None = None) -> dict[str, Any]:
+        details: dict[str, Any] = {
+            "connectionKey": session.key,
+            "maxMessageSize": self.max_message_size,
+            "maxFrameSize": 524288,
+            "maxInboundRate": 50,
+            "connectionStateTtl": self.connection_state_ttl_ms,
+            "maxIdleInterval": self.max_idle_interval_ms,
+            "serverId": f"emulator-{self._instance}",
+        }
+        client_id = session.credential.client_id
+        if client_id is not None:
+            details["clientId"] = client_id
+        message: dict[str, Any] = {
+            "action": CONNECTED,
+            "connectionId": session.id,
+            "connectionKey": session.key,
+            "connectionDetails": details,
+        }
+        if error is not None:
+            message["error"] = error.to_dict()
+        return message
+
+    def _expire_sessions(self) -> None:
+        horizon = time.monotonic() - self.connection_state_ttl_ms / 1000
+        for sid, session in list(self._sessions.items()):
+            if session.transport is None and session.detached_at is not None and session.detached_at < horizon:
+                del self._sessions[sid]
+
+    async def _write_loop(self, transport: _Transport) -> None:
+        websocket = transport.websocket
+        idle = max(self.max_idle_interval_ms / 1000 / 2, 0.05)
+        while True:
+            try:
+                message = await asyncio.wait_for(transport.outgoing.get(), idle)
+            except TimeoutError:
+                message = {"action": HEARTBEAT}
+            if message is None or message.get("__drop__"):
+                open_ = WebSocketState.CONNECTED
+                if websocket.application_state == open_ and websocket.client_state == open_:
+                    if message is None:
+                        await websocket.close(1000)
+                    else:
+                        await websocket.close(1011, "dropped by the emulator")
+                return
+            if transport.binary:
+                await websocket.send_bytes(msgpack.packb(message, use_bin_type=True))
+            else:
+                await websocket.send_text(json.dumps(message, separators=(",", ":")))
+
+    async def _read_loop(self, transport: _Transport, session: _Session) -> None:
+        websocket = transport.websocket
+        while not transport.closed:
+            frame = await websocket.receive()
+            if frame["type"] == "websocket.disconnect":
+                transport.closed = True
+                transport.outgoing.put_nowait(None)
+                return
+            raw = frame.get("bytes") if frame.get("bytes") is not None else frame.get("text")
+            try:
+                message = msgpack.unpackb(raw, raw=False) if isinstance(raw, bytes) else json.loads(raw or "")
+            except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+                transport.send({"action": ERROR, "error": AblyError("Malformed frame", 40000, 400).to_dict()})
+                continue
+            if isinstance(message, dict) and session.transport is transport:
+                self._on_protocol_message(transport, session, message)
+
+    def _on_protocol_message(self, transport: _Transport, session: _Session, message: dict[str, Any]) -> None:
+        action = message.get("action")
+        channel = message.get("channel")
+        if action == HEARTBEAT:
+            reply: dict[str, Any] = {"action": HEARTBEAT}
+            if message.get("id") is not None:
+                reply["id"] = message["id"]
+            transport.send(reply)
+        elif action == CLOSE:
+            transport.send({"action": CLOSED})
+            transport.close()
+            session.transport = None
+            for name in session.attached:
+                self._channel(name).sessions.discard(session)
+            self._sessions.pop(session.id, None)
+        elif action == ATTACH and isinstance(channel, str):
+            self._attach(transport, session, channel, message)
+        elif action == DETACH and isinstance(channel, str):
+            session.attached.discard(channel)
+            self._channel(channel).sessions.discard(session)
+            transport.send({"action": DETACHED, "channel": channel})
+        elif action == MESSAGE and isinstance(channel, str):
+            self._realtime_publish(transport, session, channel, message)
+        elif action == AUTH:
+            auth = message.get("auth") or {}
+            try:
+                session.credential = self._credential_for_token(str(auth.get("accessToken", "")))
+            except AblyError as error:
+                transport.send({"action": ERROR, "error": error.to_dict()})
+                transport.close()
+                return
+            transport.send(self._connected(session))
+        elif action in (PRESENCE, 21, 19):
+            serial = message.get("msgSerial")
+            unsupported = AblyError("The emulator does not support this action", 40000, 400)
+            if serial is not None:
+                transport.send({"action": NACK, "msgSerial": serial, "count": 1, "error": unsupported.to_dict()})
+
+    def _attach(self, transport: _Transport, session: _Session, channel: str, message: dict[str, Any]) -> None:
+        capability = session.credential.capability
+        if not _any_op(capability, channel):
+            transport.send({"action": ERROR, "channel": channel, "error": _denied("attach", channel).to_dict()})
+            return
+        ch = self._channel(channel)
+        self._trim(ch, _now_ms())
+        params = message.get("params") or {}
+        flags = 0
+        if _allows(capability, channel, "publish"):
+            flags |= FLAG_PUBLISH
+        if _allows(capability, channel, "subscribe"):
+            flags |= FLAG_SUBSCRIBE
+        backlog: list[StoredMessage] = []
+        since = message.get("channelSerial")
+        if isinstance(since, str) and since:
+            if since >= ch.evicted_upto:
+                flags |= FLAG_RESUMED
+                backlog = [m for m in ch.messages if m.serial > since]
+        elif params.get("rewind"):
+            backlog = self._rewind(ch, str(params["rewind"]))
+        if backlog:
+            flags |= FLAG_HAS_BACKLOG
+        attached: dict[str, Any] = {
+            "action": ATTACHED,
+            "channel": channel,
+            "channelSerial": self._last_serial(ch) if not backlog else self._before(ch, backlog[0]),
+            "flags": flags,
+        }
+        if params:
+            attached["params"] = params
+        transport.send(attached)
+        if flags & FLAG_SUBSCRIBE:
+            for stored in backlog:
+                transport.send(
+                    {
+                        "action": MESSAGE,
+                        "channel": channel,
+                        "id": stored.id.rpartition(":")[0] or stored.id,
+                        "channelSerial": stored.serial,
+                        "timestamp": stored.timestamp,
+                        "messages": [stored.wire(transport.binary)],
+                    }
+                )
+        session.attached.add(channel)
+        ch.sessions.add(session)
+
+    def _before(self, ch: _Channel, first: StoredMessage) -> str:
+        previous = ch.evicted_upto or self._base_serial
+        for m in ch.messages:
+            if m.serial >= first.serial:
+                break
+            previous = m.serial
+        return previous
+
+    @staticmethod
+    def _rewind(ch: _Channel, rewind: str) -> list[StoredMessage]:
+        match = re.fullmatch(r"(\d+)\s*([smh]?)", rewind.strip())
+        if match is None:
+            return []
+        amount, unit = int(match.group(1)), match.group(2)
+        if not unit:
+            return list(ch.messages)[-amount:] if amount else []
+        seconds = amount * {"s": 1, "m": 60, "h": 3600}[unit]
+        horizon = _now_ms() - seconds * 1000
+        return [m for m in ch.messages if m.timestamp >= horizon][-100:]
+
+    def _realtime_publish(
+        self, transport: _Transport, session: _Session, channel: str, message: dict[str, Any]
+    ) -> None:
+        serial = message.get("msgSerial")
+        raw_messages = message.get("messages") or []
+        if not isinstance(serial, int):
+            transport.send({"action": ERROR, "error": AblyError("MESSAGE without msgSerial", 40000, 400).to_dict()})
+            return
+        if serial in session.acked:
+            transport.send(
+                {"action": ACK, "msgSerial": serial, "count": 1, "res": [{"serials": session.acked[serial]}]}
+            )
+            return
+        if self._nack:
+            code, status, text = self._nack.pop(0)
+            error = AblyError(text, code, status)
+            transport.send({"action": NACK, "msgSerial": serial, "count": 1, "error": error.to_dict()})
+            return
+        try:
+            serials = self._publish(
+                channel,
+                [m for m in raw_messages if isinstance(m, Mapping)],
+                credential=session.credential,
+                id_prefix=f"{session.id}:{serial}",
+                connection_id=session.id,
+                origin=session,
+            )
+        except AblyError as error:
+            transport.send({"action": NACK, "msgSerial": serial, "count": 1, "error": error.to_dict()})
+            return
+        session.acked[serial] = serials
+        if len(session.acked) > 1000:
+            for old in sorted(session.acked)[:-1000]:
+                del session.acked[old]
+        transport.send({"action": ACK, "msgSerial": serial, "count": 1, "res": [{"serials": serials}]})
