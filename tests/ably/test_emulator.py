@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from ably import AblyRealtime, AblyRest
 from ably.types.connectionstate import ConnectionState
-from ably.types.message import Message
+from ably.types.message import Message, MessageAction
+from ably.types.presence import PresenceAction, PresenceMessage
 from ably.util.exceptions import AblyException
 
 from durable_ai_ably.testing import AblyEmulator
@@ -22,7 +23,7 @@ READ_ONLY = "app1.reader:r3ad"
 @pytest.fixture
 async def emulator() -> AsyncIterator[AblyEmulator]:
     keys = {
-        KEY: {"ai:*": ["subscribe", "history", "publish"], "other": ["*"]},
+        KEY: {"ai:*": ["subscribe", "history", "publish", "presence"], "other": ["*"]},
         READ_ONLY: {"ai:*": ["subscribe", "history"]},
     }
     async with AblyEmulator(keys) as emu:
@@ -52,17 +53,17 @@ async def rest(emulator: AblyEmulator) -> AsyncIterator[AblyRest]:
 
 
 class Inbox:
-    """Collects a channel's messages and lets a test wait for a count of them."""
+    """Collects a channel's messages (or presence messages) and lets a test wait for a count of them."""
 
     def __init__(self) -> None:
-        self.messages: list[Message] = []
+        self.messages: list[Any] = []
         self._changed = asyncio.Event()
 
-    def add(self, message: Message) -> None:
+    def add(self, message: Any) -> None:
         self.messages.append(message)
         self._changed.set()
 
-    async def wait_for(self, count: int) -> list[Message]:
+    async def wait_for(self, count: int) -> list[Any]:
         async def wait() -> None:
             while len(self.messages) < count:
                 self._changed.clear()
@@ -284,3 +285,286 @@ async def test_msgpack_protocol_round_trip(
         assert [m.data for m in history.items] == [b"\x00\x01binary"]
     finally:
         await rest.close()
+
+
+# ---------------------------------------------------------------------------------------------------------- presence
+
+
+def _as(client_id: str) -> dict[str, Any]:
+    """Options for a realtime client identified as `client_id`.
+
+    ably-python 3.1.4's realtime client leaves its ``client_id`` option out of the token requests it signs (its
+    ``Auth`` starts with no clientId when realtime), so the token comes back without one and the library fails with
+    40102 "Client ID is immutable"; asking for it in the token parameters works.
+    """
+    return {"client_id": client_id, "default_token_params": {"client_id": client_id}}
+
+
+def _presence(messages: list[PresenceMessage]) -> list[tuple[int, str, Any]]:
+    return [(p.action, p.client_id, p.data) for p in messages]
+
+
+async def _wildcard_realtime(emulator: AblyEmulator, capability: dict[str, list[str]]) -> AblyRealtime:
+    """A realtime client whose token has the wildcard clientId, so it can enter presence for anyone."""
+    options = emulator.client_options(client_id="*", default_token_params={"client_id": "*", "capability": capability})
+    client = AblyRealtime(**options)
+    await asyncio.wait_for(client.connection.once_async(ConnectionState.CONNECTED), TIMEOUT)
+    return client
+
+
+async def test_presence_enter_update_leave_sync_and_close(
+    realtime_factory: Callable[..., Awaitable[AblyRealtime]], emulator: AblyEmulator
+) -> None:
+    watcher = await realtime_factory()
+    inbox = Inbox()
+    await watcher.channels.get("ai:room").presence.subscribe(inbox.add)
+    alice = await realtime_factory(**_as("alice"))
+    bob = await realtime_factory(**_as("bob"))
+    alice_presence = alice.channels.get("ai:room").presence
+    await alice_presence.enter({"status": "here"})
+    await bob.channels.get("ai:room").presence.enter("hi")
+    await alice_presence.update("busy")
+    events = await inbox.wait_for(3)
+    assert _presence(events) == [
+        (PresenceAction.ENTER, "alice", {"status": "here"}),
+        (PresenceAction.ENTER, "bob", "hi"),
+        (PresenceAction.UPDATE, "alice", "busy"),
+    ]
+    alice_id = alice.connection.connection_manager.connection_id
+    assert events[0].connection_id == alice_id
+    assert events[0].id.startswith(f"{alice_id}:")
+
+    # A client attaching later gets the members in a SYNC after ATTACHED (HAS_PRESENCE).
+    late = await realtime_factory()
+    members = await asyncio.wait_for(late.channels.get("ai:room").presence.get(), TIMEOUT)
+    assert sorted((m.client_id, m.data, m.action) for m in members) == [
+        ("alice", "busy", PresenceAction.PRESENT),
+        ("bob", "hi", PresenceAction.PRESENT),
+    ]
+
+    await alice_presence.leave()
+    await bob.close()  # a clean close: its members leave at once
+    events = await inbox.wait_for(5)
+    assert [(p.action, p.client_id) for p in events[3:]] == [
+        (PresenceAction.LEAVE, "alice"),
+        (PresenceAction.LEAVE, "bob"),
+    ]
+    assert await late.channels.get("ai:room").presence.get() == []
+    assert emulator.presence_members("ai:room") == []
+
+
+async def test_presence_requires_presence_capability(
+    realtime_factory: Callable[..., Awaitable[AblyRealtime]], emulator: AblyEmulator
+) -> None:
+    reader = await realtime_factory(key=READ_ONLY, **_as("carol"))
+    channel = reader.channels.get("ai:locked")
+    await channel.attach()
+    with pytest.raises(AblyException) as refused:
+        await asyncio.wait_for(channel.presence.enter("no"), TIMEOUT)
+    assert refused.value.code == 40160
+    assert emulator.presence_members("ai:locked") == []
+
+
+async def test_presence_sync_pages_and_rest_presence_pagination(emulator: AblyEmulator, rest: AblyRest) -> None:
+    host = await _wildcard_realtime(emulator, {"ai:*": ["presence", "subscribe"]})
+    late: AblyRealtime | None = None
+    try:
+        presence = host.channels.get("ai:crowd").presence
+        await asyncio.gather(*(presence.enter_client(f"user{i:03d}", str(i)) for i in range(150)))
+        assert len(emulator.presence_members("ai:crowd")) == 150
+
+        late = AblyRealtime(**emulator.client_options())
+        members = await asyncio.wait_for(late.channels.get("ai:crowd").presence.get(), TIMEOUT)
+        assert sorted((m.client_id, m.data) for m in members) == [(f"user{i:03d}", str(i)) for i in range(150)]
+
+        first = await rest.channels.get("ai:crowd").presence.get(limit=100)
+        assert len(first.items) == 100
+        assert first.has_next()
+        second = await first.next()
+        assert not second.has_next()
+        assert sorted(m.client_id for m in [*first.items, *second.items]) == [f"user{i:03d}" for i in range(150)]
+        assert {m.action for m in first.items} == {PresenceAction.PRESENT}
+    finally:
+        if late is not None:
+            await late.close()
+        await host.close()
+
+
+async def test_dropped_connection_leaves_then_reenters_on_resume(
+    realtime_factory: Callable[..., Awaitable[AblyRealtime]], emulator: AblyEmulator
+) -> None:
+    watcher = await realtime_factory()
+    inbox = Inbox()
+    await watcher.channels.get("ai:flaky").presence.subscribe(inbox.add)
+    alice = await realtime_factory(**_as("alice"))
+    await alice.channels.get("ai:flaky").presence.enter("v1")
+    await inbox.wait_for(1)
+
+    connection_id = alice.connection.connection_manager.connection_id
+    assert emulator.drop_connections(connection_id) == 1  # presence_leave_delay=0: the member leaves at once
+    events = await inbox.wait_for(3)  # ... and the resumed client enters again (RTP17i)
+    assert _presence(events) == [
+        (PresenceAction.ENTER, "alice", "v1"),
+        (PresenceAction.LEAVE, "alice", "v1"),
+        (PresenceAction.ENTER, "alice", "v1"),
+    ]
+    assert alice.connection.connection_manager.connection_id == connection_id
+    assert emulator.presence_members("ai:flaky") == [("alice", connection_id, "v1")]
+
+
+async def test_presence_leave_delay_keeps_members_of_a_resumed_connection() -> None:
+    async with AblyEmulator({KEY: None}, presence_leave_delay=30.0) as emulator:
+        watcher = AblyRealtime(**emulator.client_options())
+        alice = AblyRealtime(**emulator.client_options(**_as("alice")))
+        try:
+            inbox = Inbox()
+            await watcher.channels.get("ai:steady").presence.subscribe(inbox.add)
+            await alice.channels.get("ai:steady").presence.enter("v1")
+            await inbox.wait_for(1)
+            connection_id = alice.connection.connection_manager.connection_id
+            reconnected = asyncio.get_running_loop().create_future()
+            alice.connection.once(
+                ConnectionState.CONNECTED, lambda _: reconnected.done() or reconnected.set_result(None)
+            )
+            assert emulator.drop_connections(connection_id) == 1
+            await asyncio.wait_for(reconnected, TIMEOUT)
+            await alice.channels.get("ai:steady").presence.update("v2")
+            events = await inbox.wait_for(2)
+            assert _presence(events) == [
+                (PresenceAction.ENTER, "alice", "v1"),
+                (PresenceAction.UPDATE, "alice", "v2"),
+            ]
+            await alice.close()  # a clean close does not wait for the delay
+            events = await inbox.wait_for(3)
+            assert (events[2].action, events[2].client_id) == (PresenceAction.LEAVE, "alice")
+        finally:
+            await alice.close()
+            await watcher.close()
+
+
+# --------------------------------------------------------------------------------------------- mutable messages
+
+AGENT_KEY = "app1.agent:ag3nt"
+PLAIN_KEY = "app1.plain:pl4in"
+
+
+@pytest.fixture
+async def mutable_emulator() -> AsyncIterator[AblyEmulator]:
+    keys = {
+        AGENT_KEY: {"ai:*": ["publish", "subscribe", "history", "message-update-own"], "chat:*": ["*"]},
+        PLAIN_KEY: {"ai:*": ["publish", "subscribe", "history"]},
+    }
+    async with AblyEmulator(keys, mutable_namespaces={"ai"}) as emu:
+        yield emu
+
+
+async def test_append_streams_fragments_and_history_aggregates(mutable_emulator: AblyEmulator) -> None:
+    emulator = mutable_emulator
+    writer = AblyRealtime(**emulator.client_options(AGENT_KEY, **_as("agent")))
+    reader = AblyRealtime(**emulator.client_options(AGENT_KEY))
+    rest = AblyRest(**emulator.client_options(AGENT_KEY, client_id="agent"))
+    try:
+        inbox = Inbox()
+        await reader.channels.get("ai:chat").subscribe(inbox.add)
+        channel = writer.channels.get("ai:chat")
+        await channel.attach()
+        created = await channel.publish("response", "")
+        serial = created.serials[0]
+        first = await channel.append_message(Message(data="Hel", serial=serial))
+        second = await channel.append_message(Message(data="lo", serial=serial))
+        assert serial < first.version_serial < second.version_serial
+
+        received = await inbox.wait_for(3)
+        assert [(m.action, m.serial, m.data) for m in received] == [
+            (MessageAction.MESSAGE_CREATE, serial, ""),
+            (MessageAction.MESSAGE_APPEND, serial, "Hel"),
+            (MessageAction.MESSAGE_APPEND, serial, "lo"),
+        ]
+        assert [m.version.serial for m in received] == [serial, first.version_serial, second.version_serial]
+        assert received[1].name == "response"
+        assert received[1].id == received[0].id
+
+        [whole] = (await rest.channels.get("ai:chat").history()).items
+        assert (whole.serial, whole.data, whole.action) == (serial, "Hello", MessageAction.MESSAGE_UPDATE)
+        assert whole.version.serial == second.version_serial
+        assert (await rest.channels.get("ai:chat").get_message(serial)).data == "Hello"
+
+        updated = await rest.channels.get("ai:chat").update_message(Message(data="Bye", serial=serial))
+        assert updated.version_serial > second.version_serial
+        received = await inbox.wait_for(4)
+        assert (received[3].action, received[3].serial, received[3].data) == (
+            MessageAction.MESSAGE_UPDATE,
+            serial,
+            "Bye",
+        )
+        assert [m.data for m in (await rest.channels.get("ai:chat").history()).items] == ["Bye"]
+        assert [(m.data, m.position) for m in emulator.messages("ai:chat")] == [("Bye", updated.version_serial)]
+    finally:
+        await rest.close()
+        await reader.close()
+        await writer.close()
+
+
+async def test_resumed_subscriber_receives_appends_it_missed(mutable_emulator: AblyEmulator) -> None:
+    emulator = mutable_emulator
+    writer = AblyRest(**emulator.client_options(AGENT_KEY, client_id="agent"))
+    reader = AblyRealtime(**emulator.client_options(AGENT_KEY))
+    try:
+        inbox = Inbox()
+        await reader.channels.get("ai:resume").subscribe(inbox.add)
+        channel = writer.channels.get("ai:resume")
+        serial = (await channel.publish("response", "a")).serials[0]
+        await inbox.wait_for(1)
+        connection_id = reader.connection.connection_manager.connection_id
+        assert emulator.drop_connections(connection_id) == 1
+        await channel.append_message(Message(data="b", serial=serial))
+        await channel.append_message(Message(data="c", serial=serial))
+        received = await inbox.wait_for(3)
+        assert [(m.action, m.data) for m in received] == [
+            (MessageAction.MESSAGE_CREATE, "a"),
+            (MessageAction.MESSAGE_APPEND, "b"),
+            (MessageAction.MESSAGE_APPEND, "c"),
+        ]
+        assert reader.connection.connection_manager.connection_id == connection_id
+        assert [m.data for m in emulator.messages("ai:resume")] == ["abc"]
+    finally:
+        await reader.close()
+        await writer.close()
+
+
+async def test_updates_need_the_channel_rule_and_capability(mutable_emulator: AblyEmulator) -> None:
+    emulator = mutable_emulator
+    agent = AblyRealtime(**emulator.client_options(AGENT_KEY, **_as("agent")))
+    plain = AblyRest(**emulator.client_options(PLAIN_KEY, client_id="agent"))
+    agent_rest = AblyRest(**emulator.client_options(AGENT_KEY, client_id="agent"))
+    try:
+        # No "Message annotations, updates, deletes and appends" rule on the "chat" namespace: 93002.
+        chat = agent.channels.get("chat:room")
+        await chat.attach()
+        serial = (await chat.publish("response", "x")).serials[0]
+        with pytest.raises(AblyException) as no_rule:
+            await chat.append_message(Message(data="y", serial=serial))
+        assert (no_rule.value.code, no_rule.value.status_code) == (93002, 400)
+        rest_serial = (await agent_rest.channels.get("chat:rest").publish("response", "x")).serials[0]
+        with pytest.raises(AblyException) as no_rule_rest:
+            await agent_rest.channels.get("chat:rest").append_message(Message(data="y", serial=rest_serial))
+        assert (no_rule_rest.value.code, no_rule_rest.value.status_code) == (93002, 400)
+
+        # A mutable namespace, but a key without message-update-own/any: 40160.
+        ai_serial = (await plain.channels.get("ai:strict").publish("response", "x")).serials[0]
+        with pytest.raises(AblyException) as denied:
+            await plain.channels.get("ai:strict").update_message(Message(data="y", serial=ai_serial))
+        assert (denied.value.code, denied.value.status_code) == (40160, 401)
+
+        # An unknown serial: 404.
+        ai = agent.channels.get("ai:strict")
+        await ai.attach()
+        with pytest.raises(AblyException) as missing:
+            await ai.append_message(Message(data="y", serial="01234567890123-000000001@nowhere"))
+        assert missing.value.status_code == 404
+        assert [m.data for m in emulator.messages("ai:strict")] == ["x"]
+        assert [m.data for m in emulator.messages("chat:room")] == ["x"]
+    finally:
+        await agent_rest.close()
+        await plain.close()
+        await agent.close()

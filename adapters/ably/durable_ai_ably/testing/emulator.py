@@ -12,9 +12,25 @@ connection details and resume of a known connection key, HEARTBEAT, ATTACH/ATTAC
 channel-serial resume, DETACH, MESSAGE publish with ACK (``res`` serials) or NACK, delivery to every attached
 connection, AUTH, CLOSE/CLOSED, server DISCONNECTED, idempotent publishing by message id, REST publish, history with
 ``Link`` pagination, time and token requests, capability checks everywhere. Fault hooks: `drop_connections`,
-`disconnect_connections`, `fail_next_rest`, `nack_next`. Not emulated: presence, annotations, message
-updates/deletes, deltas, channel globs other than ``*`` and a trailing ``*``, connection recovery (``recover``),
-stats, push, batch endpoints.
+`disconnect_connections`, `fail_next_rest`, `nack_next`.
+
+Presence: PRESENCE (enter/update/leave, ACKed, broadcast to every attached connection with ``subscribe``; entering
+needs the ``presence`` capability and a clientId), the presence set in SYNC messages after an ATTACHED with the
+HAS_PRESENCE flag (``channelSerial`` ``<syncId>:<cursor>``, the last with an empty cursor), ``GET
+/channels/{name}/presence`` with ``Link`` pagination, and synthesized leaves when a connection closes, detaches or
+drops (after ``presence_leave_delay`` seconds, default 0; Ably waits about 15 s for a resume).
+
+Mutable messages, on channels whose namespace is in ``mutable_namespaces``: a MESSAGE (or ``PATCH
+/channels/{name}/messages/{serial}``) whose message has ``action`` 1 (update), 2 (delete) or 5 (append) and the
+``serial`` of a stored message changes it and gets the new version serial back (ACK ``res`` serials, or
+``{"versionSerial"}``). Subscribers get the operation as a message with the original ``serial`` and a new
+``version.serial``; an append carries only the appended fragment, while history and ``GET
+/channels/{name}/messages/{serial}`` give the aggregate (action 1, update). Resumed attachments replay the operations
+they missed. Elsewhere operations fail with 93002 (400), as on Ably without the "Message annotations, updates,
+deletes and appends" channel rule; they need ``message-update-own``/``-any`` (``message-delete-...`` for deletes).
+
+Not emulated: presence history, annotations, message version history (``.../versions``), deltas, channel globs other
+than ``*`` and a trailing ``*``, connection recovery (``recover``), stats, push, batch endpoints.
 """
 
 from __future__ import annotations
@@ -23,6 +39,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import itertools
@@ -52,13 +69,22 @@ Capability = dict[str, list[str]]
 # Protocol message actions (ably/transport/websockettransport.py ProtocolMessageAction).
 HEARTBEAT, ACK, NACK, CONNECT, CONNECTED, DISCONNECT, DISCONNECTED = 0, 1, 2, 3, 4, 5, 6
 CLOSE, CLOSED, ERROR, ATTACH, ATTACHED, DETACH, DETACHED, PRESENCE, MESSAGE = 7, 8, 9, 10, 11, 12, 13, 14, 15
-AUTH = 17
+SYNC, AUTH = 16, 17
+
+# Message actions (ably/types/message.py MessageAction) and presence actions (ably/types/presence.py PresenceAction).
+MESSAGE_CREATE, MESSAGE_UPDATE, MESSAGE_DELETE, MESSAGE_APPEND = 0, 1, 2, 5
+PRESENCE_ABSENT, PRESENCE_PRESENT, PRESENCE_ENTER, PRESENCE_LEAVE, PRESENCE_UPDATE = 0, 1, 2, 3, 4
 
 # Channel flags (ably/types/flags.py).
+FLAG_HAS_PRESENCE = 1 << 0
 FLAG_HAS_BACKLOG = 1 << 1
 FLAG_RESUMED = 1 << 2
+FLAG_PRESENCE = 1 << 16
 FLAG_PUBLISH = 1 << 17
 FLAG_SUBSCRIBE = 1 << 18
+FLAG_PRESENCE_SUBSCRIBE = 1 << 19
+
+_SYNC_PAGE = 100
 
 _ALL_OPS = "*"
 _TOKEN_TTL_MS = 60 * 60 * 1000
@@ -77,6 +103,32 @@ class AblyError(Exception):
 
     def to_dict(self) -> dict[str, Any]:
         return {"message": self.message, "code": self.code, "statusCode": self.status, "href": _href(self.code)}
+
+
+def _append_data(
+    current: Any, encoding: str | None, fragment: Any, fragment_encoding: str | None
+) -> tuple[Any, str | None]:
+    """The data of a message after an append: strings and binary concatenate; anything else is refused."""
+
+    def plain(data: Any, enc: str | None) -> tuple[Any, str | None]:
+        if enc in (None, "", "utf-8"):
+            return data, None
+        if enc == "base64" and isinstance(data, str):
+            try:
+                return base64.b64decode(data), None
+            except (binascii.Error, ValueError):
+                raise AblyError("Invalid base64 data", 40013, 400) from None
+        raise AblyError(f"Unable to append to data with encoding {enc!r}", 40013, 400)
+
+    base, base_enc = plain(current, encoding)
+    extra, _ = plain(fragment, fragment_encoding)
+    if base is None:
+        base = b"" if isinstance(extra, bytes | bytearray) else ""
+    if isinstance(base, str) and isinstance(extra, str):
+        return base + extra, base_enc
+    if isinstance(base, bytes | bytearray) and isinstance(extra, bytes | bytearray):
+        return bytes(base) + bytes(extra), base_enc
+    raise AblyError("Appended data must have the same type (string or binary) as the message's data", 40013, 400)
 
 
 def _href(code: int) -> str:
@@ -202,9 +254,23 @@ class _Credential:
         return details
 
 
+def _wire_data(data: Any, encoding: str | None, binary: bool) -> tuple[Any, str | None]:
+    """Data and encoding as sent to a JSON (``binary=False``) or msgpack client: bytes travel base64 in JSON."""
+    if isinstance(data, bytes | bytearray) and not binary:
+        return base64.b64encode(data).decode("ascii"), f"{encoding}/base64" if encoding else "base64"
+    if binary and isinstance(data, str) and encoding and encoding.split("/")[-1] == "base64":
+        with contextlib.suppress(binascii.Error, ValueError):
+            return base64.b64decode(data), "/".join(encoding.split("/")[:-1]) or None
+    return data, encoding
+
+
 @dataclass
 class StoredMessage:
-    """A message as the emulator stored it on a channel."""
+    """A message as the emulator stored it on a channel (for an updated message: its latest version).
+
+    The same type carries the channel's events (a create, update, delete or append as subscribers receive it); an
+    event's `position` is its place in the channel (its version serial), while `serial` names the message it changes.
+    """
 
     channel: str
     serial: str
@@ -216,23 +282,32 @@ class StoredMessage:
     client_id: str | None = None
     connection_id: str | None = None
     extras: Any = None
+    action: int = MESSAGE_CREATE
+    #: serial and time of the latest version; None means the message as created (``serial``, ``timestamp``)
+    version_serial: str | None = None
+    version_timestamp: int | None = None
+    #: clientId, description and metadata of the operation that made the latest version
+    version_details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def position(self) -> str:
+        """Where this message or event sits in the channel: the serial of its version."""
+        return self.version_serial or self.serial
 
     def wire(self, binary: bool) -> dict[str, Any]:
         """The message as Ably sends it, for a JSON (``binary=False``) or msgpack client."""
-        data, encoding = self.data, self.encoding
-        if isinstance(data, bytes | bytearray) and not binary:
-            data = base64.b64encode(data).decode("ascii")
-            encoding = f"{encoding}/base64" if encoding else "base64"
-        elif binary and isinstance(data, str) and encoding and encoding.split("/")[-1] == "base64":
-            with contextlib.suppress(binascii.Error, ValueError):
-                data = base64.b64decode(data)
-                encoding = "/".join(encoding.split("/")[:-1]) or None
+        data, encoding = _wire_data(self.data, self.encoding, binary)
+        version: dict[str, Any] = {
+            "serial": self.position,
+            "timestamp": self.version_timestamp if self.version_timestamp is not None else self.timestamp,
+        }
+        version.update(self.version_details)
         out: dict[str, Any] = {
             "id": self.id,
             "serial": self.serial,
             "timestamp": self.timestamp,
-            "action": 0,  # MESSAGE_CREATE
-            "version": {"serial": self.serial, "timestamp": self.timestamp},
+            "action": self.action,
+            "version": version,
         }
         for key, value in (
             ("name", self.name),
@@ -256,6 +331,41 @@ class _Channel:
     #: message id -> (serial, time stored in ms), for idempotent publishing
     ids: dict[str, tuple[str, int]] = field(default_factory=dict)
     sessions: set[_Session] = field(default_factory=set)
+    #: every create/update/delete/append as delivered, in channel order (by `position`), for resuming attachments
+    log: deque[StoredMessage] = field(default_factory=deque)
+    #: current presence members by member key (``connectionId:clientId``)
+    members: dict[str, _Member] = field(default_factory=dict)
+
+
+@dataclass
+class _Member:
+    """A presence member of a channel: who entered, from which connection, with what data."""
+
+    client_id: str
+    connection_id: str
+    id: str
+    timestamp: int
+    data: Any = None
+    encoding: str | None = None
+    extras: Any = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.connection_id}:{self.client_id}"
+
+    def wire(self, action: int, binary: bool) -> dict[str, Any]:
+        data, encoding = _wire_data(self.data, self.encoding, binary)
+        out: dict[str, Any] = {
+            "id": self.id,
+            "action": action,
+            "clientId": self.client_id,
+            "connectionId": self.connection_id,
+            "timestamp": self.timestamp,
+        }
+        for key, value in (("data", data), ("encoding", encoding), ("extras", self.extras)):
+            if value is not None:
+                out[key] = value
+        return out
 
 
 class _Transport:
@@ -324,10 +434,18 @@ class AblyEmulator:
         max_message_size: int = 65536,
         connection_state_ttl_ms: int = 120_000,
         max_idle_interval_ms: int = 15_000,
+        presence_leave_delay: float = 0.0,
+        mutable_namespaces: Iterable[str] = (),
     ) -> None:
         """`keys` maps ``appId.keyId:secret`` to its capability (JSON text, a mapping, or None for everything).
 
         Without keys there is one, ``emu.root:secret``, with every capability.
+
+        `presence_leave_delay` is how many seconds after a connection drops its presence members leave (Ably waits
+        about 15 s for the client to resume; a resume within the delay keeps them). A clean CLOSE, or a DETACH of the
+        channel, makes them leave at once. `mutable_namespaces` are the channel namespaces (the part of a channel name
+        before its first ``:``, or the whole name if it has none) with the "Message annotations, updates, deletes and
+        appends" rule: only there can messages be updated, deleted or appended to.
         """
         if keys is None:
             keys = {"emu.root:secret": None}
@@ -341,6 +459,8 @@ class AblyEmulator:
         self.max_message_size = max_message_size
         self.connection_state_ttl_ms = connection_state_ttl_ms
         self.max_idle_interval_ms = max_idle_interval_ms
+        self.presence_leave_delay = presence_leave_delay
+        self.mutable_namespaces = frozenset(mutable_namespaces)
 
         self._channels: dict[str, _Channel] = {}
         self._tokens: dict[str, _Credential] = {}
@@ -354,6 +474,9 @@ class AblyEmulator:
         self._fail_rest: list[tuple[int, str | None]] = []
         self._nack: list[tuple[int, int, str]] = []
         self._connection_counter = itertools.count(1)
+        self._leave_timers: dict[str, asyncio.TimerHandle] = {}
+        self._sync_counter = itertools.count(1)
+        self._synthetic_counter = itertools.count(1)
 
         self._server: _Server | None = None
         self._serve_task: asyncio.Task[None] | None = None
@@ -384,6 +507,8 @@ class AblyEmulator:
                 Route("/time", self._time, methods=["GET"]),
                 Route("/keys/{key_name}/requestToken", self._request_token, methods=["POST"]),
                 Route("/channels/{channel}/messages", self._channel_messages, methods=["GET", "POST"]),
+                Route("/channels/{channel}/messages/{serial}", self._channel_message, methods=["GET", "PATCH"]),
+                Route("/channels/{channel}/presence", self._channel_presence, methods=["GET"]),
             ]
         )
         config = uvicorn.Config(
@@ -405,6 +530,9 @@ class AblyEmulator:
 
     async def close(self) -> None:
         """Close every connection and stop serving; every task the emulator started is finished on return."""
+        for timer in self._leave_timers.values():
+            timer.cancel()
+        self._leave_timers.clear()
         for transport in list(self._transports):
             transport.close()
         if self._server is not None:
@@ -463,10 +591,21 @@ class AblyEmulator:
 
     # ------------------------------------------------------------------------------------------------ fault hooks
 
-    def drop_connections(self) -> int:
-        """Close every WebSocket at once (close code 1011, no CLOSED); clients see a dropped transport."""
+    def drop_connections(self, connection_id: str | None = None) -> int:
+        """Close every WebSocket (or only the one of `connection_id`) at once (close code 1011, no CLOSED).
+
+        Clients see a dropped transport and resume.
+        """
         count = 0
+        only: _Transport | None = None
+        if connection_id is not None:
+            session = self._sessions.get(connection_id)
+            only = session.transport if session is not None else None
+            if only is None:
+                return 0
         for transport in list(self._transports):
+            if only is not None and transport is not only:
+                continue
             if not transport.closed:
                 transport.closed = True
                 transport.outgoing.put_nowait({"__drop__": True})
@@ -495,9 +634,18 @@ class AblyEmulator:
     # ----------------------------------------------------------------------------------------------- inspection
 
     def messages(self, channel: str) -> list[StoredMessage]:
-        """What is stored on a channel, oldest first."""
+        """What is stored on a channel, oldest first (updated messages in their latest version)."""
         ch = self._channels.get(channel)
         return list(ch.messages) if ch else []
+
+    def presence_members(self, channel: str) -> list[tuple[str, str, Any]]:
+        """The presence set of a channel as ``(clientId, connectionId, data)``, in the order members entered."""
+        ch = self._channels.get(channel)
+        return [(m.client_id, m.connection_id, m.data) for m in ch.members.values()] if ch else []
+
+    def is_mutable(self, channel: str) -> bool:
+        """Whether the channel's namespace has mutable messages (updates, deletes, appends) enabled."""
+        return channel.split(":", 1)[0] in self.mutable_namespaces
 
     @property
     def connection_count(self) -> int:
@@ -602,8 +750,8 @@ class AblyEmulator:
         return ch
 
     def _last_serial(self, ch: _Channel) -> str:
-        if ch.messages:
-            return ch.messages[-1].serial
+        if ch.log:
+            return ch.log[-1].position
         return ch.evicted_upto or self._base_serial
 
     def _trim(self, ch: _Channel, now: int) -> None:
@@ -611,7 +759,10 @@ class AblyEmulator:
         while ch.messages and (
             len(ch.messages) > self.retention_limit or (horizon is not None and ch.messages[0].timestamp < horizon)
         ):
-            ch.evicted_upto = ch.messages.popleft().serial
+            ch.evicted_upto = max(ch.evicted_upto, ch.messages.popleft().serial)
+        oldest = ch.messages[0].serial if ch.messages else None
+        while ch.log and (len(ch.log) > self.retention_limit or oldest is None or ch.log[0].position < oldest):
+            ch.evicted_upto = max(ch.evicted_upto, ch.log.popleft().position)
         window = self.idempotency_window * 1000
         if ch.ids and next(iter(ch.ids.values()))[1] < now - window:
             ch.ids = {mid: v for mid, v in ch.ids.items() if v[1] >= now - window}
@@ -626,8 +777,13 @@ class AblyEmulator:
         connection_id: str | None = None,
         origin: _Session | None = None,
     ) -> list[str | None]:
-        """Store messages (dropping ids already seen within the idempotency window), deliver them, return serials."""
-        if not _allows(credential.capability, channel, "publish"):
+        """Store messages (dropping ids already seen within the idempotency window), deliver them, return serials.
+
+        A message whose ``action`` is update, delete or append changes the stored message named by its ``serial``;
+        its serial in the result is the serial of the new version.
+        """
+        creates = {i for i, m in enumerate(raw_messages) if m.get("action") in (None, MESSAGE_CREATE)}
+        if creates and not _allows(credential.capability, channel, "publish"):
             raise _denied("publish", channel)
         size = sum(len(json.dumps(m.get("data"), default=str)) + len(str(m.get("name") or "")) for m in raw_messages)
         if size > self.max_message_size:
@@ -639,9 +795,18 @@ class AblyEmulator:
                 raise AblyError(f"Mismatched clientId {client_id!r} for this connection", 40012, 400)
         ch = self._channel(channel)
         self._trim(ch, _now_ms())
+        # Check every operation before changing anything: a protocol message is accepted or refused as a whole.
+        for index, m in enumerate(raw_messages):
+            if index not in creates:
+                self._check_operation(ch, m, credential)
         serials: list[str | None] = []
         new: list[StoredMessage] = []
         for index, m in enumerate(raw_messages):
+            if index not in creates:
+                event = self._apply_operation(ch, m, credential, connection_id)
+                new.append(event)
+                serials.append(event.position)
+                continue
             message_id = m.get("id")
             if isinstance(message_id, str) and message_id in ch.ids:
                 serials.append(ch.ids[message_id][0])
@@ -660,6 +825,7 @@ class AblyEmulator:
                 extras=m.get("extras"),
             )
             ch.messages.append(stored)
+            ch.log.append(dataclasses.replace(stored))
             if isinstance(message_id, str) and message_id:
                 ch.ids[message_id] = (serial, ts)
             new.append(stored)
@@ -668,6 +834,67 @@ class AblyEmulator:
         if new:
             self._deliver(ch, new, origin, id_prefix, connection_id)
         return serials
+
+    def _find(self, ch: _Channel, serial: Any) -> StoredMessage:
+        if isinstance(serial, str) and serial:
+            for stored in reversed(ch.messages):
+                if stored.serial == serial:
+                    return stored
+        raise AblyError(f"Message not found: no message with serial {serial!r} on channel {ch.name!r}", 40400, 404)
+
+    def _check_operation(self, ch: _Channel, m: Mapping[str, Any], credential: _Credential) -> None:
+        """Refuse an update, delete or append the way Ably does: channel rule, then capability, then target."""
+        action = m.get("action")
+        if action not in (MESSAGE_UPDATE, MESSAGE_DELETE, MESSAGE_APPEND):
+            raise AblyError(f"Invalid message action {action!r}", 40003, 400)
+        if not self.is_mutable(ch.name):
+            raise AblyError(
+                "Can only update/delete/append messages on channels with mutableMessages enabled", 93002, 400
+            )
+        target = self._find(ch, m.get("serial"))
+        kind = "delete" if action == MESSAGE_DELETE else "update"
+        own = credential.client_id not in (None, "*") and credential.client_id == target.client_id
+        if not (
+            _allows(credential.capability, ch.name, f"message-{kind}-any")
+            or (own and _allows(credential.capability, ch.name, f"message-{kind}-own"))
+        ):
+            raise _denied(f"message-{kind}-{'own' if own else 'any'}", ch.name)
+        if action == MESSAGE_APPEND:
+            _append_data(target.data, target.encoding, m.get("data"), m.get("encoding") or None)
+
+    def _apply_operation(
+        self, ch: _Channel, m: Mapping[str, Any], credential: _Credential, connection_id: str | None
+    ) -> StoredMessage:
+        """Change the stored message and return the event subscribers receive (for an append: just the fragment)."""
+        action = int(m["action"])
+        target = self._find(ch, m.get("serial"))
+        version_serial, version_ts = self._next_serial()
+        details: dict[str, Any] = {}
+        raw_version = m.get("version")
+        if isinstance(raw_version, Mapping):
+            details = {k: raw_version[k] for k in ("clientId", "description", "metadata") if k in raw_version}
+        default_client = credential.client_id if credential.client_id not in (None, "*") else None
+        if "clientId" not in details and (m.get("clientId") or default_client):
+            details["clientId"] = m.get("clientId") or default_client
+        data, encoding = m.get("data"), m.get("encoding") or None
+        if action == MESSAGE_APPEND:
+            target.data, target.encoding = _append_data(target.data, target.encoding, data, encoding)
+            # History shows the aggregate as the latest version of the message.
+            target.action = MESSAGE_UPDATE
+        else:
+            if data is not None:
+                target.data, target.encoding = data, encoding
+            target.action = action
+        if m.get("name") is not None:
+            target.name = m["name"]
+        if m.get("extras") is not None:
+            target.extras = m["extras"]
+        target.version_serial, target.version_timestamp, target.version_details = version_serial, version_ts, details
+        event = dataclasses.replace(target, version_details=dict(details), connection_id=connection_id)
+        if action == MESSAGE_APPEND:
+            event.action, event.data, event.encoding = MESSAGE_APPEND, data, encoding
+        ch.log.append(event)
+        return event
 
     def _deliver(
         self,
@@ -689,7 +916,7 @@ class AblyEmulator:
                 "action": MESSAGE,
                 "channel": ch.name,
                 "id": id_prefix,
-                "channelSerial": new[-1].serial,
+                "channelSerial": new[-1].position,
                 "timestamp": new[0].timestamp,
                 "messages": [m.wire(transport.binary) for m in new],
             }
@@ -854,6 +1081,7 @@ class AblyEmulator:
                     for name in session.attached:
                         self._channel(name).sessions.discard(session)
                     session.attached.clear()
+                    self._schedule_leave(session.id)
 
     def _open_session(self, transport: _Transport, params: Mapping[str, str]) -> _Session | None:
         """Answer the connection request in the URL: CONNECTED, or ERROR and close."""
@@ -893,6 +1121,9 @@ class AblyEmulator:
         session.echo = params.get("echo", "true") != "false"
         session.transport = transport
         session.detached_at = None
+        timer = self._leave_timers.pop(session.id, None)
+        if timer is not None:
+            timer.cancel()
         for name in session.attached:
             self._channel(name).sessions.discard(session)
         session.attached.clear()
@@ -981,12 +1212,16 @@ class AblyEmulator:
             for name in session.attached:
                 self._channel(name).sessions.discard(session)
             self._sessions.pop(session.id, None)
+            self._leave_connection(session.id)
         elif action == ATTACH and isinstance(channel, str):
             self._attach(transport, session, channel, message)
         elif action == DETACH and isinstance(channel, str):
             session.attached.discard(channel)
             self._channel(channel).sessions.discard(session)
+            self._leave_connection(session.id, channel)
             transport.send({"action": DETACHED, "channel": channel})
+        elif action == PRESENCE and isinstance(channel, str):
+            self._realtime_presence(transport, session, channel, message)
         elif action == MESSAGE and isinstance(channel, str):
             self._realtime_publish(transport, session, channel, message)
         elif action == AUTH:
@@ -998,7 +1233,7 @@ class AblyEmulator:
                 transport.close()
                 return
             transport.send(self._connected(session))
-        elif action in (PRESENCE, 21, 19):
+        elif action in (21, 19):
             serial = message.get("msgSerial")
             unsupported = AblyError("The emulator does not support this action", 40000, 400)
             if serial is not None:
@@ -1015,35 +1250,55 @@ class AblyEmulator:
         flags = 0
         if _allows(capability, channel, "publish"):
             flags |= FLAG_PUBLISH
-        if _allows(capability, channel, "subscribe"):
-            flags |= FLAG_SUBSCRIBE
+        subscribe = _allows(capability, channel, "subscribe")
+        if subscribe:
+            flags |= FLAG_SUBSCRIBE | FLAG_PRESENCE_SUBSCRIBE
+        if _allows(capability, channel, "presence"):
+            flags |= FLAG_PRESENCE
         backlog: list[StoredMessage] = []
         since = message.get("channelSerial")
         if isinstance(since, str) and since:
             if since >= ch.evicted_upto:
                 flags |= FLAG_RESUMED
-                backlog = [m for m in ch.messages if m.serial > since]
+                backlog = [m for m in ch.log if m.position > since]
         elif params.get("rewind"):
             backlog = self._rewind(ch, str(params["rewind"]))
         if backlog:
             flags |= FLAG_HAS_BACKLOG
+        members = list(ch.members.values()) if subscribe else []
+        if members:
+            flags |= FLAG_HAS_PRESENCE
         attached: dict[str, Any] = {
             "action": ATTACHED,
             "channel": channel,
-            "channelSerial": self._last_serial(ch) if not backlog else self._before(ch, backlog[0]),
+            "channelSerial": self._last_serial(ch) if not backlog else self._before(ch, backlog[0].position),
             "flags": flags,
         }
         if params:
             attached["params"] = params
         transport.send(attached)
-        if flags & FLAG_SUBSCRIBE:
+        if members:
+            # The presence set follows ATTACHED in SYNC messages whose channelSerial is "<syncId>:<cursor>"; an
+            # empty cursor marks the last one (ably-python RealtimePresence.set_presence).
+            sync_id = f"sync{next(self._sync_counter)}"
+            pages = [members[i : i + _SYNC_PAGE] for i in range(0, len(members), _SYNC_PAGE)]
+            for number, page in enumerate(pages, 1):
+                transport.send(
+                    {
+                        "action": SYNC,
+                        "channel": channel,
+                        "channelSerial": f"{sync_id}:{page[-1].key if number < len(pages) else ''}",
+                        "presence": [m.wire(PRESENCE_PRESENT, transport.binary) for m in page],
+                    }
+                )
+        if subscribe:
             for stored in backlog:
                 transport.send(
                     {
                         "action": MESSAGE,
                         "channel": channel,
                         "id": stored.id.rpartition(":")[0] or stored.id,
-                        "channelSerial": stored.serial,
+                        "channelSerial": stored.position,
                         "timestamp": stored.timestamp,
                         "messages": [stored.wire(transport.binary)],
                     }
@@ -1051,12 +1306,13 @@ class AblyEmulator:
         session.attached.add(channel)
         ch.sessions.add(session)
 
-    def _before(self, ch: _Channel, first: StoredMessage) -> str:
+    def _before(self, ch: _Channel, position: str) -> str:
+        """The channel position just before `position`: where an attachment that continues with it stands."""
         previous = ch.evicted_upto or self._base_serial
-        for m in ch.messages:
-            if m.serial >= first.serial:
+        for event in ch.log:
+            if event.position >= position:
                 break
-            previous = m.serial
+            previous = event.position
         return previous
 
     @staticmethod
@@ -1106,3 +1362,198 @@ class AblyEmulator:
             for old in sorted(session.acked)[:-1000]:
                 del session.acked[old]
         transport.send({"action": ACK, "msgSerial": serial, "count": 1, "res": [{"serials": serials}]})
+
+    # ------------------------------------------------------------------------------------------------ presence
+
+    def _realtime_presence(
+        self, transport: _Transport, session: _Session, channel: str, message: dict[str, Any]
+    ) -> None:
+        """Enter, update or leave members for this connection, ACK, and broadcast PRESENCE to the channel."""
+        serial = message.get("msgSerial")
+        if not isinstance(serial, int):
+            transport.send({"action": ERROR, "error": AblyError("PRESENCE without msgSerial", 40000, 400).to_dict()})
+            return
+        if serial in session.acked:
+            transport.send({"action": ACK, "msgSerial": serial, "count": 1})
+            return
+        raw = [p for p in message.get("presence") or [] if isinstance(p, Mapping)]
+        try:
+            events = self._apply_presence(session, channel, raw, serial)
+        except AblyError as error:
+            transport.send({"action": NACK, "msgSerial": serial, "count": 1, "error": error.to_dict()})
+            return
+        session.acked[serial] = []
+        transport.send({"action": ACK, "msgSerial": serial, "count": 1})
+        if events:
+            self._broadcast_presence(self._channel(channel), events, session.id)
+
+    def _apply_presence(
+        self, session: _Session, channel: str, raw: Sequence[Mapping[str, Any]], msg_serial: int
+    ) -> list[tuple[int, _Member]]:
+        credential = session.credential
+        if not _allows(credential.capability, channel, "presence"):
+            raise _denied("presence", channel)
+        own = credential.client_id
+        changes: list[tuple[int, str, Mapping[str, Any]]] = []
+        for p in raw:
+            action = p.get("action")
+            if action not in (PRESENCE_ENTER, PRESENCE_LEAVE, PRESENCE_UPDATE, PRESENCE_PRESENT):
+                raise AblyError(f"Invalid presence action {action!r}", 40000, 400)
+            client_id = p.get("clientId") or (own if own != "*" else None)
+            if not isinstance(client_id, str) or not client_id:
+                raise AblyError("Unable to enter presence channel without clientId", 40012, 400)
+            if own != "*" and client_id != own:
+                raise AblyError(f"Mismatched clientId {client_id!r} for this connection", 40012, 400)
+            changes.append((int(action), client_id, p))
+        ch = self._channel(channel)
+        now = _now_ms()
+        events: list[tuple[int, _Member]] = []
+        for index, (action, client_id, p) in enumerate(changes):
+            # A client re-entering after an attach (RTP17g) sends the id it was given; keep that one.
+            given = p.get("id")
+            if not (isinstance(given, str) and given.startswith(f"{session.id}:") and given.count(":") >= 2):
+                given = f"{session.id}:{msg_serial}:{index}"
+            member = _Member(
+                client_id=client_id,
+                connection_id=session.id,
+                id=given,
+                timestamp=now,
+                data=p.get("data"),
+                encoding=p.get("encoding") or None,
+                extras=p.get("extras"),
+            )
+            current = ch.members.get(member.key)
+            present = current is not None
+            if current is not None and action != PRESENCE_LEAVE and current.id == member.id:
+                continue  # the same presence message again: nothing changes
+            if action == PRESENCE_LEAVE:
+                if present:
+                    del ch.members[member.key]
+                    events.append((PRESENCE_LEAVE, member))
+                continue
+            ch.members[member.key] = member
+            # Entering again is an update; updating before entering is an enter (as Ably broadcasts them).
+            events.append((PRESENCE_UPDATE if present else PRESENCE_ENTER, member))
+        return events
+
+    def _broadcast_presence(self, ch: _Channel, events: list[tuple[int, _Member]], connection_id: str) -> None:
+        for session in list(ch.sessions):
+            transport = session.transport
+            if transport is None or transport.closed:
+                continue
+            if not _allows(session.credential.capability, ch.name, "subscribe"):
+                continue
+            transport.send(
+                {
+                    "action": PRESENCE,
+                    "channel": ch.name,
+                    "connectionId": connection_id,
+                    "timestamp": events[0][1].timestamp,
+                    "presence": [member.wire(action, transport.binary) for action, member in events],
+                }
+            )
+
+    def _schedule_leave(self, connection_id: str) -> None:
+        """A connection's members leave `presence_leave_delay` seconds after it dropped, unless it resumes."""
+        old = self._leave_timers.pop(connection_id, None)
+        if old is not None:
+            old.cancel()
+        if self.presence_leave_delay <= 0:
+            self._leave_connection(connection_id)
+            return
+
+        def fire() -> None:
+            self._leave_timers.pop(connection_id, None)
+            self._leave_connection(connection_id)
+
+        loop = asyncio.get_running_loop()
+        self._leave_timers[connection_id] = loop.call_later(self.presence_leave_delay, fire)
+
+    def _leave_connection(self, connection_id: str, channel: str | None = None) -> None:
+        """Make every member of a connection (on one channel, or all) leave, with synthesized LEAVE messages."""
+        channels = [self._channels[channel]] if channel in self._channels else []
+        if channel is None:
+            channels = list(self._channels.values())
+        for ch in channels:
+            gone = [m for m in ch.members.values() if m.connection_id == connection_id]
+            if not gone:
+                continue
+            now = _now_ms()
+            events: list[tuple[int, _Member]] = []
+            for member in gone:
+                del ch.members[member.key]
+                # An id that does not start with "<connectionId>:" marks a leave as synthesized (RTP2b1), so clients
+                # compare it with the member's entry by timestamp.
+                leave = dataclasses.replace(
+                    member, id=f"synthesized-{next(self._synthetic_counter)}:0:0", timestamp=now
+                )
+                events.append((PRESENCE_LEAVE, leave))
+            self._broadcast_presence(ch, events, connection_id)
+
+    async def _channel_presence(self, request: Request) -> Response:
+        """``GET /channels/{name}/presence``: the current members, paginated with ``limit`` and ``Link`` headers."""
+        binary = self._wants_binary(request)
+        failure = self._rest_failure(request.url.path)
+        if failure is not None:
+            return failure
+        channel = request.path_params["channel"]
+        try:
+            credential = self._rest_credential(request)
+            if not _allows(credential.capability, channel, "subscribe"):
+                raise _denied("subscribe", channel)
+            q = request.query_params
+            try:
+                limit = int(q.get("limit", "100"))
+            except ValueError:
+                raise AblyError("Invalid limit parameter", 40003, 400) from None
+            if not 1 <= limit <= 1000:
+                raise AblyError("limit must be between 1 and 1000", 40003, 400)
+            ch = self._channels.get(channel)
+            members = sorted(ch.members.values(), key=lambda m: m.key) if ch else []
+            if q.get("clientId"):
+                members = [m for m in members if m.client_id == q["clientId"]]
+            if q.get("connectionId"):
+                members = [m for m in members if m.connection_id == q["connectionId"]]
+            if q.get("cursor"):
+                members = [m for m in members if m.key > q["cursor"]]
+            page, rest = members[:limit], members[limit:]
+            base = {k: v for k, v in q.items() if k != "cursor"}
+            base.setdefault("limit", str(limit))
+            links = [f'<./presence?{urlencode(base, quote_via=quote)}>; rel="first"']
+            links.append(f'<./presence?{urlencode(dict(q.items()), quote_via=quote)}>; rel="current"')
+            if rest and page:
+                next_q = urlencode({**base, "cursor": page[-1].key}, quote_via=quote)
+                links.append(f'<./presence?{next_q}>; rel="next"')
+            body = [m.wire(PRESENCE_PRESENT, binary) for m in page]
+            return self._encode(body, binary, 200, {"Link": ", ".join(links)})
+        except AblyError as error:
+            return self._error_response(error, binary)
+
+    # ------------------------------------------------------------------------------------------ message versions
+
+    async def _channel_message(self, request: Request) -> Response:
+        """``GET`` (latest version) or ``PATCH`` (update, delete or append) ``/channels/{name}/messages/{serial}``."""
+        binary = self._wants_binary(request)
+        failure = self._rest_failure(request.url.path)
+        if failure is not None:
+            return failure
+        channel, serial = request.path_params["channel"], request.path_params["serial"]
+        try:
+            credential = self._rest_credential(request)
+            if request.method == "GET":
+                if not _allows(credential.capability, channel, "history"):
+                    raise _denied("history", channel)
+                ch = self._channels.get(channel)
+                if ch is None:
+                    raise AblyError(f"Message not found: no message with serial {serial!r}", 40400, 404)
+                return self._encode(self._find(ch, serial).wire(binary), binary)
+            body = await self._read_body(request)
+            if not isinstance(body, Mapping):
+                raise AblyError("Invalid message body: expected a message", 40000, 400)
+            operation = {**body, "serial": serial}
+            if operation.get("action") in (None, MESSAGE_CREATE):
+                operation["action"] = MESSAGE_UPDATE
+            [version] = self._publish(channel, [operation], credential=credential, id_prefix=secrets.token_urlsafe(9))
+            return self._encode({"versionSerial": version}, binary)
+        except AblyError as error:
+            return self._error_response(error, binary)
