@@ -1,0 +1,696 @@
+"""The Ably backend (first version).
+
+Layout, for the namespace ``ai`` (the default): a session's events go to the channel ``ai:<session>``, its controls
+to ``ai:<session>:control``, its snapshot to ``ai:<session>:snapshot``, and its deletions to ``ai:<session>:meta``.
+Presence members are entered on the events channel by one connection whose token has the wildcard clientId.
+
+A position is the Ably message serial (lexicographically ordered). Ably cannot drop a channel's history, so
+``delete`` publishes a marker on the meta channel: the marker's serial is the session's *floor* (messages with an
+older serial are hidden from then on) and a hash of it is the session's *epoch* (``0`` for a session never
+deleted), so cursors from before the deletion get ``LogReset``.
+
+Publishes go over the realtime connection with the message id set (ably-python does not set ids itself), so a
+retried publish inside Ably's idempotency window stores nothing new. Reads page through REST history forwards from
+the start serial (inclusive), then, when following, continue with a realtime subscription attached before the
+history read, deduplicated by serial.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import time
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+from ably import AblyRealtime, AblyRest  # type: ignore[import-untyped]
+from ably.types.connectionstate import ConnectionState  # type: ignore[import-untyped]
+from ably.types.message import Message  # type: ignore[import-untyped]
+from ably.util.exceptions import AblyException  # type: ignore[import-untyped]
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
+
+from durable_ai import BackendLimits, Channel, LogPosition, StoredMessage
+from durable_ai.errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigurationError,
+    HubClosed,
+    LogReset,
+    PayloadTooLarge,
+    PermissionDenied,
+)
+
+__all__ = ["AblyBackend", "AblyOptions", "from_url"]
+
+logger = logging.getLogger("durable_ai_ably")
+T = TypeVar("T")
+
+_API_VERSION = "5"
+_PAGE = 1000
+_NO_EPOCH = "0"
+_EVENT_NAME = "e"
+
+
+class _Timeout(Exception):
+    """An attempt that got no answer in time (retryable)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AblyOptions:
+    """How the backend talks to Ably.
+
+    Attributes:
+        key: the API key ``appId.keyId:secret`` (tokens are requested with it).
+        endpoint: ably-python's ``endpoint`` option (``None``: Ably's production endpoint).
+        tls: use TLS; without it the key is never sent, tokens are requested instead (Ably refuses basic auth
+            over plain HTTP).
+        namespace: the first part of every channel name.
+        max_message_bytes: the largest message written; larger events are fragmented by the hub.
+        rate_limit: messages per second per channel (Ably's default channel limit is 50).
+        publish_timeout: seconds a request is retried before :class:`~durable_ai.errors.BackendUnavailable`.
+        attempt_timeout: seconds one attempt waits for its answer.
+        connect_timeout: seconds ``open`` waits for the realtime connection.
+        tap_limit: messages a live reader may fall behind before it goes back to reading history.
+        client: extra keyword arguments for ``AblyRealtime``/``AblyRest``.
+    """
+
+    key: str
+    endpoint: str | None = None
+    tls: bool = True
+    namespace: str = "ai"
+    max_message_bytes: int = 65536 - 8192
+    rate_limit: float | None = 50.0
+    publish_timeout: float = 10.0
+    attempt_timeout: float = 3.0
+    connect_timeout: float = 10.0
+    tap_limit: int = 10_000
+    client: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        name, sep, secret = self.key.partition(":")
+        if not (sep and "." in name and secret):
+            raise ConfigurationError("an Ably key looks like appId.keyId:secret")
+        if not self.namespace or any(c in self.namespace for c in ":,*[]? "):
+            raise ConfigurationError(f"invalid namespace {self.namespace!r}")
+        if self.max_message_bytes < 4096:
+            raise ConfigurationError("max_message_bytes must be at least 4096")
+        if self.rate_limit is not None and self.rate_limit <= 0:
+            raise ConfigurationError("rate_limit must be positive or None")
+        for name_ in ("publish_timeout", "attempt_timeout", "connect_timeout"):
+            if not getattr(self, name_) > 0:
+                raise ConfigurationError(f"{name_} must be positive")
+        if self.tap_limit < 1:
+            raise ConfigurationError("tap_limit must be at least 1")
+
+
+@dataclass(slots=True)
+class _Session:
+    """What the meta channel says about a session: its epoch and the serial below which messages are hidden."""
+
+    epoch: str
+    floor: str
+
+
+class _Tap:
+    """One live reader's queue of realtime messages."""
+
+    def __init__(self, feed: _Feed, limit: int) -> None:
+        self.feed = feed
+        self.limit = limit
+        self.queue: deque[tuple[str, bytes]] = deque()
+        self.error: BaseException | None = None
+        self.overflow = False
+        self.changed = asyncio.Event()
+
+    def push(self, serial: str, data: bytes) -> None:
+        if self.overflow:
+            return
+        if len(self.queue) >= self.limit:
+            self.overflow = True
+            self.queue.clear()
+        else:
+            self.queue.append((serial, data))
+        self.changed.set()
+
+    def fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+        self.changed.set()
+
+    async def next(self) -> tuple[str, bytes] | None:
+        """The next live message; ``None`` once the reader fell behind (read history again)."""
+        while True:
+            if self.queue:
+                return self.queue.popleft()
+            if self.overflow:
+                return None
+            if self.error is not None:
+                raise self.error
+            self.changed.clear()
+            await self.changed.wait()
+
+
+class _Feed:
+    """A realtime subscription to one channel, shared by the local live readers of that channel."""
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        self.taps: set[_Tap] = set()
+        self.broken = False
+        self.last = ""
+
+    def on_message(self, message: Message) -> None:
+        serial = message.serial
+        if not serial or serial <= self.last:  # a listener registered twice (a retried subscribe) sees it again
+            return
+        self.last = serial
+        data = _to_bytes(message.data)
+        for tap in list(self.taps):
+            tap.push(serial, data)
+
+    def fail(self, reason: str) -> None:
+        self.broken = True
+        for tap in list(self.taps):
+            tap.fail(BackendUnavailable(reason))
+
+
+def _to_bytes(data: Any) -> bytes:
+    if data is None:
+        return b""
+    if isinstance(data, str):
+        return data.encode()
+    if isinstance(data, bytes | bytearray):
+        return bytes(data)
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def _to_wire(data: bytes) -> str | bytes:
+    """NDJSON payloads travel as strings (readable in Ably's dashboard); anything else as binary."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return data
+
+
+def _serial_time(serial: str) -> int | None:
+    """The millisecond timestamp an Ably serial starts with."""
+    head = serial.split("-", 1)[0]
+    return int(head) if head.isdigit() and len(head) >= 13 else None
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, _Timeout | TimeoutError | ConnectionError | OSError):
+        return True
+    if isinstance(exc, AblyException):
+        status = exc.status_code or 0
+        code = exc.code or 0
+        return status >= 500 or status == 429 or 80000 <= code < 90000 or code in (40001, 90001)
+    return False
+
+
+class AblyBackend:
+    """Durable sessions on Ably channels (see the module docstring)."""
+
+    def __init__(self, options: AblyOptions) -> None:
+        self.options = options
+        self._limits = BackendLimits(options.max_message_bytes, options.rate_limit)
+        self._realtime: AblyRealtime | None = None
+        self._rest: AblyRest | None = None
+        self._users = 0
+        self._closed = False
+        self._open_lock = asyncio.Lock()
+        self._sessions: dict[str, _Session] = {}
+        self._feeds: dict[str, _Feed] = {}
+        self._detaching: dict[str, asyncio.Task[None]] = {}
+        self._present: dict[tuple[str, str], bytes] = {}
+
+    # -- connection ----------------------------------------------------------------------------------------
+
+    @property
+    def limits(self) -> BackendLimits:
+        return self._limits
+
+    def channel_name(self, session: str, kind: str = "events") -> str:
+        base = f"{self.options.namespace}:{session}"
+        return base if kind == "events" else f"{base}:{kind}"
+
+    def _client_options(self) -> dict[str, Any]:
+        o = self.options
+        options: dict[str, Any] = {"key": o.key, "tls": o.tls, "use_binary_protocol": False}
+        if o.endpoint is not None:
+            options["endpoint"] = o.endpoint
+            options["fallback_hosts"] = []
+        if not o.tls:
+            options["use_token_auth"] = True
+        options.update(o.client)
+        return options
+
+    async def open(self) -> None:
+        self._users += 1
+        async with self._open_lock:
+            if self._realtime is None:
+                try:
+                    await self._connect()
+                except BaseException:
+                    self._users -= 1
+                    raise
+
+    async def _connect(self) -> None:
+        options = self._client_options()
+        rest = AblyRest(**options)
+        token_params = dict(options.pop("default_token_params", None) or {})
+        token_params.setdefault("client_id", "*")
+        realtime = AblyRealtime(**options, client_id="*", default_token_params=token_params)
+        try:
+            async with asyncio.timeout(self.options.connect_timeout):
+                await realtime.connection.once_async(ConnectionState.CONNECTED)
+        except (TimeoutError, AblyException) as exc:
+            with contextlib.suppress(Exception):
+                await realtime.close()
+            with contextlib.suppress(Exception):
+                await rest.close()
+            reason = realtime.connection.error_reason or exc
+            raise BackendUnavailable(f"cannot connect to Ably: {reason}") from exc
+        realtime.connection.on(self._on_connection_state)
+        self._realtime, self._rest = realtime, rest
+        self._closed = False
+
+    def _on_connection_state(self, change: Any) -> None:
+        if change.current in (
+            ConnectionState.DISCONNECTED,
+            ConnectionState.SUSPENDED,
+            ConnectionState.FAILED,
+            ConnectionState.CLOSING,
+            ConnectionState.CLOSED,
+        ):
+            if not self._closed:
+                logger.info("Ably connection %s: %s", change.current.value, change.reason)
+            for feed in list(self._feeds.values()):
+                feed.fail(f"the Ably connection is {change.current.value}")
+            self._feeds.clear()
+
+    async def close(self) -> None:
+        self._users -= 1
+        if self._users > 0 or self._realtime is None or self._closed:
+            return
+        realtime, rest = self._realtime, self._rest
+        if self._present:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    for session, member in list(self._present):
+                        await self.leave_presence(session, member)
+        self._closed = True
+        for feed in list(self._feeds.values()):
+            feed.fail("the backend is closed")
+        self._feeds.clear()
+        if self._detaching:
+            await asyncio.gather(*self._detaching.values(), return_exceptions=True)
+        transport = getattr(realtime.connection.connection_manager, "transport", None)
+        with contextlib.suppress(Exception):
+            await realtime.close()
+        # ably-python 3.1.4 re-arms a transport's idle timer when a message arrives after the transport was
+        # disposed (on_activity does not check is_disposed), leaving a task that sleeps for maxIdleInterval: stop it.
+        idle = getattr(transport, "idle_timer", None)
+        if idle is not None:
+            idle.cancel()
+        # ably-python cancels its timers' tasks on close without awaiting them: let them finish.
+        for _ in range(3):
+            await asyncio.sleep(0)
+        if rest is not None:
+            with contextlib.suppress(Exception):
+                await rest.close()
+        self._realtime = self._rest = None
+
+    def _parts(self) -> tuple[AblyRealtime, AblyRest]:
+        if self._closed or self._realtime is None or self._rest is None:
+            raise HubClosed("the Ably backend is not open")
+        return self._realtime, self._rest
+
+    # -- requests with retries -----------------------------------------------------------------------------
+
+    async def _call(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run one request, retrying timeouts, disconnections and 5xx for up to ``publish_timeout``."""
+
+        async def bounded() -> T:
+            try:
+                async with asyncio.timeout(self.options.attempt_timeout):
+                    return await attempt()
+            except TimeoutError:
+                raise _Timeout(f"no answer within {self.options.attempt_timeout} s") from None
+
+        try:
+            async for trying in AsyncRetrying(
+                stop=stop_after_delay(self.options.publish_timeout),
+                wait=wait_exponential(multiplier=0.05, max=1.0),
+                retry=retry_if_exception(_retryable),
+                reraise=True,
+            ):
+                with trying:
+                    return await bounded()
+        except AblyException as exc:
+            raise self._error(exc) from exc
+        except (_Timeout, OSError) as exc:
+            raise BackendUnavailable(f"Ably did not answer: {exc}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _error(exc: AblyException) -> BackendError:
+        status, code = exc.status_code or 0, exc.code or 0
+        if status in (401, 403) and code not in (40140, 40142):
+            return PermissionDenied(str(exc))
+        if _retryable(exc):
+            return BackendUnavailable(f"Ably is unavailable: {exc}")
+        return BackendError(f"Ably refused the request: {exc}")
+
+    async def _get(self, path: str, params: Mapping[str, str]) -> Any:
+        """One REST GET (the first page), with errors raised."""
+        _, rest = self._parts()
+        response = await rest.request("GET", path, _API_VERSION, params=dict(params))
+        self._check(response)
+        return response
+
+    @staticmethod
+    def _check(response: Any) -> None:
+        if not response.success:
+            status = response.status_code
+            code = int(response.error_code) if response.error_code else status * 100
+            raise AblyException(response.error_message or f"HTTP {status}", status, code)
+
+    async def _next(self, page: Any) -> Any:
+        response = await page.next()
+        self._check(response)
+        return response
+
+    async def _history(
+        self, name: str, *, backwards: bool = False, limit: int = _PAGE, from_serial: str | None = None
+    ) -> Any:
+        params = {"direction": "backwards" if backwards else "forwards", "limit": str(limit)}
+        if from_serial:
+            params["fromSerial"] = from_serial  # the emulator's; Ably itself filters by the time below
+            millis = _serial_time(from_serial)
+            if millis is not None and not backwards:
+                params["start"] = str(millis)
+        return await self._call(lambda: self._get(f"/channels/{quote(name, safe='')}/messages", params))
+
+    async def _latest(self, name: str) -> Message | None:
+        page = await self._history(name, backwards=True, limit=1)
+        return Message.from_encoded(page.items[0]) if page.items else None
+
+    # -- sessions: epoch and floor -------------------------------------------------------------------------
+
+    async def _session(self, session: str, *, refresh: bool = False) -> _Session:
+        cached = self._sessions.get(session)
+        if cached is not None and not refresh:
+            return cached
+        marker = await self._latest(self.channel_name(session, "meta"))
+        state = _Session(_NO_EPOCH, "") if marker is None else self._marker(marker.serial)
+        self._sessions[session] = state
+        return state
+
+    @staticmethod
+    def _marker(serial: str) -> _Session:
+        return _Session(hashlib.sha256(serial.encode()).hexdigest()[:12], serial)
+
+    # -- publish -------------------------------------------------------------------------------------------
+
+    async def _publish(self, name: str, data: str | bytes, message_id: str, event: str = _EVENT_NAME) -> str:
+        realtime, _ = self._parts()
+        channel = realtime.channels.get(name)
+
+        async def attempt() -> Any:
+            return await channel.publish(Message(name=event, data=data, id=message_id))
+
+        result = await self._call(attempt)
+        serials = getattr(result, "serials", None) or []
+        if not serials or not serials[0]:
+            raise BackendError(f"Ably acknowledged a publish to {name!r} without a serial")
+        return str(serials[0])
+
+    async def publish(self, channel: Channel, data: bytes, *, message_id: str) -> LogPosition:
+        self._parts()
+        if len(data) > self._limits.max_message_bytes:
+            raise PayloadTooLarge(len(data), self._limits.max_message_bytes)
+        state = await self._session(channel.session)
+        serial = await self._publish(self.channel_name(channel.session, channel.kind), _to_wire(data), message_id)
+        if serial < state.floor:  # the session was deleted by another process since we looked
+            state = await self._session(channel.session, refresh=True)
+        return LogPosition(state.epoch, serial)
+
+    # -- read ----------------------------------------------------------------------------------------------
+
+    async def read(self, channel: Channel, *, start: LogPosition | None, follow: bool) -> AsyncIterator[StoredMessage]:
+        self._parts()
+        name = self.channel_name(channel.session, channel.kind)
+        state = await self._session(channel.session, refresh=True)
+        epoch, floor = state.epoch, state.floor
+        if start is not None and start.epoch != epoch:
+            raise LogReset("the session's log was recreated (deleted since the cursor)")
+        first = start.position if start is not None and start.position else None
+        if first is not None and first < floor:
+            raise LogReset("the cursor is older than the session's deletion")
+        until: str | None = None
+        if not follow:
+            newest = await self._latest(name)
+            if newest is None or newest.serial < max(first or "", floor):
+                if first is not None:
+                    raise LogReset("the message at the cursor is no longer retained")
+                return
+            until = newest.serial
+        tap: _Tap | None = None
+        last: str | None = None
+        try:
+            while True:
+                if follow and tap is None:
+                    tap = await self._attach(name)
+                expected = first
+                lower = first or floor
+                page = await self._history(name, from_serial=lower or None)
+                done = False
+                while True:
+                    for raw in page.items:
+                        message = Message.from_encoded(raw)
+                        serial = message.serial
+                        if not serial or serial < lower:
+                            continue
+                        if expected is not None:
+                            if serial != expected:
+                                raise LogReset("the message at the cursor is no longer retained")
+                            expected = None
+                        if until is not None and serial > until:
+                            done = True
+                            break
+                        if last is not None and serial <= last:
+                            continue
+                        last = serial
+                        yield StoredMessage(epoch, serial, _to_bytes(message.data))
+                    if done or not page.has_next():
+                        break
+                    page = await self._call(partial(self._next, page))
+                if expected is not None:
+                    raise LogReset("the message at the cursor is no longer retained")
+                if tap is None:
+                    return
+                while (live := await tap.next()) is not None:
+                    serial, data = live
+                    if serial < floor or (last is not None and serial <= last):
+                        continue
+                    last = serial
+                    yield StoredMessage(epoch, serial, data)
+                # Fell behind the live feed: read history again from the last message read (inclusive).
+                self._detach(tap)
+                tap = None
+                if last is not None:
+                    first = last
+        finally:
+            if tap is not None:
+                self._detach(tap)
+
+    async def _attach(self, name: str) -> _Tap:
+        realtime, _ = self._parts()
+        pending = self._detaching.get(name)
+        if pending is not None:
+            await asyncio.gather(pending, return_exceptions=True)
+        feed = self._feeds.get(name)
+        if feed is None or feed.broken:
+            feed = _Feed(realtime.channels.get(name))
+            self._feeds[name] = feed
+        tap = _Tap(feed, self.options.tap_limit)
+        feed.taps.add(tap)
+        try:
+            if len(feed.taps) == 1:
+                await self._call(lambda: feed.channel.subscribe(feed.on_message))
+            else:
+                await self._call(feed.channel.attach)
+        except BaseException:
+            self._detach(tap)
+            raise
+        if tap.error is not None:
+            self._detach(tap)
+            raise tap.error
+        return tap
+
+    def _detach(self, tap: _Tap) -> None:
+        feed = tap.feed
+        feed.taps.discard(tap)
+        if feed.taps:
+            return
+        feed.channel.unsubscribe(feed.on_message)
+        if self._feeds.get(feed.channel.name) is feed:
+            del self._feeds[feed.channel.name]
+        if self._closed or self._realtime is None:
+            return
+        name = feed.channel.name
+        if any(key[0] and self.channel_name(key[0]) == name for key in self._present):
+            return  # presence members of ours keep the channel attached
+        task = asyncio.get_running_loop().create_task(self._quiet_detach(feed.channel), name="durable-ai-ably detach")
+        self._detaching[name] = task
+        task.add_done_callback(lambda _: self._detaching.pop(name, None) if self._detaching.get(name) is task else None)
+
+    async def _quiet_detach(self, channel: Any) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.options.attempt_timeout):
+                await channel.detach()
+
+    async def head(self, channel: Channel) -> LogPosition | None:
+        self._parts()
+        state = await self._session(channel.session, refresh=True)
+        newest = await self._latest(self.channel_name(channel.session, channel.kind))
+        if newest is None or newest.serial < state.floor:
+            return None
+        return LogPosition(state.epoch, newest.serial)
+
+    async def delete(self, session: str) -> None:
+        self._parts()
+        marker = await self._publish(self.channel_name(session, "meta"), "deleted", f"delete:{time.time_ns()}", "d")
+        self._sessions[session] = self._marker(marker)
+        for kind in ("events", "control"):
+            feed = self._feeds.pop(self.channel_name(session, kind), None)
+            if feed is not None:
+                feed.broken = True
+                for tap in list(feed.taps):
+                    tap.fail(LogReset("the session was deleted"))
+        for key in [k for k in self._present if k[0] == session]:
+            with contextlib.suppress(BackendError):
+                await self.leave_presence(*key)
+
+    # -- snapshots -----------------------------------------------------------------------------------------
+
+    async def load_snapshot(self, session: str) -> bytes | None:
+        state = await self._session(session, refresh=True)
+        name = self.channel_name(session, "snapshot")
+        head = await self._latest(name)
+        if head is None or head.serial < state.floor:
+            return None
+        body = _to_bytes(head.data)
+        kind, rest = body[:1], body[1:]
+        if kind == b"c":  # chunked: the chunks are the messages just before this one
+            count = int(rest)
+            page = await self._history(name, backwards=True, limit=count + 1)
+            items = [Message.from_encoded(raw) for raw in page.items]
+            if len(items) != count + 1 or items[0].serial != head.serial:
+                return None
+            chunks = [_to_bytes(m.data) for m in reversed(items[1:])]
+            kind, rest = b"z", b"".join(chunks)
+        return zlib.decompress(rest) if kind == b"z" else rest
+
+    async def save_snapshot(self, session: str, data: bytes) -> None:
+        self._parts()
+        name = self.channel_name(session, "snapshot")
+        packed = zlib.compress(data, 1)
+        payload = b"z" + packed if len(packed) < len(data) else b"r" + data
+        # Binary data travels base64 in JSON: keep each message well under the limit.
+        room = self._limits.max_message_bytes * 3 // 4 - 64
+        stamp = time.time_ns()
+        if len(payload) <= room:
+            await self._publish(name, payload, f"snapshot:{stamp}", "s")
+            return
+        chunks = [packed[i : i + room] for i in range(0, len(packed), room)]
+        for index, chunk in enumerate(chunks):
+            await self._publish(name, chunk, f"snapshot:{stamp}:{index}", "s")
+        await self._publish(name, b"c" + str(len(chunks)).encode(), f"snapshot:{stamp}", "s")
+
+    # -- presence ------------------------------------------------------------------------------------------
+
+    async def enter_presence(self, session: str, member_id: str, data: bytes) -> None:
+        realtime, _ = self._parts()
+        presence = realtime.channels.get(self.channel_name(session)).presence
+        await self._call(lambda: presence.enter_client(member_id, _to_wire(data)))
+        self._present[(session, member_id)] = data
+
+    async def leave_presence(self, session: str, member_id: str) -> None:
+        realtime, _ = self._parts()
+        if self._present.pop((session, member_id), None) is None:
+            return
+        presence = realtime.channels.get(self.channel_name(session)).presence
+        await self._call(lambda: presence.leave_client(member_id))
+
+    async def presence(self, session: str) -> dict[str, bytes]:
+        name = self.channel_name(session)
+        page = await self._call(lambda: self._get(f"/channels/{quote(name, safe='')}/presence", {"limit": "1000"}))
+        members: dict[str, bytes] = {}
+        while True:
+            for raw in page.items:
+                client_id = raw.get("clientId")
+                if client_id:
+                    members[client_id] = _presence_data(raw)
+            if not page.has_next():
+                return members
+            page = await self._call(partial(self._next, page))
+
+
+def _presence_data(raw: Mapping[str, Any]) -> bytes:
+    data, encoding = raw.get("data"), raw.get("encoding") or ""
+    if isinstance(data, str) and encoding.split("/")[-1:] == ["base64"]:
+        return base64.b64decode(data)
+    return _to_bytes(data)
+
+
+def _float(value: str, name: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a number, got {value!r}") from None
+
+
+def from_url(url: str) -> AblyBackend:
+    """A backend for ``ably://?key=appId.keyId:secret[&option=value...]``.
+
+    Options: ``key`` (required, or as ``ably://appId.keyId:secret@``), ``endpoint`` (e.g. ``127.0.0.1:8080/`` for
+    the emulator), ``tls`` (true|false), ``namespace`` (default ``ai``), ``max_message_bytes``, ``rate_limit`` (0:
+    none), ``publish_timeout``, ``attempt_timeout``, ``connect_timeout``, ``tap_limit``.
+    """
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "ably":
+        raise ConfigurationError(f"not an ably:// URL: {url!r}")
+    kwargs: dict[str, Any] = {}
+    userinfo, _, _host = parts.netloc.rpartition("@")
+    if userinfo:
+        kwargs["key"] = unquote(userinfo)
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in ("key", "endpoint", "namespace"):
+            kwargs[key] = value
+        elif key == "tls":
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ConfigurationError(f"tls must be true or false, got {value!r}")
+            kwargs[key] = value.lower() in ("true", "1")
+        elif key in ("max_message_bytes", "tap_limit"):
+            kwargs[key] = int(_float(value, key))
+        elif key == "rate_limit":
+            rate = _float(value, key)
+            kwargs[key] = rate if rate > 0 else None
+        elif key in ("publish_timeout", "attempt_timeout", "connect_timeout"):
+            kwargs[key] = _float(value, key)
+        else:
+            raise ConfigurationError(f"unknown option {key!r} in ably:// URL")
+    if "key" not in kwargs:
+        raise ConfigurationError("an ably:// URL needs a key: ably://?key=appId.keyId:secret")
+    return AblyBackend(AblyOptions(**kwargs))

@@ -1,0 +1,36 @@
+"""The conformance suite, unchanged, over the Ably emulator."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from durable_ai.testing import ConformanceSuite, Target, UrlTarget
+from durable_ai_ably.testing import AblyEmulator
+
+KEY = "app1.full:s3cret"
+RETENTION = 8  # what the retention scenario asks for
+
+
+def ably_url(emulator: AblyEmulator) -> str:
+    return f"ably://?key={KEY}&endpoint={emulator.endpoint}&tls=false"
+
+
+@pytest.fixture
+async def emulators() -> AsyncIterator[tuple[AblyEmulator, AblyEmulator]]:
+    # Retention is a property of the Ably app (its channel rules), so a small one gets an emulator of its own.
+    async with AblyEmulator({KEY: None}) as main, AblyEmulator({KEY: None}, retention_limit=RETENTION) as small:
+        yield main, small
+
+
+class TestAbly(ConformanceSuite):
+    @pytest.fixture
+    def target(self, emulators: tuple[AblyEmulator, AblyEmulator]) -> Target:
+        main, small = emulators
+
+        def retention(max_messages: int) -> str:
+            assert max_messages == RETENTION, "the retention emulator keeps 8 messages per channel"
+            return ably_url(small)
+
+        return UrlTarget(ably_url(main), retention_url=retention)
