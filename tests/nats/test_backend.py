@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 
 import nats
 import pytest
@@ -14,7 +13,7 @@ from durable_ai import Channel, Coalesce, Reset
 from durable_ai.errors import ConfigurationError
 from durable_ai.testing.scenarios import collect, text_of
 from durable_ai_nats import NatsBackend, NatsOptions, PendingBufferFull, from_url, names
-from durable_ai_nats.testing import NatsServer
+from durable_ai_nats.testing import NatsServer, free_ports
 
 
 def _url(server: NatsServer, prefix: str, query: str = "") -> str:
@@ -163,9 +162,9 @@ def test_url_options() -> None:
 
 
 async def test_unreachable_server_fails_fast(prefix: str) -> None:
-    port = secrets.randbelow(1000) + 1  # privileged ports: nothing listens there for us
+    (port,) = free_ports()  # bound, then released: nothing listens there
     hub = durable_ai.connect(f"nats://127.0.0.1:{port}?connect_timeout=0.5")
-    with pytest.raises(durable_ai.BackendUnavailable):
+    with pytest.raises(durable_ai.BackendUnavailable, match="cannot connect to NATS"):
         await hub.__aenter__()
 
 

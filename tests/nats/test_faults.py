@@ -16,6 +16,7 @@ import pytest
 import durable_ai
 from durable_ai import Event, Hub, RunEnd, Status
 from durable_ai.testing.scenarios import collect, text_of
+from durable_ai_nats import NatsBackend, names
 from durable_ai_nats.testing import NatsCluster, NatsServer
 from tests.nats.proxy import TcpProxy
 
@@ -135,16 +136,24 @@ async def test_writer_connection_severed(server: NatsServer) -> None:
 
 
 async def test_cluster_node_killed_mid_run() -> None:
-    """A 3-node cluster with R3 streams: killing a node mid-run loses nothing."""
+    """A 3-node cluster with R3 streams: killing the stream's leader mid-run loses nothing."""
     async with NatsCluster(3) as cluster:
         url = "nats://" + ",".join(u.removeprefix("nats://") for u in cluster.urls) + "?replicas=3"
-        victims = iter(cluster.servers)
+        killed: list[str] = []
 
-        async def kill_one() -> None:
-            await next(victims).kill()
+        async def kill_leader() -> None:
+            # The leader is the node whose loss matters most: writes stop until a new one is elected.
+            backend = agent.backend
+            assert isinstance(backend, NatsBackend)
+            info = await backend.connection.jsm().stream_info(names().stream)
+            assert info.cluster is not None and info.cluster.leader is not None
+            victim = next(s for s in cluster.servers if s.server_name == info.cluster.leader)
+            killed.append(info.cluster.leader)
+            await victim.kill()
 
         async with durable_ai.connect(url) as agent, durable_ai.connect(url) as client:
-            events, run_id, tokens = await _scenario(agent, client, kill_one, faults=1)
+            events, run_id, tokens = await _scenario(agent, client, kill_leader, faults=1)
             replay = await collect(client.session(events[0].session).events(follow=False))
+    assert len(killed) == 1
     _assert_whole(events, run_id, tokens)
     _assert_whole(replay, run_id, tokens)

@@ -308,7 +308,7 @@ class Feed:
 
     @property
     def broken(self) -> bool:
-        return self.consumer.broken is not None
+        return self.consumer.failed()
 
     async def close(self) -> None:
         self.fail("the feed closed")

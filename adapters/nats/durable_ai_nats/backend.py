@@ -466,6 +466,8 @@ class NatsBackend:
     async def read(self, channel: Channel, *, start: LogPosition | None, follow: bool) -> AsyncIterator[StoredMessage]:
         nc, _, jsm = self._parts()
         subject = self.names.subject(channel.session, channel.kind)
+        # One stream-info request per read, not per message: a stream recreated by another process since this
+        # one last looked must reset old cursors, and only the server knows.
         epoch = await self._stream(refresh=True)
         if start is not None and start.epoch != epoch:
             raise LogReset("the session's log was recreated (the NATS stream is a new one)")

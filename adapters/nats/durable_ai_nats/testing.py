@@ -108,6 +108,7 @@ class NatsServer:
         ports = free_ports(2)
         self._port, self._monitor_port = port or ports[0], monitor_port or ports[1]
         self._args = [found, "-a", HOST, "-p", str(self._port), "-m", str(self._monitor_port), "-js"]
+        self._server_name = server_name
         self._args += ["-n", server_name] if server_name else []
         self._args += ["-D"] if debug else []
         self._config, self._start_timeout = config, start_timeout
@@ -121,6 +122,10 @@ class NatsServer:
     def url(self) -> str:
         """Client URL, ``nats://127.0.0.1:PORT``."""
         return f"nats://{HOST}:{self._port}"
+
+    @property
+    def server_name(self) -> str | None:
+        return self._server_name
 
     @property
     def port(self) -> int:
