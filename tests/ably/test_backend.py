@@ -10,7 +10,7 @@ import pytest
 
 from durable_ai import Channel, LogPosition, StoredMessage
 from durable_ai.errors import BackendUnavailable, ConfigurationError, LogReset
-from durable_ai_ably import AblyBackend, from_url
+from durable_ai_ably import AblyBackend, from_url, options_from_url
 from durable_ai_ably.testing import AblyEmulator
 
 KEY = "app1.full:s3cret"
@@ -25,7 +25,9 @@ async def emulator() -> AsyncIterator[AblyEmulator]:
 
 @pytest.fixture
 async def backend(emulator: AblyEmulator) -> AsyncIterator[AblyBackend]:
-    backend = from_url(f"ably://?key={KEY}&endpoint={emulator.endpoint}&tls=false&publish_timeout=5")
+    backend = AblyBackend(
+        options_from_url(f"ably://?key={KEY}&endpoint={emulator.endpoint}&tls=false&publish_timeout=5")
+    )
     await backend.open()
     yield backend
     await backend.close()
@@ -37,12 +39,20 @@ async def _all(backend: AblyBackend, start: LogPosition | None = None) -> list[S
 
 def test_from_url() -> None:
     backend = from_url("ably://?key=a.b:c&namespace=chat&rate_limit=0&max_message_bytes=32768")
+    assert isinstance(backend, AblyBackend)
     assert backend.options.namespace == "chat"
     assert backend.limits.max_messages_per_second is None
     assert backend.limits.max_message_bytes == 32768
     assert backend.channel_name("s", "control") == "chat:s:control"
-    assert from_url("ably://a.b:c@").options.key == "a.b:c"
-    for bad in ("ably://", "ably://?key=nokey", "ably://?key=a.b:c&nope=1", "ably://?key=a.b:c&tls=maybe"):
+    assert options_from_url("ably://a.b:c@").key == "a.b:c"
+    for bad in (
+        "ably://",
+        "ably://?key=nokey",
+        "ably://?key=a.b:c&nope=1",
+        "ably://?key=a.b:c&tls=maybe",
+        "ably://?key=a.b:c&appends=sometimes",
+        "ably://?key=a.b:c&transport=carrier-pigeon",
+    ):
         with pytest.raises(ConfigurationError):
             from_url(bad)
 

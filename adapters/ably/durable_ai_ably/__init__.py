@@ -1,12 +1,41 @@
 """The Ably backend for durable-ai: durable AI sessions on Ably channels.
 
 ``durable_ai_ably.from_url`` builds the backend for ``ably://?key=appId.keyId:secret`` URLs (the
-``durable_ai.backends`` entry point). `durable_ai_ably.testing.AblyEmulator` emulates the part of Ably's realtime and
-REST protocols that ably-python 3.x uses, so applications can be tested offline.
+``durable_ai.backends`` entry point): :class:`AblyBackend` over a realtime connection, or, with
+``transport=rest``, :class:`AblyRestBackend` over HTTP only (for serverless functions; it does not load the
+realtime client). ``durable_ai_ably.testing.AblyEmulator`` emulates the part of Ably's realtime and REST protocols
+that ably-python 3.x uses, so applications can be tested offline.
 """
 
 from __future__ import annotations
 
-from .backend import AblyBackend, AblyOptions, from_url
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["AblyBackend", "AblyOptions", "from_url"]
+from durable_ai import Backend
+from durable_ai.errors import ConfigurationError
+
+from ._common import AblyOptions, options_from_url
+
+if TYPE_CHECKING:
+    from .backend import AblyBackend
+
+__all__ = ["AblyBackend", "AblyOptions", "from_url", "options_from_url"]
+
+
+def from_url(url: str) -> Backend:
+    """The backend for an ``ably://`` URL (see :func:`options_from_url` for its options)."""
+    options = options_from_url(url)
+    if options.transport == "rest":
+        raise ConfigurationError("transport=rest is not available in this version")
+    from .backend import AblyBackend
+
+    return AblyBackend(options)
+
+
+def __getattr__(name: str) -> Any:
+    # The backends load lazily, so a serverless function using the REST backend never imports the realtime client.
+    if name == "AblyBackend":
+        from .backend import AblyBackend
+
+        return AblyBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,19 +18,14 @@ history read, deduplicated by serial.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
-import json
 import logging
 import time
-import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from urllib.parse import quote
 
 from ably import AblyRealtime, AblyRest  # type: ignore[import-untyped]
 from ably.types.connectionstate import ConnectionState  # type: ignore[import-untyped]
@@ -42,11 +37,26 @@ from durable_ai import BackendLimits, Channel, LogPosition, StoredMessage
 from durable_ai.errors import (
     BackendError,
     BackendUnavailable,
-    ConfigurationError,
     HubClosed,
     LogReset,
     PayloadTooLarge,
     PermissionDenied,
+)
+
+from ._common import (
+    API_VERSION,
+    EVENT_NAME,
+    PAGE,
+    AblyOptions,
+    SessionState,
+    decode_data,
+    history_params,
+    options_from_url,
+    pack_snapshot,
+    snapshot_chunk_count,
+    to_bytes,
+    to_wire,
+    unpack_snapshot,
 )
 
 __all__ = ["AblyBackend", "AblyOptions", "from_url"]
@@ -54,70 +64,9 @@ __all__ = ["AblyBackend", "AblyOptions", "from_url"]
 logger = logging.getLogger("durable_ai_ably")
 T = TypeVar("T")
 
-_API_VERSION = "5"
-_PAGE = 1000
-_NO_EPOCH = "0"
-_EVENT_NAME = "e"
-
 
 class _Timeout(Exception):
     """An attempt that got no answer in time (retryable)."""
-
-
-@dataclass(frozen=True, slots=True)
-class AblyOptions:
-    """How the backend talks to Ably.
-
-    Attributes:
-        key: the API key ``appId.keyId:secret`` (tokens are requested with it).
-        endpoint: ably-python's ``endpoint`` option (``None``: Ably's production endpoint).
-        tls: use TLS; without it the key is never sent, tokens are requested instead (Ably refuses basic auth
-            over plain HTTP).
-        namespace: the first part of every channel name.
-        max_message_bytes: the largest message written; larger events are fragmented by the hub.
-        rate_limit: messages per second per channel (Ably's default channel limit is 50).
-        publish_timeout: seconds a request is retried before :class:`~durable_ai.errors.BackendUnavailable`.
-        attempt_timeout: seconds one attempt waits for its answer.
-        connect_timeout: seconds ``open`` waits for the realtime connection.
-        tap_limit: messages a live reader may fall behind before it goes back to reading history.
-        client: extra keyword arguments for ``AblyRealtime``/``AblyRest``.
-    """
-
-    key: str
-    endpoint: str | None = None
-    tls: bool = True
-    namespace: str = "ai"
-    max_message_bytes: int = 65536 - 8192
-    rate_limit: float | None = 50.0
-    publish_timeout: float = 10.0
-    attempt_timeout: float = 3.0
-    connect_timeout: float = 10.0
-    tap_limit: int = 10_000
-    client: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        name, sep, secret = self.key.partition(":")
-        if not (sep and "." in name and secret):
-            raise ConfigurationError("an Ably key looks like appId.keyId:secret")
-        if not self.namespace or any(c in self.namespace for c in ":,*[]? "):
-            raise ConfigurationError(f"invalid namespace {self.namespace!r}")
-        if self.max_message_bytes < 4096:
-            raise ConfigurationError("max_message_bytes must be at least 4096")
-        if self.rate_limit is not None and self.rate_limit <= 0:
-            raise ConfigurationError("rate_limit must be positive or None")
-        for name_ in ("publish_timeout", "attempt_timeout", "connect_timeout"):
-            if not getattr(self, name_) > 0:
-                raise ConfigurationError(f"{name_} must be positive")
-        if self.tap_limit < 1:
-            raise ConfigurationError("tap_limit must be at least 1")
-
-
-@dataclass(slots=True)
-class _Session:
-    """What the meta channel says about a session: its epoch and the serial below which messages are hidden."""
-
-    epoch: str
-    floor: str
 
 
 class _Tap:
@@ -173,7 +122,7 @@ class _Feed:
         if not serial or serial <= self.last:  # a listener registered twice (a retried subscribe) sees it again
             return
         self.last = serial
-        data = _to_bytes(message.data)
+        data = to_bytes(message.data)
         for tap in list(self.taps):
             tap.push(serial, data)
 
@@ -181,30 +130,6 @@ class _Feed:
         self.broken = True
         for tap in list(self.taps):
             tap.fail(BackendUnavailable(reason))
-
-
-def _to_bytes(data: Any) -> bytes:
-    if data is None:
-        return b""
-    if isinstance(data, str):
-        return data.encode()
-    if isinstance(data, bytes | bytearray):
-        return bytes(data)
-    return json.dumps(data, separators=(",", ":")).encode()
-
-
-def _to_wire(data: bytes) -> str | bytes:
-    """NDJSON payloads travel as strings (readable in Ably's dashboard); anything else as binary."""
-    try:
-        return data.decode()
-    except UnicodeDecodeError:
-        return data
-
-
-def _serial_time(serial: str) -> int | None:
-    """The millisecond timestamp an Ably serial starts with."""
-    head = serial.split("-", 1)[0]
-    return int(head) if head.isdigit() and len(head) >= 13 else None
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -228,7 +153,7 @@ class AblyBackend:
         self._users = 0
         self._closed = False
         self._open_lock = asyncio.Lock()
-        self._sessions: dict[str, _Session] = {}
+        self._sessions: dict[str, SessionState] = {}
         self._feeds: dict[str, _Feed] = {}
         self._detaching: dict[str, asyncio.Task[None]] = {}
         self._present: dict[tuple[str, str], bytes] = {}
@@ -240,8 +165,7 @@ class AblyBackend:
         return self._limits
 
     def channel_name(self, session: str, kind: str = "events") -> str:
-        base = f"{self.options.namespace}:{session}"
-        return base if kind == "events" else f"{base}:{kind}"
+        return self.options.channel_name(session, kind)
 
     def _client_options(self) -> dict[str, Any]:
         o = self.options
@@ -374,7 +298,7 @@ class AblyBackend:
     async def _get(self, path: str, params: Mapping[str, str]) -> Any:
         """One REST GET (the first page), with errors raised."""
         _, rest = self._parts()
-        response = await rest.request("GET", path, _API_VERSION, params=dict(params))
+        response = await rest.request("GET", path, API_VERSION, params=dict(params))
         self._check(response)
         return response
 
@@ -391,14 +315,9 @@ class AblyBackend:
         return response
 
     async def _history(
-        self, name: str, *, backwards: bool = False, limit: int = _PAGE, from_serial: str | None = None
+        self, name: str, *, backwards: bool = False, limit: int = PAGE, from_serial: str | None = None
     ) -> Any:
-        params = {"direction": "backwards" if backwards else "forwards", "limit": str(limit)}
-        if from_serial:
-            params["fromSerial"] = from_serial  # the emulator's; Ably itself filters by the time below
-            millis = _serial_time(from_serial)
-            if millis is not None and not backwards:
-                params["start"] = str(millis)
+        params = history_params(backwards=backwards, limit=limit, from_serial=from_serial)
         return await self._call(lambda: self._get(f"/channels/{quote(name, safe='')}/messages", params))
 
     async def _latest(self, name: str) -> Message | None:
@@ -407,22 +326,18 @@ class AblyBackend:
 
     # -- sessions: epoch and floor -------------------------------------------------------------------------
 
-    async def _session(self, session: str, *, refresh: bool = False) -> _Session:
+    async def _session(self, session: str, *, refresh: bool = False) -> SessionState:
         cached = self._sessions.get(session)
         if cached is not None and not refresh:
             return cached
         marker = await self._latest(self.channel_name(session, "meta"))
-        state = _Session(_NO_EPOCH, "") if marker is None else self._marker(marker.serial)
+        state = SessionState.from_marker(None if marker is None else marker.serial)
         self._sessions[session] = state
         return state
 
-    @staticmethod
-    def _marker(serial: str) -> _Session:
-        return _Session(hashlib.sha256(serial.encode()).hexdigest()[:12], serial)
-
     # -- publish -------------------------------------------------------------------------------------------
 
-    async def _publish(self, name: str, data: str | bytes, message_id: str, event: str = _EVENT_NAME) -> str:
+    async def _publish(self, name: str, data: str | bytes, message_id: str, event: str = EVENT_NAME) -> str:
         realtime, _ = self._parts()
         channel = realtime.channels.get(name)
 
@@ -440,7 +355,7 @@ class AblyBackend:
         if len(data) > self._limits.max_message_bytes:
             raise PayloadTooLarge(len(data), self._limits.max_message_bytes)
         state = await self._session(channel.session)
-        serial = await self._publish(self.channel_name(channel.session, channel.kind), _to_wire(data), message_id)
+        serial = await self._publish(self.channel_name(channel.session, channel.kind), to_wire(data), message_id)
         if serial < state.floor:  # the session was deleted by another process since we looked
             state = await self._session(channel.session, refresh=True)
         return LogPosition(state.epoch, serial)
@@ -491,7 +406,7 @@ class AblyBackend:
                         if last is not None and serial <= last:
                             continue
                         last = serial
-                        yield StoredMessage(epoch, serial, _to_bytes(message.data))
+                        yield StoredMessage(epoch, serial, to_bytes(message.data))
                     if done or not page.has_next():
                         break
                     page = await self._call(partial(self._next, page))
@@ -571,7 +486,7 @@ class AblyBackend:
     async def delete(self, session: str) -> None:
         self._parts()
         marker = await self._publish(self.channel_name(session, "meta"), "deleted", f"delete:{time.time_ns()}", "d")
-        self._sessions[session] = self._marker(marker)
+        self._sessions[session] = SessionState.from_marker(marker)
         for kind in ("events", "control"):
             feed = self._feeds.pop(self.channel_name(session, kind), None)
             if feed is not None:
@@ -590,40 +505,32 @@ class AblyBackend:
         head = await self._latest(name)
         if head is None or head.serial < state.floor:
             return None
-        body = _to_bytes(head.data)
-        kind, rest = body[:1], body[1:]
-        if kind == b"c":  # chunked: the chunks are the messages just before this one
-            count = int(rest)
+        body = to_bytes(head.data)
+        count = snapshot_chunk_count(body)
+        chunks: list[bytes] = []
+        if count:  # the chunks are the messages just before the head
             page = await self._history(name, backwards=True, limit=count + 1)
             items = [Message.from_encoded(raw) for raw in page.items]
             if len(items) != count + 1 or items[0].serial != head.serial:
                 return None
-            chunks = [_to_bytes(m.data) for m in reversed(items[1:])]
-            kind, rest = b"z", b"".join(chunks)
-        return zlib.decompress(rest) if kind == b"z" else rest
+            chunks = [to_bytes(m.data) for m in reversed(items[1:])]
+        return unpack_snapshot(body, chunks)
 
     async def save_snapshot(self, session: str, data: bytes) -> None:
         self._parts()
         name = self.channel_name(session, "snapshot")
-        packed = zlib.compress(data, 1)
-        payload = b"z" + packed if len(packed) < len(data) else b"r" + data
-        # Binary data travels base64 in JSON: keep each message well under the limit.
-        room = self._limits.max_message_bytes * 3 // 4 - 64
+        chunks, head = pack_snapshot(data, self._limits.max_message_bytes)
         stamp = time.time_ns()
-        if len(payload) <= room:
-            await self._publish(name, payload, f"snapshot:{stamp}", "s")
-            return
-        chunks = [packed[i : i + room] for i in range(0, len(packed), room)]
         for index, chunk in enumerate(chunks):
             await self._publish(name, chunk, f"snapshot:{stamp}:{index}", "s")
-        await self._publish(name, b"c" + str(len(chunks)).encode(), f"snapshot:{stamp}", "s")
+        await self._publish(name, head, f"snapshot:{stamp}", "s")
 
     # -- presence ------------------------------------------------------------------------------------------
 
     async def enter_presence(self, session: str, member_id: str, data: bytes) -> None:
         realtime, _ = self._parts()
         presence = realtime.channels.get(self.channel_name(session)).presence
-        await self._call(lambda: presence.enter_client(member_id, _to_wire(data)))
+        await self._call(lambda: presence.enter_client(member_id, to_wire(data)))
         self._present[(session, member_id)] = data
 
     async def leave_presence(self, session: str, member_id: str) -> None:
@@ -641,56 +548,12 @@ class AblyBackend:
             for raw in page.items:
                 client_id = raw.get("clientId")
                 if client_id:
-                    members[client_id] = _presence_data(raw)
+                    members[client_id] = decode_data(raw)
             if not page.has_next():
                 return members
             page = await self._call(partial(self._next, page))
 
 
-def _presence_data(raw: Mapping[str, Any]) -> bytes:
-    data, encoding = raw.get("data"), raw.get("encoding") or ""
-    if isinstance(data, str) and encoding.split("/")[-1:] == ["base64"]:
-        return base64.b64decode(data)
-    return _to_bytes(data)
-
-
-def _float(value: str, name: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        raise ConfigurationError(f"{name} must be a number, got {value!r}") from None
-
-
 def from_url(url: str) -> AblyBackend:
-    """A backend for ``ably://?key=appId.keyId:secret[&option=value...]``.
-
-    Options: ``key`` (required, or as ``ably://appId.keyId:secret@``), ``endpoint`` (e.g. ``127.0.0.1:8080/`` for
-    the emulator), ``tls`` (true|false), ``namespace`` (default ``ai``), ``max_message_bytes``, ``rate_limit`` (0:
-    none), ``publish_timeout``, ``attempt_timeout``, ``connect_timeout``, ``tap_limit``.
-    """
-    parts = urlsplit(url)
-    if parts.scheme.lower() != "ably":
-        raise ConfigurationError(f"not an ably:// URL: {url!r}")
-    kwargs: dict[str, Any] = {}
-    userinfo, _, _host = parts.netloc.rpartition("@")
-    if userinfo:
-        kwargs["key"] = unquote(userinfo)
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key in ("key", "endpoint", "namespace"):
-            kwargs[key] = value
-        elif key == "tls":
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ConfigurationError(f"tls must be true or false, got {value!r}")
-            kwargs[key] = value.lower() in ("true", "1")
-        elif key in ("max_message_bytes", "tap_limit"):
-            kwargs[key] = int(_float(value, key))
-        elif key == "rate_limit":
-            rate = _float(value, key)
-            kwargs[key] = rate if rate > 0 else None
-        elif key in ("publish_timeout", "attempt_timeout", "connect_timeout"):
-            kwargs[key] = _float(value, key)
-        else:
-            raise ConfigurationError(f"unknown option {key!r} in ably:// URL")
-    if "key" not in kwargs:
-        raise ConfigurationError("an ably:// URL needs a key: ably://?key=appId.keyId:secret")
-    return AblyBackend(AblyOptions(**kwargs))
+    """A realtime backend for an ``ably://`` URL (see :func:`durable_ai_ably.options_from_url` for the options)."""
+    return AblyBackend(options_from_url(url))

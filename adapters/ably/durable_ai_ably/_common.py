@@ -1,0 +1,252 @@
+"""What the realtime and REST backends share: options, URL parsing, channel names, sessions, payload encoding.
+
+This module does not import ably-python, so the REST backend starts without loading the realtime client.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from durable_ai.errors import ConfigurationError
+
+__all__ = ["AblyOptions", "options_from_url"]
+
+API_VERSION = "5"
+NO_EPOCH = "0"
+EVENT_NAME = "e"
+PAGE = 1000
+
+Appends = Literal["auto", "on", "off"]
+Transport = Literal["realtime", "rest"]
+
+
+@dataclass(frozen=True, slots=True)
+class AblyOptions:
+    """How a backend talks to Ably.
+
+    Attributes:
+        key: the API key ``appId.keyId:secret`` (tokens are requested with it).
+        endpoint: ably-python's ``endpoint`` option, e.g. ``127.0.0.1:8080/`` for the emulator (``None``: Ably's
+            production endpoint).
+        tls: use TLS; without it the key is never sent, tokens are requested instead (Ably refuses basic auth
+            over plain HTTP).
+        namespace: the first part of every channel name (channel rules and capabilities apply per namespace).
+        transport: ``realtime`` (a WebSocket connection, for long-lived agents) or ``rest`` (HTTP only, for
+            serverless functions: see :class:`durable_ai_ably.rest.AblyRestBackend`).
+        appends: ``auto`` streams each text or reasoning part into one message with message appends when the
+            namespace allows them, and falls back to one message per batch when it does not; ``on`` requires
+            appends; ``off`` never appends.
+        max_message_bytes: the largest message written; larger events are split by the hub and reassembled by
+            readers. A message grown by appends is closed before it passes this size.
+        rate_limit: messages per second per channel, shared by every run of a session (Ably's default limit
+            is 50).
+        connection_rate_limit: messages per second one connection publishes, over all its channels (Ably's
+            default inbound limit is 50); publishes wait their turn, so batches grow instead of being rejected.
+        publish_timeout: seconds a request is retried before :class:`~durable_ai.errors.BackendUnavailable`.
+        attempt_timeout: seconds one attempt waits for its answer.
+        connect_timeout: seconds ``open`` waits for the realtime connection.
+        poll_interval: seconds between reads of history when following over REST.
+        tap_limit: messages a live reader may fall behind before it goes back to reading history.
+        client: extra keyword arguments for ``AblyRealtime``/``AblyRest``.
+    """
+
+    key: str
+    endpoint: str | None = None
+    tls: bool = True
+    namespace: str = "ai"
+    transport: Transport = "realtime"
+    appends: Appends = "auto"
+    max_message_bytes: int = 65536 - 8192
+    rate_limit: float | None = 50.0
+    connection_rate_limit: float | None = 50.0
+    publish_timeout: float = 10.0
+    attempt_timeout: float = 3.0
+    connect_timeout: float = 10.0
+    poll_interval: float = 1.0
+    tap_limit: int = 10_000
+    client: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        name, sep, secret = self.key.partition(":")
+        if not (sep and "." in name and secret):
+            raise ConfigurationError("an Ably key looks like appId.keyId:secret")
+        if not self.namespace or any(c in self.namespace for c in ":,*[]? "):
+            raise ConfigurationError(f"invalid namespace {self.namespace!r}")
+        if self.transport not in ("realtime", "rest"):
+            raise ConfigurationError(f"transport must be realtime or rest, got {self.transport!r}")
+        if self.appends not in ("auto", "on", "off"):
+            raise ConfigurationError(f"appends must be auto, on or off, got {self.appends!r}")
+        if self.max_message_bytes < 4096:
+            raise ConfigurationError("max_message_bytes must be at least 4096")
+        for rate in ("rate_limit", "connection_rate_limit"):
+            value = getattr(self, rate)
+            if value is not None and value <= 0:
+                raise ConfigurationError(f"{rate} must be positive or None")
+        for name_ in ("publish_timeout", "attempt_timeout", "connect_timeout", "poll_interval"):
+            if not getattr(self, name_) > 0:
+                raise ConfigurationError(f"{name_} must be positive")
+        if self.tap_limit < 1:
+            raise ConfigurationError("tap_limit must be at least 1")
+
+    @property
+    def key_name(self) -> str:
+        return self.key.partition(":")[0]
+
+    def channel_name(self, session: str, kind: str = "events") -> str:
+        """``<namespace>:<session>`` for events, ``<namespace>:<session>:<kind>`` for the others."""
+        base = f"{self.namespace}:{session}"
+        return base if kind == "events" else f"{base}:{kind}"
+
+
+@dataclass(slots=True)
+class SessionState:
+    """What the meta channel says about a session: its epoch and the serial below which messages are hidden."""
+
+    epoch: str
+    floor: str
+
+    @classmethod
+    def from_marker(cls, serial: str | None) -> SessionState:
+        """The state after the delete marker with this serial (``None``: never deleted)."""
+        if serial is None:
+            return cls(NO_EPOCH, "")
+        return cls(hashlib.sha256(serial.encode()).hexdigest()[:12], serial)
+
+
+def to_bytes(data: Any) -> bytes:
+    if data is None:
+        return b""
+    if isinstance(data, str):
+        return data.encode()
+    if isinstance(data, bytes | bytearray):
+        return bytes(data)
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+def to_wire(data: bytes) -> str | bytes:
+    """NDJSON payloads travel as strings (readable in Ably's dashboard); anything else as binary."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return data
+
+
+def decode_data(raw: Mapping[str, Any]) -> bytes:
+    """The payload of a message or presence member as REST returns it (JSON), undoing its ``encoding``."""
+    data: Any = raw.get("data")
+    encoding = raw.get("encoding") or ""
+    for step in reversed([s for s in encoding.split("/") if s]):
+        if step == "base64" and isinstance(data, str):
+            data = base64.b64decode(data)
+        elif step == "json" and isinstance(data, str | bytes):
+            data = json.loads(data)
+        elif step in ("utf-8", "utf8") and isinstance(data, bytes):
+            data = data.decode()
+        else:
+            break
+    return to_bytes(data)
+
+
+def serial_time(serial: str) -> int | None:
+    """The millisecond timestamp an Ably serial starts with."""
+    head = serial.split("-", 1)[0]
+    return int(head) if head.isdigit() and len(head) >= 13 else None
+
+
+def history_params(*, backwards: bool, limit: int, from_serial: str | None) -> dict[str, str]:
+    """Query parameters for ``GET /channels/{name}/messages``, from a serial (inclusive) when given."""
+    params = {"direction": "backwards" if backwards else "forwards", "limit": str(limit)}
+    if from_serial:
+        params["fromSerial"] = from_serial  # the emulator's; Ably itself filters by the time below
+        millis = serial_time(from_serial)
+        if millis is not None and not backwards:
+            params["start"] = str(millis)
+    return params
+
+
+# -- snapshots ---------------------------------------------------------------------------------------------------
+
+
+def pack_snapshot(data: bytes, max_message_bytes: int) -> tuple[list[bytes], bytes]:
+    """The messages that store a snapshot: chunks (possibly none) and then the head message.
+
+    The head is ``z`` + zlib data, ``r`` + raw data, or ``c<count>`` when the compressed data is split over the
+    ``count`` chunks published just before it.
+    """
+    packed = zlib.compress(data, 1)
+    payload = b"z" + packed if len(packed) < len(data) else b"r" + data
+    room = max_message_bytes * 3 // 4 - 64  # binary data travels base64 in JSON
+    if len(payload) <= room:
+        return [], payload
+    chunks = [packed[i : i + room] for i in range(0, len(packed), room)]
+    return chunks, b"c" + str(len(chunks)).encode()
+
+
+def snapshot_chunk_count(head: bytes) -> int:
+    """How many chunk messages precede this head message (0 for a whole snapshot)."""
+    return int(head[1:]) if head[:1] == b"c" else 0
+
+
+def unpack_snapshot(head: bytes, chunks: list[bytes]) -> bytes:
+    """The snapshot from its head message and its chunks, oldest first."""
+    kind, rest = head[:1], head[1:]
+    if kind == b"c":
+        kind, rest = b"z", b"".join(chunks)
+    return zlib.decompress(rest) if kind == b"z" else rest
+
+
+# -- URLs --------------------------------------------------------------------------------------------------------
+
+
+def _float(value: str, name: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a number, got {value!r}") from None
+
+
+def _bool(value: str, name: str) -> bool:
+    if value.lower() not in ("true", "false", "1", "0"):
+        raise ConfigurationError(f"{name} must be true or false, got {value!r}")
+    return value.lower() in ("true", "1")
+
+
+def options_from_url(url: str) -> AblyOptions:
+    """The options an ``ably://?key=appId.keyId:secret[&option=value...]`` URL gives.
+
+    Options: ``key`` (required, or as ``ably://appId.keyId:secret@``), ``endpoint`` (e.g. ``127.0.0.1:8080/`` for
+    the emulator), ``tls`` (true|false), ``namespace`` (default ``ai``), ``transport`` (realtime|rest),
+    ``appends`` (auto|on|off), ``max_message_bytes``, ``rate_limit`` and ``connection_rate_limit`` (0: none),
+    ``publish_timeout``, ``attempt_timeout``, ``connect_timeout``, ``poll_interval``, ``tap_limit``.
+    """
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "ably":
+        raise ConfigurationError(f"not an ably:// URL: {url!r}")
+    kwargs: dict[str, Any] = {}
+    userinfo, _, _host = parts.netloc.rpartition("@")
+    if userinfo:
+        kwargs["key"] = unquote(userinfo)
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in ("key", "endpoint", "namespace", "transport", "appends"):
+            kwargs[key] = value
+        elif key == "tls":
+            kwargs[key] = _bool(value, key)
+        elif key in ("max_message_bytes", "tap_limit"):
+            kwargs[key] = int(_float(value, key))
+        elif key in ("rate_limit", "connection_rate_limit"):
+            rate = _float(value, key)
+            kwargs[key] = rate if rate > 0 else None
+        elif key in ("publish_timeout", "attempt_timeout", "connect_timeout", "poll_interval"):
+            kwargs[key] = _float(value, key)
+        else:
+            raise ConfigurationError(f"unknown option {key!r} in ably:// URL")
+    if "key" not in kwargs:
+        raise ConfigurationError("an ably:// URL needs a key: ably://?key=appId.keyId:secret")
+    return AblyOptions(**kwargs)
