@@ -15,7 +15,7 @@ upstream. Sessions live on a backend chosen by URL: ``memory://`` (embedded), ``
 from __future__ import annotations
 
 from ._control import Handler, Server
-from ._util import validate_session_id
+from ._util import RateBudget, validate_session_id
 from .backend import Backend, BackendLimits, Channel, ChannelKind, StoredMessage, backend_from_url
 from .backends.memory import MemoryBackend
 from .coalesce import Coalesce
@@ -109,6 +109,7 @@ __all__ = [
     "Prompt",
     "ProtocolError",
     "PublishError",
+    "RateBudget",
     "ReasoningDelta",
     "ReasoningPart",
     "Reset",

@@ -20,7 +20,6 @@ __all__ = ["AblyOptions", "options_from_url"]
 
 API_VERSION = "5"
 NO_EPOCH = "0"
-EVENT_NAME = "e"
 PAGE = 1000
 
 Appends = Literal["auto", "on", "off"]

@@ -21,22 +21,24 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import quote
 
 from ably import AblyRealtime, AblyRest  # type: ignore[import-untyped]
 from ably.types.connectionstate import ConnectionState  # type: ignore[import-untyped]
-from ably.types.message import Message  # type: ignore[import-untyped]
+from ably.types.message import Message, MessageAction  # type: ignore[import-untyped]
 from ably.util.exceptions import AblyException  # type: ignore[import-untyped]
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from durable_ai import BackendLimits, Channel, LogPosition, StoredMessage
+from durable_ai import BackendLimits, Channel, LogPosition, RateBudget, StoredMessage
 from durable_ai.errors import (
     BackendError,
     BackendUnavailable,
+    ConfigurationError,
     HubClosed,
     LogReset,
     PayloadTooLarge,
@@ -45,7 +47,6 @@ from durable_ai.errors import (
 
 from ._common import (
     API_VERSION,
-    EVENT_NAME,
     PAGE,
     AblyOptions,
     SessionState,
@@ -53,11 +54,25 @@ from ._common import (
     history_params,
     options_from_url,
     pack_snapshot,
+    serial_time,
     snapshot_chunk_count,
     to_bytes,
     to_wire,
     unpack_snapshot,
 )
+from ._log import (
+    APPENDABLE_NAME,
+    PART_WINDOW_SECONDS,
+    PLAIN_NAME,
+    Op,
+    OpenParts,
+    Reorder,
+    format_position,
+    parse_position,
+    split_append,
+    split_message,
+)
+from ._parts import PartPlanner
 
 __all__ = ["AblyBackend", "AblyOptions", "from_url"]
 
@@ -69,25 +84,36 @@ class _Timeout(Exception):
     """An attempt that got no answer in time (retryable)."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Live:
+    """An operation a subscription delivered: a created message or an append to the message ``serial``."""
+
+    position: str
+    serial: str
+    data: bytes
+    append: bool
+    appendable: bool
+
+
 class _Tap:
-    """One live reader's queue of realtime messages."""
+    """One live reader's queue of realtime operations."""
 
     def __init__(self, feed: _Feed, limit: int) -> None:
         self.feed = feed
         self.limit = limit
-        self.queue: deque[tuple[str, bytes]] = deque()
+        self.queue: deque[_Live] = deque()
         self.error: BaseException | None = None
         self.overflow = False
         self.changed = asyncio.Event()
 
-    def push(self, serial: str, data: bytes) -> None:
+    def push(self, live: _Live) -> None:
         if self.overflow:
             return
         if len(self.queue) >= self.limit:
             self.overflow = True
             self.queue.clear()
         else:
-            self.queue.append((serial, data))
+            self.queue.append(live)
         self.changed.set()
 
     def fail(self, error: BaseException) -> None:
@@ -95,8 +121,8 @@ class _Tap:
             self.error = error
         self.changed.set()
 
-    async def next(self) -> tuple[str, bytes] | None:
-        """The next live message; ``None`` once the reader fell behind (read history again)."""
+    async def next(self) -> _Live | None:
+        """The next live operation; ``None`` once the reader fell behind (read history again)."""
         while True:
             if self.queue:
                 return self.queue.popleft()
@@ -118,18 +144,54 @@ class _Feed:
         self.last = ""
 
     def on_message(self, message: Message) -> None:
-        serial = message.serial
-        if not serial or serial <= self.last:  # a listener registered twice (a retried subscribe) sees it again
+        action = message.action
+        if action is None or action == MessageAction.MESSAGE_CREATE:
+            position = message.serial
+        elif action == MessageAction.MESSAGE_APPEND:
+            position = message.version.serial if message.version is not None else None
+        else:
+            return  # updates and deletes are not part of a session's log
+        # A listener registered twice (a retried subscribe) sees an operation twice: keep the first.
+        if not position or not message.serial or position <= self.last:
             return
-        self.last = serial
-        data = to_bytes(message.data)
+        self.last = position
+        live = _Live(
+            position,
+            message.serial,
+            to_bytes(message.data),
+            action == MessageAction.MESSAGE_APPEND,
+            message.name == APPENDABLE_NAME,
+        )
         for tap in list(self.taps):
-            tap.push(serial, data)
+            tap.push(live)
 
     def fail(self, reason: str) -> None:
         self.broken = True
         for tap in list(self.taps):
             tap.fail(BackendUnavailable(reason))
+
+
+class _Links:
+    """The link of the latest append seen per message, to drop an append a retry stored twice."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._links: OrderedDict[str, str] = OrderedDict()
+        self._size = size
+
+    def duplicate(self, serial: str, link: str) -> bool:
+        if self._links.get(serial) == link:
+            return True
+        self._links[serial] = link
+        self._links.move_to_end(serial)
+        if len(self._links) > self._size:
+            self._links.popitem(last=False)
+        return False
+
+
+def _appends_refused(exc: BaseException) -> bool:
+    """Whether Ably refused an append because the namespace lacks the mutable-messages rule (93002)."""
+    cause = exc.__cause__
+    return isinstance(cause, AblyException) and cause.code == 93002
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -157,6 +219,10 @@ class AblyBackend:
         self._feeds: dict[str, _Feed] = {}
         self._detaching: dict[str, asyncio.Task[None]] = {}
         self._present: dict[tuple[str, str], bytes] = {}
+        self._planner = PartPlanner(options.max_message_bytes)
+        self._channel_budgets: dict[str, RateBudget] = {}
+        rate = options.connection_rate_limit
+        self._connection_budget = RateBudget(rate) if rate is not None else None
 
     # -- connection ----------------------------------------------------------------------------------------
 
@@ -337,11 +403,12 @@ class AblyBackend:
 
     # -- publish -------------------------------------------------------------------------------------------
 
-    async def _publish(self, name: str, data: str | bytes, message_id: str, event: str = EVENT_NAME) -> str:
+    async def _publish(self, name: str, data: str | bytes, message_id: str, event: str = PLAIN_NAME) -> str:
         realtime, _ = self._parts()
         channel = realtime.channels.get(name)
 
         async def attempt() -> Any:
+            await self._throttle(name)
             return await channel.publish(Message(name=event, data=data, id=message_id))
 
         result = await self._call(attempt)
@@ -350,15 +417,79 @@ class AblyBackend:
             raise BackendError(f"Ably acknowledged a publish to {name!r} without a serial")
         return str(serials[0])
 
+    async def _append(self, name: str, serial: str, data: str | bytes) -> str:
+        realtime, _ = self._parts()
+        channel = realtime.channels.get(name)
+
+        async def attempt() -> Any:
+            await self._throttle(name)
+            return await channel.append_message(Message(data=data, serial=serial))
+
+        result = await self._call(attempt)
+        version = getattr(result, "version_serial", None)
+        if not version:
+            raise BackendError(f"Ably acknowledged an append on {name!r} without a version serial")
+        return str(version)
+
+    async def _throttle(self, name: str) -> None:
+        """Wait for the channel's and the connection's message budgets (Ably: 50 msg/s each by default)."""
+        if self.options.rate_limit is not None:
+            budget = self._channel_budgets.get(name)
+            if budget is None:
+                if len(self._channel_budgets) > 4096:
+                    self._channel_budgets.clear()
+                budget = self._channel_budgets[name] = RateBudget(self.options.rate_limit)
+            await budget.acquire()
+        if self._connection_budget is not None:
+            await self._connection_budget.acquire()
+
     async def publish(self, channel: Channel, data: bytes, *, message_id: str) -> LogPosition:
         self._parts()
         if len(data) > self._limits.max_message_bytes:
             raise PayloadTooLarge(len(data), self._limits.max_message_bytes)
         state = await self._session(channel.session)
-        serial = await self._publish(self.channel_name(channel.session, channel.kind), to_wire(data), message_id)
-        if serial < state.floor:  # the session was deleted by another process since we looked
-            state = await self._session(channel.session, refresh=True)
+        name = self.channel_name(channel.session, channel.kind)
+        if channel.kind == "events" and self.options.appends != "off":
+            serial = await self._publish_parts(name, data, message_id)
+        else:
+            serial = await self._publish(name, to_wire(data), message_id)
         return LogPosition(state.epoch, serial)
+
+    async def _publish_parts(self, name: str, data: bytes, message_id: str) -> str:
+        """Publish a batch as new messages and appends to its parts' messages (see :mod:`._parts`)."""
+        planner = self._planner
+        plan = planner.plan(name, data, message_id)
+        for op in plan.ops:
+            if op.position is not None:
+                continue  # done in an earlier attempt
+            payload = op.payload()
+            if op.target is not None:
+                try:
+                    version = await self._append(name, op.target.serial, to_wire(payload))
+                except BackendError as exc:
+                    if not _appends_refused(exc):
+                        raise
+                    if self.options.appends == "on":
+                        raise ConfigurationError(
+                            f"Ably refused an append on {name!r}: enable the 'Message annotations, updates, "
+                            f"deletes and appends' rule on the {self.options.namespace!r} namespace ({exc})"
+                        ) from exc
+                    logger.info(
+                        "appends are not enabled on namespace %r: one message per batch", self.options.namespace
+                    )
+                    planner.disable()
+                else:
+                    planner.appended(op, version, len(payload))
+                    continue
+                payload = op.payload()
+            event = APPENDABLE_NAME if op.part is not None and planner.enabled else PLAIN_NAME
+            serial = await self._publish(name, to_wire(payload), op.message_id, event)
+            planner.created(plan, op, serial, len(payload))
+        planner.finished(plan, message_id)
+        positions = [op.position for op in plan.ops if op.position is not None]
+        if not positions:  # an empty batch (the hub never sends one): store it as it is
+            return await self._publish(name, to_wire(data), message_id)
+        return positions[-1]
 
     # -- read ----------------------------------------------------------------------------------------------
 
@@ -369,45 +500,66 @@ class AblyBackend:
         epoch, floor = state.epoch, state.floor
         if start is not None and start.epoch != epoch:
             raise LogReset("the session's log was recreated (deleted since the cursor)")
-        first = start.position if start is not None and start.position else None
+        first, oldest = parse_position(start.position) if start is not None and start.position else (None, None)
         if first is not None and first < floor:
             raise LogReset("the cursor is older than the session's deletion")
         until: str | None = None
         if not follow:
-            newest = await self._latest(name)
-            if newest is None or newest.serial < max(first or "", floor):
+            newest = await self._newest(name, floor)
+            if newest is None or newest[0] < max(first or "", floor):
                 if first is not None:
                     raise LogReset("the message at the cursor is no longer retained")
                 return
-            until = newest.serial
+            until = newest[0]
         tap: _Tap | None = None
         last: str | None = None
+        links = _Links()
         try:
             while True:
                 if follow and tap is None:
                     tap = await self._attach(name)
+                parts = OpenParts()
                 expected = first
                 lower = first or floor
-                page = await self._history(name, from_serial=lower or None)
+                # Parts created before the start may have grown after it: read history from the oldest of them.
+                fetch = oldest if oldest is not None and oldest < lower else lower
+                reorder = Reorder()
+                page = await self._history(name, from_serial=fetch or None)
                 done = False
-                while True:
-                    for raw in page.items:
-                        message = Message.from_encoded(raw)
+                seen_first = False
+                while not done:
+                    items = [Message.from_encoded(raw) for raw in page.items]
+                    end = not page.has_next()
+                    ready: list[Op] = []
+                    for message in items:
                         serial = message.serial
-                        if not serial or serial < lower:
+                        if not serial or serial < fetch or serial < floor:
+                            continue
+                        if not seen_first and oldest is not None and fetch == oldest and serial != oldest:
+                            raise LogReset("a part the cursor depends on is no longer retained")
+                        seen_first = True
+                        ready += reorder.release(serial)
+                        if message.name == APPENDABLE_NAME:
+                            parts.add(serial)
+                        version = message.version.serial if message.version is not None else None
+                        reorder.add(split_message(serial, version, to_bytes(message.data)))
+                    if end:
+                        ready += reorder.release()
+                    for op in ready:
+                        if op.serial < lower:
                             continue
                         if expected is not None:
-                            if serial != expected:
+                            if op.serial != expected:
                                 raise LogReset("the message at the cursor is no longer retained")
                             expected = None
-                        if until is not None and serial > until:
+                        if until is not None and op.serial > until:
                             done = True
                             break
-                        if last is not None and serial <= last:
+                        if last is not None and op.serial <= last:
                             continue
-                        last = serial
-                        yield StoredMessage(epoch, serial, to_bytes(message.data))
-                    if done or not page.has_next():
+                        last = op.serial
+                        yield StoredMessage(epoch, format_position(op.serial, parts.oldest(op.serial)), op.data)
+                    if done or end:
                         break
                     page = await self._call(partial(self._next, page))
                 if expected is not None:
@@ -415,19 +567,60 @@ class AblyBackend:
                 if tap is None:
                     return
                 while (live := await tap.next()) is not None:
-                    serial, data = live
-                    if serial < floor or (last is not None and serial <= last):
+                    if live.serial < floor or (last is not None and live.position <= last):
                         continue
-                    last = serial
-                    yield StoredMessage(epoch, serial, data)
-                # Fell behind the live feed: read history again from the last message read (inclusive).
+                    data = live.data
+                    if live.append:
+                        framed = split_append(data)
+                        if framed is None:
+                            logger.warning("skipping an append on %r that durable-ai did not write", name)
+                            continue
+                        link, data = framed
+                        if links.duplicate(live.serial, link):
+                            continue
+                    elif live.appendable:
+                        parts.add(live.serial)
+                    last = live.position
+                    yield StoredMessage(epoch, format_position(live.position, parts.oldest(live.position)), data)
+                # Fell behind the live feed: read history again from the last operation read (inclusive).
                 self._detach(tap)
                 tap = None
                 if last is not None:
                     first = last
+                    oldest = parts.oldest(last)
         finally:
             if tap is not None:
                 self._detach(tap)
+
+    async def _newest(self, name: str, floor: str) -> tuple[str, str | None] | None:
+        """The position of the channel's newest operation, and the oldest part that may still grow then.
+
+        Appends change messages created earlier, so this reads back through the window in which parts grow.
+        """
+        page = await self._history(name, backwards=True, limit=100)
+        newest: str | None = None
+        horizon: int | None = None
+        parts: list[str] = []
+        for _ in range(10):
+            for raw in page.items:
+                message = Message.from_encoded(raw)
+                serial = message.serial
+                if not serial or serial < floor:
+                    return (newest, min(parts, default=None)) if newest else None
+                created = serial_time(serial)
+                if horizon is None and created is not None:
+                    horizon = created - int(PART_WINDOW_SECONDS * 1000)
+                if horizon is not None and created is not None and created < horizon:
+                    return (newest, min(parts, default=None)) if newest else None
+                version = message.version.serial if message.version is not None else None
+                position = max(serial, version or serial)
+                newest = position if newest is None else max(newest, position)
+                if message.name == APPENDABLE_NAME:
+                    parts.append(serial)
+            if not page.has_next():
+                break
+            page = await self._call(partial(self._next, page))
+        return (newest, min(parts, default=None)) if newest else None
 
     async def _attach(self, name: str) -> _Tap:
         realtime, _ = self._parts()
@@ -478,15 +671,16 @@ class AblyBackend:
     async def head(self, channel: Channel) -> LogPosition | None:
         self._parts()
         state = await self._session(channel.session, refresh=True)
-        newest = await self._latest(self.channel_name(channel.session, channel.kind))
-        if newest is None or newest.serial < state.floor:
+        newest = await self._newest(self.channel_name(channel.session, channel.kind), state.floor)
+        if newest is None:
             return None
-        return LogPosition(state.epoch, newest.serial)
+        return LogPosition(state.epoch, format_position(*newest))
 
     async def delete(self, session: str) -> None:
         self._parts()
         marker = await self._publish(self.channel_name(session, "meta"), "deleted", f"delete:{time.time_ns()}", "d")
         self._sessions[session] = SessionState.from_marker(marker)
+        self._planner.forget(self.channel_name(session))
         for kind in ("events", "control"):
             feed = self._feeds.pop(self.channel_name(session, kind), None)
             if feed is not None:

@@ -1,0 +1,167 @@
+"""A session's log on an Ably channel whose messages may grow by appends: operations, positions and framing.
+
+Without appends every message is one entry of the log, at its serial. With appends (message per part), a part's
+message is created with its first batch and each later batch is appended to it; subscribers receive every
+append as it happens, and history returns the message whole. The log is then the sequence of **operations**:
+the create, at the message's serial, and each append, at its version serial.
+
+An appended batch is framed as ``\\n{"~":"<previous version serial>"}\\n<batch>``: the first line links it to the
+operation before it on the same message. The links let a reader split a message that history returns whole back
+into its operations with their positions (the last append is at the message's ``version.serial``), and drop an
+append a retry stored twice (both carry the same link). Event lines are JSON objects starting ``{"v":``, and JSON
+strings never hold a raw newline, so the frame cannot occur inside a batch.
+
+Messages that may still grow are named ``p`` (parts); the others ``e``. A part grows for at most
+:data:`PART_WINDOW_SECONDS` after it is created, so an operation at time *t* can only belong to a message created
+after *t* minus that window. A reader resuming inside that window must read history from the oldest part that may
+still have grown: a position carries the serial of that part after a ``|`` (``<serial>|<oldest open part>``), so a
+cursor alone is enough to resume exactly.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ._common import serial_time
+
+__all__ = [
+    "APPENDABLE_NAME",
+    "PLAIN_NAME",
+    "Op",
+    "OpenParts",
+    "Reorder",
+    "append_frame",
+    "format_position",
+    "parse_position",
+    "split_append",
+    "split_message",
+]
+
+PLAIN_NAME = "e"
+APPENDABLE_NAME = "p"
+#: seconds a part message is appended to after its creation (the writer starts a new message after that)
+PART_MAX_AGE_SECONDS = 30.0
+#: seconds after a part's creation that appends to it can still land (retries included), as serial time
+PART_WINDOW_SECONDS = 60.0
+
+_FRAME = b'\n{"~":'
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One operation of the log: a created message or an append, at its position (a serial)."""
+
+    serial: str
+    data: bytes
+
+
+def append_frame(previous: str, batch: bytes) -> bytes:
+    """The data of an append that follows the operation at ``previous`` on the same message."""
+    return _FRAME + json.dumps(previous).encode() + b"}\n" + batch
+
+
+def _unframe(chunk: bytes) -> tuple[str, bytes] | None:
+    """``(previous, batch)`` of one framed append without its leading frame marker, or ``None``."""
+    end = chunk.find(b"}\n")
+    if end < 0:
+        return None
+    try:
+        previous = json.loads(chunk[:end])
+    except ValueError:
+        return None
+    return (previous, chunk[end + 2 :]) if isinstance(previous, str) else None
+
+
+def split_append(data: bytes) -> tuple[str, bytes] | None:
+    """The link and batch of an append as subscribers receive it; ``None`` if it is not framed."""
+    if not data.startswith(_FRAME):
+        return None
+    return _unframe(data[len(_FRAME) :])
+
+
+def split_message(serial: str, version_serial: str | None, data: bytes) -> list[Op]:
+    """The operations of a message as history returns it (after its appends), oldest first.
+
+    An append stored twice by a retry is dropped; the surviving copy is the one the next append links to.
+    """
+    if not version_serial or version_serial == serial or _FRAME not in data:
+        return [Op(serial, data)]
+    pieces = data.split(_FRAME)
+    batches = [pieces[0]]
+    links: list[str] = []
+    for piece in pieces[1:]:
+        framed = _unframe(piece)
+        if framed is None:  # not ours: keep the text with the batch before it
+            batches[-1] += _FRAME + piece
+            continue
+        previous, batch = framed
+        if links and previous == links[-1]:
+            # Two appends linked to the same operation: a retried append that had landed. The next append's
+            # link names which copy the writer kept; with none, keep the later one.
+            batches[-1] = batch
+            continue
+        links.append(previous)
+        batches.append(batch)
+    # The operation of batch k is named by the link of batch k + 1; the last is the message's latest version.
+    positions = [serial, *links[1:], version_serial]
+    return [Op(position, batch) for position, batch in zip(positions, batches, strict=True)]
+
+
+def format_position(serial: str, oldest_open: str | None) -> str:
+    """A position: the operation's serial, and the oldest part that may still grow when it is older."""
+    return serial if oldest_open is None or oldest_open >= serial else f"{serial}|{oldest_open}"
+
+
+def parse_position(position: str) -> tuple[str, str | None]:
+    """``(serial, oldest open part)`` of a position made by :func:`format_position`."""
+    serial, _, oldest = position.partition("|")
+    return serial, oldest or None
+
+
+class OpenParts:
+    """The part messages a reader has seen that may still grow, to name the oldest in positions."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[str, int]] = []
+
+    def add(self, serial: str) -> None:
+        created = serial_time(serial)
+        if created is not None:
+            heapq.heappush(self._heap, (serial, created))
+
+    def oldest(self, now_serial: str) -> str | None:
+        """The oldest part created within the window before the operation at ``now_serial``."""
+        now = serial_time(now_serial)
+        if now is None:
+            return None
+        horizon = now - int(PART_WINDOW_SECONDS * 1000)
+        while self._heap and self._heap[0][1] < horizon:
+            heapq.heappop(self._heap)
+        return self._heap[0][0] if self._heap else None
+
+
+class Reorder:
+    """Puts the operations of messages read from history (in message order) into position order.
+
+    An operation at position *p* belongs to a message created at or before *p*, so once history has reached
+    a message created at *s*, every operation before *s* is known.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[str, int, Op]] = []
+        self._count = 0
+
+    def add(self, ops: Iterable[Op]) -> None:
+        for op in ops:
+            self._count += 1
+            heapq.heappush(self._heap, (op.serial, self._count, op))
+
+    def release(self, below: str | None = None) -> list[Op]:
+        """The operations before ``below`` (``None``: all), in order."""
+        out: list[Op] = []
+        while self._heap and (below is None or self._heap[0][0] < below):
+            out.append(heapq.heappop(self._heap)[2])
+        return out
