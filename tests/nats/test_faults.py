@@ -7,81 +7,16 @@ the middle; the client's reassembled text must equal the agent's, with every eve
 
 from __future__ import annotations
 
-import asyncio
-import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
 import durable_ai
-from durable_ai import Event, Hub, RunEnd, Status
-from durable_ai.testing.scenarios import collect, text_of
+from durable_ai.testing.scenarios import collect
 from durable_ai_nats import NatsBackend, names
 from durable_ai_nats.testing import NatsCluster, NatsServer
+from tests.faults import assert_whole, scenario
 from tests.nats.proxy import TcpProxy
-
-TOKENS = 1500
-TIMEOUT = 60.0
-
-
-def _tokens(tag: str) -> list[str]:
-    return [f"{tag}{i} " for i in range(TOKENS)]
-
-
-async def _scenario(
-    agent: Hub, client: Hub, fault: Callable[[], Awaitable[None]], *, faults: int = 3
-) -> tuple[list[Event], str, list[str]]:
-    """An agent writes while a client follows; ``fault`` strikes ``faults`` times, each mid-run.
-
-    Before each fault the client must have seen the answer up to that point (so it is live, not catching up);
-    the agent cannot finish before every fault has struck, and goes on writing while the broker is away.
-    """
-    session = f"fault-{secrets.token_hex(4)}"
-    tokens = _tokens("t")
-    marks = [TOKENS * (k + 1) // (faults + 1) for k in range(faults)]
-    struck = [asyncio.Event() for _ in marks]
-    seen: list[Event] = []
-    progress: asyncio.Queue[int] = asyncio.Queue()
-
-    async def write() -> str:
-        async with agent.session(session).run(agent="writer") as run:
-            for i, token in enumerate(tokens, start=1):
-                await run.text(token)
-                if i % 50 == 0:
-                    await run.status(str(i))  # returns once the broker stored it
-                for mark, event in zip(marks, struck, strict=True):
-                    if i == mark + 25:
-                        await event.wait()
-        return run.id
-
-    async def follow() -> None:
-        async with client.session(session).events() as events:
-            async for event in events:
-                seen.append(event)
-                if isinstance(event, Status) and event.text.isdigit():
-                    progress.put_nowait(int(event.text))
-                if isinstance(event, RunEnd):
-                    return
-
-    async with asyncio.timeout(TIMEOUT), asyncio.TaskGroup() as group:
-        follower = group.create_task(follow())
-        writer = group.create_task(write())
-        for mark, event in zip(marks, struck, strict=True):
-            while await progress.get() < mark:
-                pass
-            await fault()
-            event.set()
-        run_id = await writer
-        await follower
-    return seen, run_id, tokens
-
-
-def _assert_whole(events: list[Event], run_id: str, tokens: list[str]) -> None:
-    ids = [e.id for e in events]
-    assert len(ids) == len(set(ids)), "an event arrived twice"
-    assert text_of(events, run_id) == "".join(tokens), "the follower's text has a gap or a duplicate"
-    end = events[-1]
-    assert isinstance(end, RunEnd) and end.run_id == run_id and end.status == "completed"
 
 
 @pytest.fixture
@@ -101,12 +36,12 @@ async def test_server_killed_mid_run_several_times(server: NatsServer) -> None:
         await server.restart()
 
     async with durable_ai.connect(server.url) as agent, durable_ai.connect(server.url) as client:
-        events, run_id, tokens = await _scenario(agent, client, crash)
-        _assert_whole(events, run_id, tokens)
+        events, run_id, tokens = await scenario(agent, client, crash)
+        assert_whole(events, run_id, tokens)
         # The stored log holds the same answer, once, for anyone reading it later.
         replay = await collect(client.session(events[0].session).events(follow=False))
     assert crashes == 3
-    _assert_whole(replay, run_id, tokens)
+    assert_whole(replay, run_id, tokens)
 
 
 async def test_subscriber_connection_severed(server: NatsServer) -> None:
@@ -117,8 +52,8 @@ async def test_subscriber_connection_severed(server: NatsServer) -> None:
             proxy.sever()
 
         async with durable_ai.connect(server.url) as agent, durable_ai.connect(proxy.url) as client:
-            events, run_id, tokens = await _scenario(agent, client, sever)
-    _assert_whole(events, run_id, tokens)
+            events, run_id, tokens = await scenario(agent, client, sever)
+    assert_whole(events, run_id, tokens)
 
 
 async def test_writer_connection_severed(server: NatsServer) -> None:
@@ -129,10 +64,10 @@ async def test_writer_connection_severed(server: NatsServer) -> None:
             proxy.sever()
 
         async with durable_ai.connect(proxy.url) as agent, durable_ai.connect(server.url) as client:
-            events, run_id, tokens = await _scenario(agent, client, sever)
+            events, run_id, tokens = await scenario(agent, client, sever)
             replay = await collect(client.session(events[0].session).events(follow=False))
-    _assert_whole(events, run_id, tokens)
-    _assert_whole(replay, run_id, tokens)
+    assert_whole(events, run_id, tokens)
+    assert_whole(replay, run_id, tokens)
 
 
 async def test_cluster_node_killed_mid_run() -> None:
@@ -152,8 +87,8 @@ async def test_cluster_node_killed_mid_run() -> None:
             await victim.kill()
 
         async with durable_ai.connect(url) as agent, durable_ai.connect(url) as client:
-            events, run_id, tokens = await _scenario(agent, client, kill_leader, faults=1)
+            events, run_id, tokens = await scenario(agent, client, kill_leader, faults=1)
             replay = await collect(client.session(events[0].session).events(follow=False))
     assert len(killed) == 1
-    _assert_whole(events, run_id, tokens)
-    _assert_whole(replay, run_id, tokens)
+    assert_whole(events, run_id, tokens)
+    assert_whole(replay, run_id, tokens)

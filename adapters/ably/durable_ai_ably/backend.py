@@ -33,6 +33,7 @@ from ably.types.connectionstate import ConnectionState  # type: ignore[import-un
 from ably.types.message import Message, MessageAction  # type: ignore[import-untyped]
 from ably.util.exceptions import AblyException  # type: ignore[import-untyped]
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
+from websockets.exceptions import ConnectionClosed
 
 from durable_ai import BackendLimits, Channel, LogPosition, RateBudget, StoredMessage
 from durable_ai.errors import (
@@ -195,12 +196,12 @@ def _appends_refused(exc: BaseException) -> bool:
 
 
 def _retryable(exc: BaseException) -> bool:
-    if isinstance(exc, _Timeout | TimeoutError | ConnectionError | OSError):
-        return True
+    if isinstance(exc, _Timeout | TimeoutError | ConnectionError | OSError | ConnectionClosed):
+        return True  # ConnectionClosed: the WebSocket closed while ably-python was sending
     if isinstance(exc, AblyException):
         status = exc.status_code or 0
         code = exc.code or 0
-        return status >= 500 or status == 429 or 80000 <= code < 90000 or code in (40001, 90001)
+        return status >= 500 or status == 429 or 80000 <= code <= 90001 or code == 40001
     return False
 
 
@@ -233,9 +234,21 @@ class AblyBackend:
     def channel_name(self, session: str, kind: str = "events") -> str:
         return self.options.channel_name(session, kind)
 
+    @property
+    def connection_id(self) -> str | None:
+        """The realtime connection's id while connected (it changes when a connection cannot be resumed)."""
+        if self._realtime is None:
+            return None
+        manager = self._realtime.connection.connection_manager
+        return None if manager.connection_id is None else str(manager.connection_id)
+
     def _client_options(self) -> dict[str, Any]:
         o = self.options
-        options: dict[str, Any] = {"key": o.key, "tls": o.tls, "use_binary_protocol": False}
+        # ably-python 3.1 keeps the msgSerial of messages it queued or sent before a connection was lost, and
+        # resets the counter when the connection cannot be resumed: acknowledgements on the new connection then
+        # complete the wrong publishes (a publish can "succeed" with another message's serial and never be
+        # stored). Without queueing it fails them instead, and they are retried here under the same message id.
+        options: dict[str, Any] = {"key": o.key, "tls": o.tls, "use_binary_protocol": False, "queue_messages": False}
         if o.endpoint is not None:
             options["endpoint"] = o.endpoint
             options["fallback_hosts"] = []
@@ -348,7 +361,7 @@ class AblyBackend:
                     return await bounded()
         except AblyException as exc:
             raise self._error(exc) from exc
-        except (_Timeout, OSError) as exc:
+        except (_Timeout, OSError, ConnectionClosed) as exc:
             raise BackendUnavailable(f"Ably did not answer: {exc}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -476,6 +476,8 @@ class AblyEmulator:
         self._connection_counter = itertools.count(1)
         self._leave_timers: dict[str, asyncio.TimerHandle] = {}
         self._sync_counter = itertools.count(1)
+        self._expire_on_drop: set[str] = set()
+        self._refusing = False
         self._synthetic_counter = itertools.count(1)
 
         self._server: _Server | None = None
@@ -591,11 +593,17 @@ class AblyEmulator:
 
     # ------------------------------------------------------------------------------------------------ fault hooks
 
-    def drop_connections(self, connection_id: str | None = None) -> int:
+    def drop_connections(self, connection_id: str | None = None, *, expire: bool = False) -> int:
         """Close every WebSocket (or only the one of `connection_id`) at once (close code 1011, no CLOSED).
 
-        Clients see a dropped transport and resume.
+        Clients see a dropped transport and resume. With `expire`, the connections are forgotten too, as when a
+        client stays away longer than connectionStateTtl (2 minutes on Ably): its resume fails with 80008, it gets
+        a new connection, and its channels attach again without continuity.
         """
+        if expire:
+            self._expire_on_drop.update(
+                s.id for s in self._sessions.values() if connection_id is None or s.id == connection_id
+            )
         count = 0
         only: _Transport | None = None
         if connection_id is not None:
@@ -622,6 +630,11 @@ class AblyEmulator:
                 transport.close()
                 count += 1
         return count
+
+    def refuse_connections(self, refuse: bool = True) -> None:
+        """While refusing, WebSocket handshakes fail, as when Ably cannot be reached: clients stay disconnected
+        (and become suspended after connectionStateTtl) until it stops. REST is not affected."""
+        self._refusing = refuse
 
     def fail_next_rest(self, status: int = 503, count: int = 1, *, path_prefix: str | None = None) -> None:
         """Answer the next `count` REST requests (whose path starts with `path_prefix`, if given) with `status`."""
@@ -1057,6 +1070,9 @@ class AblyEmulator:
     # ------------------------------------------------------------------------------------------------ realtime
 
     async def _websocket(self, websocket: WebSocket) -> None:
+        if self._refusing:
+            await websocket.close()  # before the handshake completes: the client cannot connect
+            return
         params = websocket.query_params
         binary = params.get("format") == "msgpack"
         await websocket.accept()
@@ -1082,6 +1098,10 @@ class AblyEmulator:
                         self._channel(name).sessions.discard(session)
                     session.attached.clear()
                     self._schedule_leave(session.id)
+            for sid in [sid for sid in self._expire_on_drop if sid in self._sessions]:
+                if self._sessions[sid].transport is None:
+                    self._expire_on_drop.discard(sid)
+                    del self._sessions[sid]
 
     def _open_session(self, transport: _Transport, params: Mapping[str, str]) -> _Session | None:
         """Answer the connection request in the URL: CONNECTED, or ERROR and close."""
@@ -1107,6 +1127,10 @@ class AblyEmulator:
         resume = params.get("resume")
         if resume:
             session = self._sessions.get(resume.partition("!")[0])
+            if session is not None and session.id in self._expire_on_drop:
+                self._expire_on_drop.discard(session.id)
+                del self._sessions[session.id]
+                session = None
             if session is None or session.key != resume or session.credential.key.name != credential.key.name:
                 session = None
                 resume_error = AblyError("Unable to resume connection: unknown or expired connection key", 80008, 400)
