@@ -5,6 +5,9 @@
 ``transport=rest``, :class:`AblyRestBackend` over HTTP only (for serverless functions; it does not load the
 realtime client). ``durable_ai_ably.testing.AblyEmulator`` emulates the part of Ably's realtime and REST protocols
 that ably-python 3.x uses, so applications can be tested offline.
+
+For browser and mobile clients, :func:`issue_client_token` and :func:`issue_client_jwt` sign credentials confined to
+one session (:func:`client_capability`); a client process runs durable-ai with one as ``AblyOptions(token=...)``.
 """
 
 from __future__ import annotations
@@ -15,11 +18,20 @@ from durable_ai import Backend
 from durable_ai.errors import ConfigurationError
 
 from ._common import AblyOptions, options_from_url
+from .auth import client_capability, issue_client_jwt, issue_client_token
 
 if TYPE_CHECKING:
     from .backend import AblyBackend
 
-__all__ = ["AblyBackend", "AblyOptions", "from_url", "options_from_url"]
+__all__ = [
+    "AblyBackend",
+    "AblyOptions",
+    "client_capability",
+    "from_url",
+    "issue_client_jwt",
+    "issue_client_token",
+    "options_from_url",
+]
 
 
 def from_url(url: str) -> Backend:

@@ -9,7 +9,7 @@ import base64
 import hashlib
 import json
 import zlib
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -24,6 +24,30 @@ PAGE = 1000
 
 Appends = Literal["auto", "on", "off"]
 Transport = Literal["realtime", "rest"]
+#: ably-python's ``auth_callback``: token params in, a token or JWT string, a TokenRequest or TokenDetails dict out
+AuthCallback = Callable[[dict[str, Any]], Awaitable[str | dict[str, Any]]]
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """The name (``appId.keyId``) and secret of an Ably API key ``appId.keyId:secret``."""
+    name, sep, secret = key.partition(":")
+    app_id, dot, key_id = name.partition(".")
+    if not (sep and dot and app_id and key_id and secret):
+        raise ConfigurationError("an Ably key looks like appId.keyId:secret")
+    return name, secret
+
+
+def validate_namespace(namespace: str) -> str:
+    """Return the namespace if it can start a channel name (no ``:``, ``,``, glob characters or spaces)."""
+    if not isinstance(namespace, str) or not namespace or any(c in namespace for c in ":,*[]? "):
+        raise ConfigurationError(f"invalid namespace {namespace!r}")
+    return namespace
+
+
+def channel_name(namespace: str, session: str, kind: str = "events") -> str:
+    """``<namespace>:<session>`` for events, ``<namespace>:<session>:<kind>`` for the others."""
+    base = f"{namespace}:{session}"
+    return base if kind == "events" else f"{base}:{kind}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +55,14 @@ class AblyOptions:
     """How a backend talks to Ably.
 
     Attributes:
-        key: the API key ``appId.keyId:secret`` (tokens are requested with it).
+        key: the API key ``appId.keyId:secret`` (tokens are requested with it), for agents and other trusted
+            processes. Give either a key, or a ``token`` and/or an ``auth_callback``.
+        token: a client credential instead of a key: an Ably token or JWT string, such as
+            :func:`durable_ai_ably.issue_client_jwt` makes. Its capability limits what the backend may do, and its
+            clientId is the connection's.
+        auth_callback: called (``await auth_callback(token_params)``) whenever a new token is needed; returns a
+            token or JWT string, or a TokenRequest (:func:`durable_ai_ably.issue_client_token`) or TokenDetails
+            dict. With a ``token`` too, it renews that token when it expires.
         endpoint: ably-python's ``endpoint`` option, e.g. ``127.0.0.1:8080/`` for the emulator (``None``: Ably's
             production endpoint).
         tls: use TLS; without it the key is never sent, tokens are requested instead (Ably refuses basic auth
@@ -56,7 +87,9 @@ class AblyOptions:
         client: extra keyword arguments for ``AblyRealtime``/``AblyRest``.
     """
 
-    key: str
+    key: str | None = None
+    token: str | None = None
+    auth_callback: AuthCallback | None = None
     endpoint: str | None = None
     tls: bool = True
     namespace: str = "ai"
@@ -73,11 +106,15 @@ class AblyOptions:
     client: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        name, sep, secret = self.key.partition(":")
-        if not (sep and "." in name and secret):
-            raise ConfigurationError("an Ably key looks like appId.keyId:secret")
-        if not self.namespace or any(c in self.namespace for c in ":,*[]? "):
-            raise ConfigurationError(f"invalid namespace {self.namespace!r}")
+        if self.key is not None:
+            split_key(self.key)
+            if self.token is not None or self.auth_callback is not None:
+                raise ConfigurationError("give an Ably key, or a token and/or an auth_callback, not both")
+        elif self.token is None and self.auth_callback is None:
+            raise ConfigurationError("Ably needs a key (appId.keyId:secret), a token or an auth_callback")
+        elif self.token is not None and not self.token.strip():
+            raise ConfigurationError("an Ably token cannot be empty")
+        validate_namespace(self.namespace)
         if self.transport not in ("realtime", "rest"):
             raise ConfigurationError(f"transport must be realtime or rest, got {self.transport!r}")
         if self.appends not in ("auto", "on", "off"):
@@ -95,13 +132,13 @@ class AblyOptions:
             raise ConfigurationError("tap_limit must be at least 1")
 
     @property
-    def key_name(self) -> str:
-        return self.key.partition(":")[0]
+    def key_name(self) -> str | None:
+        """The key's name ``appId.keyId`` (``None`` with a token)."""
+        return None if self.key is None else self.key.partition(":")[0]
 
     def channel_name(self, session: str, kind: str = "events") -> str:
         """``<namespace>:<session>`` for events, ``<namespace>:<session>:<kind>`` for the others."""
-        base = f"{self.namespace}:{session}"
-        return base if kind == "events" else f"{base}:{kind}"
+        return channel_name(self.namespace, session, kind)
 
 
 @dataclass(slots=True)
@@ -220,7 +257,8 @@ def _bool(value: str, name: str) -> bool:
 def options_from_url(url: str) -> AblyOptions:
     """The options an ``ably://?key=appId.keyId:secret[&option=value...]`` URL gives.
 
-    Options: ``key`` (required, or as ``ably://appId.keyId:secret@``), ``endpoint`` (e.g. ``127.0.0.1:8080/`` for
+    Options: ``key`` (or as ``ably://appId.keyId:secret@``) or, for a client, ``token`` (an Ably token or JWT
+    string: one of the two is required), ``endpoint`` (e.g. ``127.0.0.1:8080/`` for
     the emulator), ``tls`` (true|false), ``namespace`` (default ``ai``), ``transport`` (realtime|rest),
     ``appends`` (auto|on|off), ``max_message_bytes``, ``rate_limit`` and ``connection_rate_limit`` (0: none),
     ``publish_timeout``, ``attempt_timeout``, ``connect_timeout``, ``poll_interval``, ``tap_limit``.
@@ -233,7 +271,7 @@ def options_from_url(url: str) -> AblyOptions:
     if userinfo:
         kwargs["key"] = unquote(userinfo)
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key in ("key", "endpoint", "namespace", "transport", "appends"):
+        if key in ("key", "token", "endpoint", "namespace", "transport", "appends"):
             kwargs[key] = value
         elif key == "tls":
             kwargs[key] = _bool(value, key)
@@ -246,6 +284,6 @@ def options_from_url(url: str) -> AblyOptions:
             kwargs[key] = _float(value, key)
         else:
             raise ConfigurationError(f"unknown option {key!r} in ably:// URL")
-    if "key" not in kwargs:
-        raise ConfigurationError("an ably:// URL needs a key: ably://?key=appId.keyId:secret")
+    if "key" not in kwargs and "token" not in kwargs:
+        raise ConfigurationError("an ably:// URL needs a key (ably://?key=appId.keyId:secret) or a token (?token=...)")
     return AblyOptions(**kwargs)

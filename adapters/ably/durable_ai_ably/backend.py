@@ -248,12 +248,19 @@ class AblyBackend:
         # resets the counter when the connection cannot be resumed: acknowledgements on the new connection then
         # complete the wrong publishes (a publish can "succeed" with another message's serial and never be
         # stored). Without queueing it fails them instead, and they are retried here under the same message id.
-        options: dict[str, Any] = {"key": o.key, "tls": o.tls, "use_binary_protocol": False, "queue_messages": False}
+        options: dict[str, Any] = {"tls": o.tls, "use_binary_protocol": False, "queue_messages": False}
+        if o.key is not None:
+            options["key"] = o.key
+            if not o.tls:
+                options["use_token_auth"] = True
+        else:  # a client credential: its token, renewed by the callback if there is one
+            if o.token is not None:
+                options["token"] = o.token
+            if o.auth_callback is not None:
+                options["auth_callback"] = o.auth_callback
         if o.endpoint is not None:
             options["endpoint"] = o.endpoint
             options["fallback_hosts"] = []
-        if not o.tls:
-            options["use_token_auth"] = True
         options.update(o.client)
         return options
 
@@ -270,9 +277,12 @@ class AblyBackend:
     async def _connect(self) -> None:
         options = self._client_options()
         rest = AblyRest(**options)
-        token_params = dict(options.pop("default_token_params", None) or {})
-        token_params.setdefault("client_id", "*")
-        realtime = AblyRealtime(**options, client_id="*", default_token_params=token_params)
+        if self.options.key is not None:
+            # With the key, one connection enters presence for any member: its tokens have the wildcard clientId.
+            token_params = dict(options.pop("default_token_params", None) or {})
+            token_params.setdefault("client_id", "*")
+            options.update(client_id="*", default_token_params=token_params)
+        realtime = AblyRealtime(**options)
         try:
             async with asyncio.timeout(self.options.connect_timeout):
                 await realtime.connection.once_async(ConnectionState.CONNECTED)
