@@ -17,7 +17,7 @@ __all__ = ["GROUPS", "Benchmark", "BenchmarkError", "Group", "Report", "Row", "S
 GROUPS: dict[str, str] = {
     "memory": "benchmarks.core",
     "nats": "benchmarks.nats",
-    # "ably": "benchmarks.ably",  (the Ably adapter)
+    "ably": "benchmarks.ably",
 }
 """Benchmark groups by name, in the order they run."""
 

@@ -568,3 +568,98 @@ async def test_updates_need_the_channel_rule_and_capability(mutable_emulator: Ab
         await agent_rest.close()
         await plain.close()
         await agent.close()
+
+
+# --------------------------------------------------------------------------------------------------- statistics
+
+
+async def test_stats_count_creates_and_operations_per_channel_and_connection(mutable_emulator: AblyEmulator) -> None:
+    emulator = mutable_emulator
+    writer = AblyRealtime(**emulator.client_options(AGENT_KEY, **_as("agent")))
+    rest = AblyRest(**emulator.client_options(AGENT_KEY, client_id="agent"))
+    try:
+        channel = writer.channels.get("ai:stats")
+        first = (await channel.publish("response", "a")).serials[0]
+        await channel.publish([Message(name="e", data="b", id="m1"), Message(name="e", data="c", id="m2")])
+        await channel.publish(Message(name="e", data="b", id="m1"))  # a retry: stored once, counted once
+        await channel.append_message(Message(data="+", serial=first))
+        await channel.append_message(Message(data="+", serial=first))
+        await channel.update_message(Message(data="d", serial=first))
+        await writer.channels.get("ai:other").publish("response", "x")
+        await rest.channels.get("ai:stats").publish("response", "rest")  # REST: a channel's, no connection's
+
+        stats = emulator.channel_stats("ai:stats")
+        assert stats.messages == 7
+        assert stats.operations == {"create": 4, "append": 2, "update": 1}
+        assert (stats.count("create"), stats.count("append"), stats.count("delete")) == (4, 2, 0)
+        assert stats.duplicates == 1
+        assert stats.refused == 0
+        assert stats.peak_per_second == 7  # all within one second
+        assert emulator.channel_stats("ai:other").messages == 1
+        assert emulator.channel_stats("ai:never").messages == 0
+
+        connection_id = writer.connection.connection_manager.connection_id
+        connections = emulator.connection_stats()
+        assert set(connections) == {connection_id}  # REST publishes have no connection
+        inbound = connections[connection_id]
+        assert inbound.messages == 7  # 6 on ai:stats, 1 on ai:other
+        assert inbound.operations == {"create": 4, "append": 2, "update": 1}
+        assert inbound.duplicates == 1
+
+        emulator.reset_stats()
+        assert emulator.channel_stats("ai:stats").messages == 0
+        assert emulator.connection_stats() == {}
+        assert len(emulator.messages("ai:stats")) == 4  # what is stored stays
+    finally:
+        await rest.close()
+        await writer.close()
+
+
+async def test_stats_peak_is_the_busiest_second(rest: AblyRest, emulator: AblyEmulator) -> None:
+    channel = rest.channels.get("ai:peak")
+    for index in range(3):
+        await channel.publish("e", str(index))
+    await asyncio.sleep(1.05)
+    for index in range(2):
+        await channel.publish("e", str(index))
+    stats = emulator.channel_stats("ai:peak")
+    assert (stats.messages, stats.peak_per_second) == (5, 3)
+    await channel.publish([Message(name="e", data=str(index)) for index in range(2)])
+    assert emulator.channel_stats("ai:peak").peak_per_second == 4
+
+
+async def test_rate_limits_are_enforced_only_when_asked() -> None:
+    keys = {KEY: None}
+    async with AblyEmulator(keys, enforce_rate_limits=True, channel_rate_limit=3, connection_rate_limit=4) as emulator:
+        client = AblyRealtime(**emulator.client_options(KEY))
+        try:
+            busy = client.channels.get("ai:busy")
+            for index in range(3):
+                await busy.publish("e", str(index))
+            with pytest.raises(AblyException) as per_channel:
+                await busy.publish("e", "too many")
+            assert (per_channel.value.code, per_channel.value.status_code) == (42913, 429)
+            await client.channels.get("ai:quiet").publish("e", "fourth on the connection")
+            with pytest.raises(AblyException) as per_connection:
+                await client.channels.get("ai:third").publish("e", "fifth on the connection")
+            assert (per_connection.value.code, per_connection.value.status_code) == (42911, 429)
+            assert [m.data for m in emulator.messages("ai:busy")] == ["0", "1", "2"]
+            assert emulator.messages("ai:third") == []
+            assert emulator.channel_stats("ai:busy").refused == 1
+            [inbound] = emulator.connection_stats().values()
+            assert (inbound.messages, inbound.refused, inbound.peak_per_second) == (4, 2, 4)
+            await asyncio.sleep(1.05)  # a second later there is room again
+            await busy.publish("e", "later")
+            assert emulator.channel_stats("ai:busy").messages == 4
+        finally:
+            await client.close()
+    async with AblyEmulator(keys) as emulator:
+        client = AblyRealtime(**emulator.client_options(KEY))
+        try:
+            channel = client.channels.get("ai:free")
+            for index in range(60):
+                await channel.publish("e", str(index))
+            stats = emulator.channel_stats("ai:free")
+            assert (stats.messages, stats.peak_per_second, stats.refused) == (60, 60, 0)
+        finally:
+            await client.close()

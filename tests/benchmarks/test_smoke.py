@@ -48,6 +48,13 @@ EXPECTED_ROWS = {
     "nats.catch-up.start",
     "nats.catch-up.middle",
 }
+EXPECTED_ROWS |= {
+    f"ably.{figure}.{mode}.{rate}tps-{runs}x"
+    for figure in ("messages", "peak", "cpu")
+    for mode in ("per-token", "coalesced", "appends")
+    for rate in (50, 200)
+    for runs in (1, 5)
+}
 
 
 @dataclass(frozen=True)
@@ -174,6 +181,31 @@ def test_view_reads_fewer_messages_with_the_snapshot(quick: Output) -> None:
         assert reads["baseline"] == expected_log  # the replay reads the whole log
         assert reads["sdk"] < reads["baseline"]  # the snapshot spares it
         assert reads["sdk"] <= 2
+
+
+def test_ably_counts(quick: Output) -> None:
+    rows = quick.rows
+    for rate in (50, 200):
+        tokens = max(1, round(quick.sizes["paced_tokens"] * rate / 200))  # every run lasts as long
+        for runs in (1, 5):
+            case = f"{rate}tps-{runs}x"
+            per_token = rows[f"ably.messages.per-token.{case}"]
+            # One message per event: each sub-agent run's tokens, run-start and run-end, and the parent's two.
+            assert per_token["extra"]["messages"] == runs * (tokens + 2) + 2
+            assert per_token["extra"]["tokens"] == runs * tokens
+            assert per_token["extra"]["baseline_messages"] == runs * tokens
+            assert per_token["baseline"] == pytest.approx(1000)
+            assert per_token["sdk"] == pytest.approx(per_token["extra"]["messages"] * 1000 / (runs * tokens))
+            for mode in ("coalesced", "appends"):
+                extra = rows[f"ably.messages.{mode}.{case}"]["extra"]
+                assert extra["messages"] == extra["created"] + extra["appends"] + extra["updates"]
+                # (Events of concurrent runs, run-starts included, can share a batch.)
+                assert 2 <= extra["messages"] <= per_token["extra"]["messages"]
+                peak = rows[f"ably.peak.{mode}.{case}"]
+                assert peak["sdk"] <= extra["messages"]
+                assert peak["extra"]["under_limit"] == 1  # the rate budget keeps the channel under 50/s
+            for mode in ("per-token", "coalesced", "appends"):
+                assert rows[f"ably.cpu.{mode}.{case}"]["extra"]["cpu_seconds"] > 0
 
 
 def test_only_runs_the_selected_benchmark(tmp_path: Path) -> None:

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from durable_ai_ably.testing.emulator import AblyEmulator, EmulatorKey, StoredMessage
+from durable_ai_ably.testing.emulator import AblyEmulator, EmulatorKey, MessageStats, StoredMessage
 
-__all__ = ["AblyEmulator", "EmulatorKey", "StoredMessage"]
+__all__ = ["AblyEmulator", "EmulatorKey", "MessageStats", "StoredMessage"]

@@ -37,8 +37,14 @@ Mutable messages, on channels whose namespace is in ``mutable_namespaces``: a ME
 they missed. Elsewhere operations fail with 93002 (400), as on Ably without the "Message annotations, updates,
 deletes and appends" channel rule; they need ``message-update-own``/``-any`` (``message-delete-...`` for deletes).
 
+Statistics (not an Ably API; for tests and benchmarks): `channel_stats` counts the messages each channel stored, by
+kind (creates, and update, delete and append operations, which Ably bills and rate-limits like messages), with the
+peak over any 1-second sliding window; `connection_stats` does the same for the messages each realtime connection
+published (its inbound rate). With ``enforce_rate_limits=True`` publishes beyond Ably's default limits (50 messages
+per second per channel, 50 inbound per connection) are refused with 42913 or 42911 (429), as Ably refuses them.
+
 Not emulated: presence history, annotations, message version history (``.../versions``), deltas, channel globs other
-than ``*`` and a trailing ``*``, connection recovery (``recover``), stats, push, batch endpoints.
+than ``*`` and a trailing ``*``, connection recovery (``recover``), Ably's stats API, push, batch endpoints.
 """
 
 from __future__ import annotations
@@ -72,7 +78,7 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-__all__ = ["AblyEmulator", "EmulatorKey", "StoredMessage"]
+__all__ = ["AblyEmulator", "EmulatorKey", "MessageStats", "StoredMessage"]
 
 Capability = dict[str, list[str]]
 
@@ -446,6 +452,9 @@ class AblyEmulator:
         max_idle_interval_ms: int = 15_000,
         presence_leave_delay: float = 0.0,
         mutable_namespaces: Iterable[str] = (),
+        enforce_rate_limits: bool = False,
+        channel_rate_limit: int = 50,
+        connection_rate_limit: int = 50,
     ) -> None:
         """`keys` maps ``appId.keyId:secret`` to its capability (JSON text, a mapping, or None for everything).
 
@@ -456,6 +465,10 @@ class AblyEmulator:
         channel, makes them leave at once. `mutable_namespaces` are the channel namespaces (the part of a channel name
         before its first ``:``, or the whole name if it has none) with the "Message annotations, updates, deletes and
         appends" rule: only there can messages be updated, deleted or appended to.
+
+        With `enforce_rate_limits`, a publish that would take a channel past `channel_rate_limit` messages, or a
+        connection past `connection_rate_limit` published messages, in any 1-second window is refused (42913 or 42911,
+        429). Either way the counts are kept: see `channel_stats` and `connection_stats`.
         """
         if keys is None:
             keys = {"emu.root:secret": None}
@@ -495,6 +508,12 @@ class AblyEmulator:
         self._socket: socket.socket | None = None
         self.port = 0
 
+        self.enforce_rate_limits = enforce_rate_limits
+        self.channel_rate_limit = channel_rate_limit
+        self.connection_rate_limit = connection_rate_limit
+        self._channel_meters: dict[str, _Meter] = {}
+        self._connection_meters: dict[str, _Meter] = {}
+
     # ----------------------------------------------------------------------------------------------- life cycle
 
     async def __aenter__(self) -> Self:
@@ -508,7 +527,9 @@ class AblyEmulator:
         """Bind a free loopback port and serve until `close()`."""
         if self._serve_task is not None:
             raise RuntimeError("the emulator is already started")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio disables Nagle's algorithm only on accepted sockets whose proto says TCP, and
+        # with it on, a frame written right after another (an echo, then its ACK) waits ~40 ms for a delayed ACK.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         self._socket = sock
@@ -859,6 +880,7 @@ class AblyEmulator:
         for index, m in enumerate(raw_messages):
             if index not in creates:
                 self._check_operation(ch, m, credential)
+        self._check_rates(ch, raw_messages, creates, connection_id)
         serials: list[str | None] = []
         new: list[StoredMessage] = []
         for index, m in enumerate(raw_messages):
@@ -891,6 +913,7 @@ class AblyEmulator:
             new.append(stored)
             serials.append(serial)
         self._trim(ch, _now_ms())
+        self._count_published(ch.name, connection_id, new, duplicates=len(raw_messages) - len(new))
         if new:
             self._deliver(ch, new, origin, id_prefix, connection_id)
         return serials
@@ -1628,3 +1651,138 @@ class AblyEmulator:
             return self._encode({"versionSerial": version}, binary)
         except AblyError as error:
             return self._error_response(error, binary)
+
+    # ------------------------------------------------------------------------------------------------ statistics
+
+    def channel_stats(self, channel: str) -> MessageStats:
+        """What `channel` stored since the emulator started (or `reset_stats`): creates and operations, peak rate."""
+        meter = self._channel_meters.get(channel)
+        return meter.stats() if meter is not None else MessageStats()
+
+    def connection_stats(self) -> dict[str, MessageStats]:
+        """The messages each realtime connection published (its inbound messages), by connection id.
+
+        Only connections that published are listed; REST publishes have no connection and count for the channel only.
+        """
+        return {connection_id: meter.stats() for connection_id, meter in self._connection_meters.items()}
+
+    def reset_stats(self) -> None:
+        """Forget every count: `channel_stats` and `connection_stats` start from zero."""
+        self._channel_meters.clear()
+        self._connection_meters.clear()
+
+    def _meters(self, channel: str, connection_id: str | None) -> list[_Meter]:
+        meters = [self._channel_meters.setdefault(channel, _Meter())]
+        if connection_id is not None:
+            meters.append(self._connection_meters.setdefault(connection_id, _Meter()))
+        return meters
+
+    def _check_rates(
+        self,
+        ch: _Channel,
+        raw_messages: Sequence[Mapping[str, Any]],
+        creates: set[int],
+        connection_id: str | None,
+    ) -> None:
+        """With `enforce_rate_limits`, refuse a publish that would pass the channel's or the connection's limit."""
+        if not self.enforce_rate_limits:
+            return
+        count = sum(
+            1
+            for index, m in enumerate(raw_messages)
+            if index not in creates or not (isinstance(m.get("id"), str) and m["id"] in ch.ids)
+        )
+        if not count:
+            return
+        now = time.monotonic()
+        channel_meter, *connection_meter = self._meters(ch.name, connection_id)
+        if connection_meter and connection_meter[0].recent(now) + count > self.connection_rate_limit:
+            channel_meter.refused += count
+            connection_meter[0].refused += count
+            raise AblyError(
+                "Rate limit exceeded; request rejected (nonfatal); metric = connection.inboundRate; "
+                f"permitted rate = {self.connection_rate_limit}",
+                42911,
+                429,
+            )
+        if channel_meter.recent(now) + count > self.channel_rate_limit:
+            channel_meter.refused += count
+            if connection_meter:
+                connection_meter[0].refused += count
+            raise AblyError(
+                f"Rate limit exceeded; request rejected (nonfatal); per-channel publish rate exceeded on {ch.name!r}; "
+                f"permitted rate = {self.channel_rate_limit}",
+                42913,
+                429,
+            )
+
+    def _count_published(
+        self, channel: str, connection_id: str | None, new: Sequence[StoredMessage], *, duplicates: int
+    ) -> None:
+        now = time.monotonic()
+        kinds = [_ACTION_NAMES.get(m.action, str(m.action)) for m in new]
+        for meter in self._meters(channel, connection_id):
+            meter.add(kinds, now)
+            meter.duplicates += duplicates
+
+
+# -- statistics ----------------------------------------------------------------------------------------------------
+
+_ACTION_NAMES = {MESSAGE_CREATE: "create", MESSAGE_UPDATE: "update", MESSAGE_DELETE: "delete", MESSAGE_APPEND: "append"}
+
+
+@dataclass(frozen=True)
+class MessageStats:
+    """Messages a channel stored, or a connection published, as `AblyEmulator.channel_stats` and `connection_stats`
+    count them.
+    """
+
+    messages: int = 0
+    """Every message counted: creates plus update, delete and append operations (Ably bills and rate-limits each)."""
+    operations: Mapping[str, int] = field(default_factory=dict)
+    """``messages`` by kind: ``create``, ``update``, ``delete``, ``append`` (kinds never seen are absent)."""
+    peak_per_second: int = 0
+    """The most messages counted within any 1-second window."""
+    duplicates: int = 0
+    """Publishes dropped because a message with their id was stored within the idempotency window (not counted)."""
+    refused: int = 0
+    """Messages refused by ``enforce_rate_limits`` (not counted)."""
+
+    def count(self, kind: str) -> int:
+        """How many messages of one kind (``create``, ``update``, ``delete``, ``append``)."""
+        return self.operations.get(kind, 0)
+
+
+class _Meter:
+    """The counts behind one `MessageStats`: totals by kind and the times of the last second's messages."""
+
+    __slots__ = ("duplicates", "operations", "peak", "refused", "window")
+
+    def __init__(self) -> None:
+        self.operations: dict[str, int] = {}
+        self.window: deque[float] = deque()
+        self.peak = 0
+        self.duplicates = 0
+        self.refused = 0
+
+    def recent(self, now: float) -> int:
+        """Messages counted in the second up to `now`."""
+        window = self.window
+        while window and window[0] <= now - 1.0:
+            window.popleft()
+        return len(window)
+
+    def add(self, kinds: Sequence[str], now: float) -> None:
+        for kind in kinds:
+            self.operations[kind] = self.operations.get(kind, 0) + 1
+        self.window.extend([now] * len(kinds))
+        self.peak = max(self.peak, self.recent(now))
+
+    def stats(self) -> MessageStats:
+        return MessageStats(
+            messages=sum(self.operations.values()),
+            operations=dict(self.operations),
+            peak_per_second=self.peak,
+            duplicates=self.duplicates,
+            refused=self.refused,
+        )
