@@ -455,10 +455,12 @@ class AblyEmulator:
         enforce_rate_limits: bool = False,
         channel_rate_limit: int = 50,
         connection_rate_limit: int = 50,
+        port: int = 0,
     ) -> None:
         """`keys` maps ``appId.keyId:secret`` to its capability (JSON text, a mapping, or None for everything).
 
-        Without keys there is one, ``emu.root:secret``, with every capability.
+        Without keys there is one, ``emu.root:secret``, with every capability. `port` is the loopback port to serve
+        on (0: a free one, read back from `port` once started).
 
         `presence_leave_delay` is how many seconds after a connection drops its presence members leave (Ably waits
         about 15 s for the client to resume; a resume within the delay keeps them). A clean CLOSE, or a DETACH of the
@@ -506,7 +508,7 @@ class AblyEmulator:
         self._server: _Server | None = None
         self._serve_task: asyncio.Task[None] | None = None
         self._socket: socket.socket | None = None
-        self.port = 0
+        self.port = port
 
         self.enforce_rate_limits = enforce_rate_limits
         self.channel_rate_limit = channel_rate_limit
@@ -524,14 +526,14 @@ class AblyEmulator:
         await self.close()
 
     async def start(self) -> None:
-        """Bind a free loopback port and serve until `close()`."""
+        """Bind the loopback port (`port`, or a free one when 0) and serve until `close()`."""
         if self._serve_task is not None:
             raise RuntimeError("the emulator is already started")
         # IPPROTO_TCP, not 0: asyncio disables Nagle's algorithm only on accepted sockets whose proto says TCP, and
         # with it on, a frame written right after another (an echo, then its ACK) waits ~40 ms for a delayed ACK.
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("127.0.0.1", self.port))
         self._socket = sock
         self.port = sock.getsockname()[1]
         app = Starlette(
