@@ -55,6 +55,10 @@ message id `<event id>#<index>`:
 fragment 0 itself), so a reader that starts between fragments can fetch the first ones. Readers reassemble the
 event when fragment `count - 1` arrives; fragments are never delivered as events.
 
+On Ably with message appends (see `docs/backends/ably.md`), a text or reasoning part is one Ably message that grows:
+each append carries a batch after a link line `{{"~":"<serial>"}}`, and history returns the message whole. Readers
+split on `\\n` as always and skip lines that start with `{{"~":`; they are not events.
+
 A control is **one JSON object per broker message** on the control channel; its `id` is the message id.
 
 ## Cursors

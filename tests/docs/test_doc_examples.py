@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-RUNNABLE_DOCS = ("docs/concepts.md", "docs/backends/memory.md", "docs/backends/nats.md")
+RUNNABLE_DOCS = ("docs/concepts.md", "docs/backends/memory.md", "docs/backends/nats.md", "docs/backends/ably.md")
 COMPILED_DOCS = (*RUNNABLE_DOCS, "docs/writing-a-backend.md")
 MARKER = "# doc-test"
 TIMEOUT = 60.0
@@ -127,7 +127,7 @@ def test_runnable_block_is_a_program(block: Block) -> None:
         f"{block.where}: a '{MARKER}' block must end with 'asyncio.run(main())'"
     )
     # Runnable blocks need no outside service: the embedded backend, or a server the block starts itself.
-    self_contained = ("memory://", "MemoryBackend", "NatsServer()")
+    self_contained = ("memory://", "MemoryBackend", "NatsServer()", "AblyEmulator(")
     assert any(marker in block.code for marker in self_contained), f"{block.where}: use a self-contained backend"
 
 
