@@ -183,3 +183,34 @@ async def test_without_the_channel_rule_auto_publishes_whole_batches(caplog: pyt
             with pytest.raises(durable_ai.PublishError):
                 async with session.run(agent="writer") as run:
                     await _stream(run, words[:3])
+
+
+TOKENS = 400
+
+
+async def test_five_sub_agents_stay_within_ablys_rate_limits() -> None:
+    """Five parts per flush become five appends: the budgets keep the channel and the connection at 50 msg/s or
+    under, so an emulator that refuses what Ably would refuses nothing, and every token arrives."""
+    async with AblyEmulator({KEY: None}, mutable_namespaces={"ai"}, enforce_rate_limits=True) as emulator:
+        async with durable_ai.connect(url(emulator)) as hub:
+            session = hub.session("s7")
+            async with session.run(agent="lead") as lead:
+
+                async def sub(name: str) -> None:
+                    async with session.run(agent=name, parent=lead.id) as run:
+                        for i in range(TOKENS):
+                            await run.text(f"{name}{i} ")
+                            await asyncio.sleep(0.005)  # a model's pace: each 40 ms batch holds every part
+
+                names = [f"a{k}" for k in range(5)]
+                await asyncio.gather(*(sub(name) for name in names))
+            events = [e async for e in session.events(follow=False)]
+        channel = emulator.channel_stats("ai:s7")
+        connections = emulator.connection_stats()
+    for name in names:
+        runs = {e.run_id for e in events if e.agent == name}
+        assert len(runs) == 1
+        assert _text(events, runs.pop()) == "".join(f"{name}{i} " for i in range(TOKENS))
+    assert channel.count("append") > 0
+    assert channel.refused == 0 and channel.peak_per_second <= 50
+    assert all(c.refused == 0 and c.peak_per_second <= 50 for c in connections.values())
