@@ -12,21 +12,23 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from durable_ai import Backend
-from durable_ai.errors import ConfigurationError
 
 from ._common import AblyOptions, options_from_url
 
 if TYPE_CHECKING:
     from .backend import AblyBackend
+    from .rest import AblyRestBackend
 
-__all__ = ["AblyBackend", "AblyOptions", "from_url", "options_from_url"]
+__all__ = ["AblyBackend", "AblyOptions", "AblyRestBackend", "from_url", "options_from_url"]
 
 
 def from_url(url: str) -> Backend:
     """The backend for an ``ably://`` URL (see :func:`options_from_url` for its options)."""
     options = options_from_url(url)
     if options.transport == "rest":
-        raise ConfigurationError("transport=rest is not available in this version")
+        from .rest import AblyRestBackend
+
+        return AblyRestBackend(options)
     from .backend import AblyBackend
 
     return AblyBackend(options)
@@ -38,4 +40,8 @@ def __getattr__(name: str) -> Any:
         from .backend import AblyBackend
 
         return AblyBackend
+    if name == "AblyRestBackend":
+        from .rest import AblyRestBackend
+
+        return AblyRestBackend
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

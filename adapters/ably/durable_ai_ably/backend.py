@@ -48,7 +48,9 @@ from durable_ai.errors import (
 from ._common import (
     API_VERSION,
     PAGE,
+    PRESENCE_KIND,
     AblyOptions,
+    PresenceLog,
     SessionState,
     decode_data,
     history_params,
@@ -744,7 +746,23 @@ class AblyBackend:
                 if client_id:
                     members[client_id] = decode_data(raw)
             if not page.has_next():
-                return members
+                break
+            page = await self._call(partial(self._next, page))
+        members.update(await self._presence_log(session))
+        return members
+
+    async def _presence_log(self, session: str) -> dict[str, bytes]:
+        """Members entered by REST backends, which publish them to the session's presence log (see ``.rest``)."""
+        state = await self._session(session, refresh=True)
+        log = PresenceLog(state.floor, int(time.time() * 1000))
+        page = await self._history(self.channel_name(session, PRESENCE_KIND), backwards=True)
+        while True:
+            for raw in page.items:
+                message = Message.from_encoded(raw)
+                if not log.add(message.name, message.serial, message.timestamp, to_bytes(message.data)):
+                    return log.members
+            if not page.has_next():
+                return log.members
             page = await self._call(partial(self._next, page))
 
 
