@@ -88,16 +88,20 @@ def test_capability_is_one_session_read_and_its_controls() -> None:
         "ai:chat-1:control": ["publish"],
         "ai:chat-1:meta": ["history", "subscribe"],
         "ai:chat-1:snapshot": ["history", "subscribe"],
+        "ai:chat-1:presence": ["history", "subscribe"],
     }
     assert client_capability("s", namespace="chat", presence=True) == {
         "chat:s": ["history", "presence", "subscribe"],
         "chat:s:control": ["publish"],
         "chat:s:meta": ["history", "subscribe"],
         "chat:s:snapshot": ["history", "subscribe"],
+        "chat:s:presence": ["history", "subscribe"],
     }
     names = client_capability(SESSION)
     options = AblyOptions(key=KEY)
-    assert set(names) == {options.channel_name(SESSION, kind) for kind in ("events", "control", "meta", "snapshot")}
+    assert set(names) == {
+        options.channel_name(SESSION, kind) for kind in ("events", "control", "meta", "snapshot", "presence")
+    }
 
 
 def test_token_request_is_signed_with_the_key() -> None:

@@ -140,6 +140,35 @@ async def test_idempotent_publish_with_explicit_ids(
     assert len(emulator.messages("ai:idem")) == 1
 
 
+async def test_several_messages_share_one_id_base_or_have_none(rest: AblyRest, emulator: AblyEmulator) -> None:
+    channel = rest.channels.get("ai:ids")
+    await channel.publish([Message("x", "a", id="base:0"), Message("x", "b", id="base:1")])
+    with pytest.raises(AblyException) as refused:
+        await channel.publish([Message("x", "c", id="one"), Message("x", "d", id="two")])
+    assert refused.value.code == 40031
+    assert [m.id for m in emulator.messages("ai:ids")] == ["base:0", "base:1"]
+
+
+async def test_batch_publish_answers_one_result_per_spec(rest: AblyRest, emulator: AblyEmulator) -> None:
+    specs = [
+        {"channels": "ai:batch", "messages": {"id": "one", "name": "x", "data": "1"}},
+        {"channels": ["ai:batch", "other"], "messages": [{"id": "two", "name": "x", "data": "2"}]},
+        {"channels": "denied", "messages": {"name": "x", "data": "3"}},
+        {"channels": "ai:batch", "messages": {"id": "one", "name": "x", "data": "again"}},  # a duplicate
+    ]
+    response = await rest.request("POST", "/messages", "5", body=specs)
+    results = response.items
+    assert [(r["successCount"], r["failureCount"]) for r in results] == [(1, 0), (2, 0), (0, 1), (1, 0)]
+    stored = {m.id: m.serial for m in emulator.messages("ai:batch")}
+    assert sorted(stored) == ["one", "two"]
+    assert results[0]["results"][0]["serials"] == [stored["one"]]
+    assert results[3]["results"][0]["serials"] == [stored["one"]]  # stored once
+    assert [r["channel"] for r in results[1]["results"]] == ["ai:batch", "other"]
+    assert results[2]["results"][0]["error"]["code"] == 40160
+    single = await rest.request("POST", "/messages", "5", body=specs[0])
+    assert single.items[0]["results"][0]["serials"] == [stored["one"]]
+
+
 async def test_token_without_publish_capability_is_refused(
     emulator: AblyEmulator, realtime_factory: Callable[..., Awaitable[AblyRealtime]]
 ) -> None:
@@ -580,8 +609,8 @@ async def test_stats_count_creates_and_operations_per_channel_and_connection(mut
     try:
         channel = writer.channels.get("ai:stats")
         first = (await channel.publish("response", "a")).serials[0]
-        await channel.publish([Message(name="e", data="b", id="m1"), Message(name="e", data="c", id="m2")])
-        await channel.publish(Message(name="e", data="b", id="m1"))  # a retry: stored once, counted once
+        await channel.publish([Message(name="e", data="b", id="m:0"), Message(name="e", data="c", id="m:1")])
+        await channel.publish(Message(name="e", data="b", id="m:0"))  # a retry: stored once, counted once
         await channel.append_message(Message(data="+", serial=first))
         await channel.append_message(Message(data="+", serial=first))
         await channel.update_message(Message(data="d", serial=first))

@@ -15,17 +15,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from durable_ai import Backend
-from durable_ai.errors import ConfigurationError
 
 from ._common import AblyOptions, options_from_url
 from .auth import client_capability, issue_client_jwt, issue_client_token
 
 if TYPE_CHECKING:
     from .backend import AblyBackend
+    from .rest import AblyRestBackend
 
 __all__ = [
     "AblyBackend",
     "AblyOptions",
+    "AblyRestBackend",
     "client_capability",
     "from_url",
     "issue_client_jwt",
@@ -38,7 +39,9 @@ def from_url(url: str) -> Backend:
     """The backend for an ``ably://`` URL (see :func:`options_from_url` for its options)."""
     options = options_from_url(url)
     if options.transport == "rest":
-        raise ConfigurationError("transport=rest is not available in this version")
+        from .rest import AblyRestBackend
+
+        return AblyRestBackend(options)
     from .backend import AblyBackend
 
     return AblyBackend(options)
@@ -50,4 +53,8 @@ def __getattr__(name: str) -> Any:
         from .backend import AblyBackend
 
         return AblyBackend
+    if name == "AblyRestBackend":
+        from .rest import AblyRestBackend
+
+        return AblyRestBackend
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

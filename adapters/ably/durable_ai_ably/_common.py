@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
@@ -35,6 +36,18 @@ def split_key(key: str) -> tuple[str, str]:
     if not (sep and dot and app_id and key_id and secret):
         raise ConfigurationError("an Ably key looks like appId.keyId:secret")
     return name, secret
+
+
+_SIGNED_FIELDS = ("keyName", "ttl", "capability", "clientId", "timestamp", "nonce")
+
+
+def sign_token_request(secret: str, request: dict[str, Any]) -> dict[str, Any]:
+    """Add the ``mac`` of an Ably TokenRequest: HMAC-SHA256 of its fields in Ably's order, each as text followed by
+    a newline (empty when absent), keyed by the key's secret."""
+    text = "".join(f"{request.get(name, '')}\n" for name in _SIGNED_FIELDS)
+    digest = hmac.new(secret.encode(), text.encode(), hashlib.sha256).digest()
+    request["mac"] = base64.b64encode(digest).decode("ascii")
+    return request
 
 
 def validate_namespace(namespace: str) -> str:
@@ -236,6 +249,61 @@ def unpack_snapshot(head: bytes, chunks: list[bytes]) -> bytes:
     if kind == b"c":
         kind, rest = b"z", b"".join(chunks)
     return zlib.decompress(rest) if kind == b"z" else rest
+
+
+# -- presence published as messages (REST) ----------------------------------------------------------------------
+
+#: the channel kind of a session's presence log: members entered by backends without a realtime connection
+PRESENCE_KIND = "presence"
+PRESENCE_ENTER = "enter"
+PRESENCE_LEAVE = "leave"
+#: seconds a member of the presence log stays present after its latest enter (writers refresh well before)
+PRESENCE_TTL_SECONDS = 60.0
+
+
+def presence_record(member_id: str, data: bytes | None = None) -> str:
+    """The data of a presence-log message: the member, and for an enter its data (text, or base64)."""
+    record: dict[str, str] = {"member": member_id}
+    if data is not None:
+        try:
+            record["data"] = data.decode()
+        except UnicodeDecodeError:
+            record["data"] = base64.b64encode(data).decode("ascii")
+            record["encoding"] = "base64"
+    return json.dumps(record, separators=(",", ":"))
+
+
+class PresenceLog:
+    """The members of a session's presence log, from its messages read newest first.
+
+    A member's latest record decides: an enter less than :data:`PRESENCE_TTL_SECONDS` old makes it present, a
+    leave (or an older enter) absent. Older messages cannot change that, so reading stops at the first one.
+    """
+
+    def __init__(self, floor: str, now_ms: int) -> None:
+        self._floor = floor
+        self._horizon = now_ms - int(PRESENCE_TTL_SECONDS * 1000)
+        self._decided: set[str] = set()
+        self.members: dict[str, bytes] = {}
+
+    def add(self, name: str | None, serial: str | None, timestamp: int | None, data: bytes) -> bool:
+        """Take the next older message; ``False`` once older messages cannot change the members."""
+        if not serial or serial < self._floor or timestamp is None or timestamp < self._horizon:
+            return False
+        try:
+            record = json.loads(data)
+        except ValueError:
+            return True
+        if not isinstance(record, dict) or not isinstance(member := record.get("member"), str):
+            return True
+        if member in self._decided:
+            return True
+        self._decided.add(member)
+        if name == PRESENCE_ENTER:
+            value = record.get("data")
+            text = value if isinstance(value, str) else ""
+            self.members[member] = base64.b64decode(text) if record.get("encoding") == "base64" else text.encode()
+        return True
 
 
 # -- URLs --------------------------------------------------------------------------------------------------------

@@ -25,11 +25,16 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from durable_ai import LogPosition
+from durable_ai.errors import LogReset
+
 from ._common import serial_time
 
 __all__ = [
     "APPENDABLE_NAME",
     "PLAIN_NAME",
+    "HistoryPass",
+    "NewestScan",
     "Op",
     "OpenParts",
     "Reorder",
@@ -165,3 +170,139 @@ class Reorder:
         while self._heap and (below is None or self._heap[0][0] < below):
             out.append(heapq.heappop(self._heap)[2])
         return out
+
+
+def read_bounds(
+    start: LogPosition | None, epoch: str, floor: str, newest: tuple[str, str | None] | None, *, follow: bool
+) -> tuple[str | None, str | None, str | None] | None:
+    """Where a read starts and stops: ``(first, oldest, until)``, or ``None`` when there is nothing to read.
+
+    ``newest`` is the channel's newest operation (for a read that does not follow). Raises
+    :class:`~durable_ai.errors.LogReset` for a start from another epoch, from before the floor, or past the log.
+    """
+    if start is not None and start.epoch != epoch:
+        raise LogReset("the session's log was recreated (deleted since the cursor)")
+    first, oldest = parse_position(start.position) if start is not None and start.position else (None, None)
+    if first is not None and first < floor:
+        raise LogReset("the cursor is older than the session's deletion")
+    if follow:
+        return first, oldest, None
+    if newest is None or newest[0] < max(first or "", floor):
+        if first is not None:
+            raise LogReset("the message at the cursor is no longer retained")
+        return None
+    return first, oldest, newest[0]
+
+
+class HistoryPass:
+    """One forwards read of a channel's history from a position: the log's operations in order, with positions.
+
+    Feed it the messages history returns (oldest first, from :attr:`fetch` on) with :meth:`add`, then call
+    :meth:`finish` once history has no more pages (not needed once :attr:`done`). It splits messages grown by
+    appends into their operations, puts them in position order, skips what is before the start or already read
+    (``last``), stops after ``until``, and raises :class:`~durable_ai.errors.LogReset` when the operation at the
+    start, or a part the start depends on, is no longer retained.
+
+    Args:
+        floor: the session's floor (messages with an older serial are hidden).
+        first: the serial to read from, inclusive (``None``: from the floor).
+        oldest: the oldest part that may have grown after ``first`` (from its position), read from when older.
+        until: the last operation to return (``None``: everything history has).
+        last: the last operation already returned (later passes of a follower skip up to it).
+    """
+
+    def __init__(
+        self, *, floor: str, first: str | None, oldest: str | None, until: str | None = None, last: str | None = None
+    ) -> None:
+        self.floor = floor
+        self.last = last
+        self.parts = OpenParts()
+        self.done = False
+        self._lower = first or floor
+        #: the serial to read history from (inclusive; empty: from the start)
+        self.fetch = oldest if oldest is not None and oldest < self._lower else self._lower
+        self._expected = first
+        self._oldest = oldest
+        self._until = until
+        self._reorder = Reorder()
+        self._seen_first = False
+
+    def add(self, serial: str | None, version: str | None, name: str | None, data: bytes) -> list[tuple[str, bytes]]:
+        """Take the next message of history; return the operations now known to be next, as (position, data)."""
+        if self.done or not serial or serial < self.fetch or serial < self.floor:
+            return []
+        if not self._seen_first and self._oldest is not None and self.fetch == self._oldest and serial != self._oldest:
+            raise LogReset("a part the cursor depends on is no longer retained")
+        self._seen_first = True
+        ready = self._reorder.release(serial)
+        if name == APPENDABLE_NAME:
+            self.parts.add(serial)
+        self._reorder.add(split_message(serial, version, data))
+        return self._emit(ready)
+
+    def finish(self) -> list[tuple[str, bytes]]:
+        """History has no more messages: the operations still held back."""
+        out = [] if self.done else self._emit(self._reorder.release())
+        if self._expected is not None:
+            raise LogReset("the message at the cursor is no longer retained")
+        return out
+
+    def oldest_open(self) -> str | None:
+        """The oldest part that may still grow after the last operation returned (where the next pass starts)."""
+        return self.parts.oldest(self.last) if self.last is not None else None
+
+    def _emit(self, ops: list[Op]) -> list[tuple[str, bytes]]:
+        out: list[tuple[str, bytes]] = []
+        for op in ops:
+            if op.serial < self._lower:
+                continue
+            if self._expected is not None:
+                if op.serial != self._expected:
+                    raise LogReset("the message at the cursor is no longer retained")
+                self._expected = None
+            if self._until is not None and op.serial > self._until:
+                self.done = True
+                break
+            if self.last is not None and op.serial <= self.last:
+                continue
+            self.last = op.serial
+            out.append((format_position(op.serial, self.parts.oldest(op.serial)), op.data))
+        return out
+
+
+class NewestScan:
+    """The position of a channel's newest operation, from history read backwards.
+
+    Appends change messages created earlier, so the scan goes back through the window in which parts grow. Feed
+    it messages newest first with :meth:`add` until it returns ``False``; :attr:`result` is then the newest
+    operation's serial and the oldest part that may still grow at that point (``None``: nothing above the floor).
+    """
+
+    MAX_MESSAGES = 1000
+
+    def __init__(self, floor: str) -> None:
+        self._floor = floor
+        self._newest: str | None = None
+        self._horizon: int | None = None
+        self._parts: list[str] = []
+        self._count = 0
+
+    def add(self, serial: str | None, version: str | None, name: str | None) -> bool:
+        """Take the next older message; ``False`` once older messages cannot change the result."""
+        if not serial or serial < self._floor:
+            return False
+        created = serial_time(serial)
+        if self._horizon is None and created is not None:
+            self._horizon = created - int(PART_WINDOW_SECONDS * 1000)
+        if self._horizon is not None and created is not None and created < self._horizon:
+            return False
+        position = max(serial, version or serial)
+        self._newest = position if self._newest is None else max(self._newest, position)
+        if name == APPENDABLE_NAME:
+            self._parts.append(serial)
+        self._count += 1
+        return self._count < self.MAX_MESSAGES
+
+    @property
+    def result(self) -> tuple[str, str | None] | None:
+        return (self._newest, min(self._parts, default=None)) if self._newest else None

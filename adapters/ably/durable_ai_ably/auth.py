@@ -17,9 +17,6 @@ does not import ably-python.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
 import math
 import secrets
@@ -29,20 +26,20 @@ from typing import Any
 from durable_ai import validate_session_id
 from durable_ai.errors import ConfigurationError
 
-from ._common import AblyOptions, channel_name, split_key, validate_namespace
+from ._common import AblyOptions, channel_name, sign_token_request, split_key, validate_namespace
 
 __all__ = ["client_capability", "issue_client_jwt", "issue_client_token"]
 
 _READ = ["history", "subscribe"]
-_SIGNED_FIELDS = ("keyName", "ttl", "capability", "clientId", "timestamp", "nonce")
 
 
 def client_capability(session_id: str, *, namespace: str = "ai", presence: bool = False) -> dict[str, list[str]]:
     """The least an SDK or browser client of one session needs: read its channels, publish its controls.
 
     Events (``<namespace>:<session>``): subscribe and history, and presence when ``presence`` (the client enters
-    as its clientId). Meta and snapshot (deletion markers, the saved view): subscribe and history. Control:
-    publish only. No other channel, so a client can neither write events nor read another session.
+    as its clientId). Meta, snapshot and presence (deletion markers, the saved view, the presence of agents
+    that publish over REST): subscribe and history. Control: publish only. No other channel, so a client can
+    neither write events nor read another session.
 
     Raises:
         InvalidSessionId: for a session id that cannot name a channel.
@@ -56,6 +53,7 @@ def client_capability(session_id: str, *, namespace: str = "ai", presence: bool 
         channel_name(namespace, session_id, "control"): ["publish"],
         channel_name(namespace, session_id, "meta"): list(_READ),
         channel_name(namespace, session_id, "snapshot"): list(_READ),
+        channel_name(namespace, session_id, "presence"): list(_READ),
     }
 
 
@@ -95,11 +93,7 @@ def issue_client_token(
         "timestamp": int(time.time() * 1000),
         "nonce": secrets.token_hex(16),
     }
-    # The signed text: each field in this order, as canonical text, followed by a newline.
-    text = "".join(f"{request[field]}\n" for field in _SIGNED_FIELDS)
-    digest = hmac.new(secret.encode(), text.encode(), hashlib.sha256).digest()
-    request["mac"] = base64.b64encode(digest).decode("ascii")
-    return request
+    return sign_token_request(secret, request)
 
 
 def issue_client_jwt(

@@ -49,13 +49,14 @@ from durable_ai.errors import (
 from ._common import (
     API_VERSION,
     PAGE,
+    PRESENCE_KIND,
     AblyOptions,
+    PresenceLog,
     SessionState,
     decode_data,
     history_params,
     options_from_url,
     pack_snapshot,
-    serial_time,
     snapshot_chunk_count,
     to_bytes,
     to_wire,
@@ -63,15 +64,12 @@ from ._common import (
 )
 from ._log import (
     APPENDABLE_NAME,
-    PART_WINDOW_SECONDS,
     PLAIN_NAME,
-    Op,
-    OpenParts,
-    Reorder,
+    HistoryPass,
+    NewestScan,
     format_position,
-    parse_position,
+    read_bounds,
     split_append,
-    split_message,
 )
 from ._parts import PartPlanner
 
@@ -521,19 +519,11 @@ class AblyBackend:
         name = self.channel_name(channel.session, channel.kind)
         state = await self._session(channel.session, refresh=True)
         epoch, floor = state.epoch, state.floor
-        if start is not None and start.epoch != epoch:
-            raise LogReset("the session's log was recreated (deleted since the cursor)")
-        first, oldest = parse_position(start.position) if start is not None and start.position else (None, None)
-        if first is not None and first < floor:
-            raise LogReset("the cursor is older than the session's deletion")
-        until: str | None = None
-        if not follow:
-            newest = await self._newest(name, floor)
-            if newest is None or newest[0] < max(first or "", floor):
-                if first is not None:
-                    raise LogReset("the message at the cursor is no longer retained")
-                return
-            until = newest[0]
+        newest = None if follow else await self._newest(name, floor)
+        bounds = read_bounds(start, epoch, floor, newest, follow=follow)
+        if bounds is None:
+            return
+        first, oldest, until = bounds
         tap: _Tap | None = None
         last: str | None = None
         links = _Links()
@@ -541,52 +531,24 @@ class AblyBackend:
             while True:
                 if follow and tap is None:
                     tap = await self._attach(name)
-                parts = OpenParts()
-                expected = first
-                lower = first or floor
-                # Parts created before the start may have grown after it: read history from the oldest of them.
-                fetch = oldest if oldest is not None and oldest < lower else lower
-                reorder = Reorder()
-                page = await self._history(name, from_serial=fetch or None)
-                done = False
-                seen_first = False
-                while not done:
-                    items = [Message.from_encoded(raw) for raw in page.items]
-                    end = not page.has_next()
-                    ready: list[Op] = []
-                    for message in items:
-                        serial = message.serial
-                        if not serial or serial < fetch or serial < floor:
-                            continue
-                        if not seen_first and oldest is not None and fetch == oldest and serial != oldest:
-                            raise LogReset("a part the cursor depends on is no longer retained")
-                        seen_first = True
-                        ready += reorder.release(serial)
-                        if message.name == APPENDABLE_NAME:
-                            parts.add(serial)
+                scan = HistoryPass(floor=floor, first=first, oldest=oldest, until=until, last=last)
+                page = await self._history(name, from_serial=scan.fetch or None)
+                while True:
+                    for raw in page.items:
+                        message = Message.from_encoded(raw)
                         version = message.version.serial if message.version is not None else None
-                        reorder.add(split_message(serial, version, to_bytes(message.data)))
-                    if end:
-                        ready += reorder.release()
-                    for op in ready:
-                        if op.serial < lower:
-                            continue
-                        if expected is not None:
-                            if op.serial != expected:
-                                raise LogReset("the message at the cursor is no longer retained")
-                            expected = None
-                        if until is not None and op.serial > until:
-                            done = True
+                        for position, data in scan.add(message.serial, version, message.name, to_bytes(message.data)):
+                            yield StoredMessage(epoch, position, data)
+                        if scan.done:
                             break
-                        if last is not None and op.serial <= last:
-                            continue
-                        last = op.serial
-                        yield StoredMessage(epoch, format_position(op.serial, parts.oldest(op.serial)), op.data)
-                    if done or end:
+                    if scan.done:
+                        break
+                    if not page.has_next():
+                        for position, data in scan.finish():
+                            yield StoredMessage(epoch, position, data)
                         break
                     page = await self._call(partial(self._next, page))
-                if expected is not None:
-                    raise LogReset("the message at the cursor is no longer retained")
+                last, parts = scan.last, scan.parts
                 if tap is None:
                     return
                 while (live := await tap.next()) is not None:
@@ -609,41 +571,24 @@ class AblyBackend:
                 self._detach(tap)
                 tap = None
                 if last is not None:
-                    first = last
-                    oldest = parts.oldest(last)
+                    first, oldest = last, parts.oldest(last)
         finally:
             if tap is not None:
                 self._detach(tap)
 
     async def _newest(self, name: str, floor: str) -> tuple[str, str | None] | None:
-        """The position of the channel's newest operation, and the oldest part that may still grow then.
-
-        Appends change messages created earlier, so this reads back through the window in which parts grow.
-        """
+        """The position of the channel's newest operation, and the oldest part that may still grow then."""
+        scan = NewestScan(floor)
         page = await self._history(name, backwards=True, limit=100)
-        newest: str | None = None
-        horizon: int | None = None
-        parts: list[str] = []
-        for _ in range(10):
+        while True:
             for raw in page.items:
                 message = Message.from_encoded(raw)
-                serial = message.serial
-                if not serial or serial < floor:
-                    return (newest, min(parts, default=None)) if newest else None
-                created = serial_time(serial)
-                if horizon is None and created is not None:
-                    horizon = created - int(PART_WINDOW_SECONDS * 1000)
-                if horizon is not None and created is not None and created < horizon:
-                    return (newest, min(parts, default=None)) if newest else None
                 version = message.version.serial if message.version is not None else None
-                position = max(serial, version or serial)
-                newest = position if newest is None else max(newest, position)
-                if message.name == APPENDABLE_NAME:
-                    parts.append(serial)
+                if not scan.add(message.serial, version, message.name):
+                    return scan.result
             if not page.has_next():
-                break
+                return scan.result
             page = await self._call(partial(self._next, page))
-        return (newest, min(parts, default=None)) if newest else None
 
     async def _attach(self, name: str) -> _Tap:
         realtime, _ = self._parts()
@@ -767,7 +712,23 @@ class AblyBackend:
                 if client_id:
                     members[client_id] = decode_data(raw)
             if not page.has_next():
-                return members
+                break
+            page = await self._call(partial(self._next, page))
+        members.update(await self._presence_log(session))
+        return members
+
+    async def _presence_log(self, session: str) -> dict[str, bytes]:
+        """Members entered by REST backends, which publish them to the session's presence log (see ``.rest``)."""
+        state = await self._session(session, refresh=True)
+        log = PresenceLog(state.floor, int(time.time() * 1000))
+        page = await self._history(self.channel_name(session, PRESENCE_KIND), backwards=True)
+        while True:
+            for raw in page.items:
+                message = Message.from_encoded(raw)
+                if not log.add(message.name, message.serial, message.timestamp, to_bytes(message.data)):
+                    return log.members
+            if not page.has_next():
+                return log.members
             page = await self._call(partial(self._next, page))
 
 

@@ -19,7 +19,9 @@ What it does: API keys with capabilities, token requests and tokens (capability 
 connection details and resume of a known connection key, HEARTBEAT, ATTACH/ATTACHED with ``params.rewind`` and
 channel-serial resume, DETACH, MESSAGE publish with ACK (``res`` serials) or NACK, delivery to every attached
 connection, AUTH, CLOSE/CLOSED, server DISCONNECTED, idempotent publishing by message id, REST publish, history with
-``Link`` pagination, time and token requests, capability checks everywhere. Fault hooks: `drop_connections`,
+``Link`` pagination, batch publish (``POST /messages``, one ``BatchResult`` per spec), time and token requests,
+capability checks everywhere. As on Ably, several messages published together either have no ids or ids
+``<base>:<index>`` sharing one base (40031 otherwise). Fault hooks: `drop_connections`,
 `disconnect_connections`, `fail_next_rest`, `nack_next`.
 
 Presence: PRESENCE (enter/update/leave, ACKed, broadcast to every attached connection with ``subscribe``; entering
@@ -44,7 +46,7 @@ published (its inbound rate). With ``enforce_rate_limits=True`` publishes beyond
 per second per channel, 50 inbound per connection) are refused with 42913 or 42911 (429), as Ably refuses them.
 
 Not emulated: presence history, annotations, message version history (``.../versions``), deltas, channel globs other
-than ``*`` and a trailing ``*``, connection recovery (``recover``), Ably's stats API, push, batch endpoints.
+than ``*`` and a trailing ``*``, connection recovery (``recover``), Ably's stats API, push, batch presence.
 """
 
 from __future__ import annotations
@@ -145,6 +147,22 @@ def _append_data(
     if isinstance(base, bytes | bytearray) and isinstance(extra, bytes | bytearray):
         return bytes(base) + bytes(extra), base_enc
     raise AblyError("Appended data must have the same type (string or binary) as the message's data", 40013, 400)
+
+
+def _check_ids(messages: Sequence[Mapping[str, Any]]) -> None:
+    """Several messages published together have no ids, or ids ``<base>:<index>`` with one base (Ably's rule)."""
+    ids = [m.get("id") for m in messages]
+    if len(ids) < 2 or all(i is None for i in ids):
+        return
+    if any(not isinstance(i, str) or not i for i in ids):
+        raise AblyError("Client-specified message id cannot be empty", 40031, 400)
+    base = str(ids[0]).rpartition(":")[0]
+    if not base or any(i != f"{base}:{index}" for index, i in enumerate(ids)):
+        raise AblyError(
+            "Client-specified message ids do not match the required format for multi-message ProtocolMessages",
+            40031,
+            400,
+        )
 
 
 def _href(code: int) -> str:
@@ -541,6 +559,7 @@ class AblyEmulator:
                 WebSocketRoute("/", self._websocket),
                 Route("/time", self._time, methods=["GET"]),
                 Route("/keys/{key_name}/requestToken", self._request_token, methods=["POST"]),
+                Route("/messages", self._batch_publish, methods=["POST"]),
                 Route("/channels/{channel}/messages", self._channel_messages, methods=["GET", "POST"]),
                 Route("/channels/{channel}/messages/{serial}", self._channel_message, methods=["GET", "PATCH"]),
                 Route("/channels/{channel}/presence", self._channel_presence, methods=["GET"]),
@@ -672,6 +691,11 @@ class AblyEmulator:
     def fail_next_rest(self, status: int = 503, count: int = 1, *, path_prefix: str | None = None) -> None:
         """Answer the next `count` REST requests (whose path starts with `path_prefix`, if given) with `status`."""
         self._fail_rest.extend([(status, path_prefix)] * count)
+
+    @property
+    def pending_rest_failures(self) -> int:
+        """How many failures asked for with `fail_next_rest` no request has met yet."""
+        return len(self._fail_rest)
 
     def nack_next(self, count: int = 1, *, code: int = 50000, status: int = 500, message: str = "") -> None:
         """NACK the next `count` realtime publishes instead of storing them."""
@@ -871,6 +895,7 @@ class AblyEmulator:
         size = sum(len(json.dumps(m.get("data"), default=str)) + len(str(m.get("name") or "")) for m in raw_messages)
         if size > self.max_message_size:
             raise AblyError(f"Maximum message length exceeded (size {size}, max {self.max_message_size})", 40009, 400)
+        _check_ids([raw_messages[i] for i in sorted(creates)])
         default_client = credential.client_id if credential.client_id not in (None, "*") else None
         for m in raw_messages:
             client_id = m.get("clientId")
@@ -1091,6 +1116,47 @@ class AblyEmulator:
         id_prefix = f"{secrets.token_urlsafe(9)}"
         serials = self._publish(channel, raw_messages, credential=credential, id_prefix=id_prefix)
         return self._encode({"channel": channel, "messageId": id_prefix, "serials": serials}, binary, 201)
+
+    async def _batch_publish(self, request: Request) -> Response:
+        """``POST /messages``: publish specs (``channels``, ``messages``), each channel's publish on its own."""
+        binary = self._wants_binary(request)
+        failure = self._rest_failure(request.url.path)
+        if failure is not None:
+            return failure
+        try:
+            credential = self._rest_credential(request)
+            body = await self._read_body(request)
+            specs = body if isinstance(body, list) else [body]
+            if not specs or not all(isinstance(spec, Mapping) for spec in specs):
+                raise AblyError("Invalid batch publish body: expected a spec or a list of specs", 40000, 400)
+            parsed: list[tuple[list[str], list[Mapping[str, Any]]]] = []
+            for spec in specs:
+                channels, messages = spec.get("channels"), spec.get("messages")
+                channels = [channels] if isinstance(channels, str) else channels
+                messages = [messages] if isinstance(messages, Mapping) else messages
+                if not isinstance(channels, list) or not channels or not all(isinstance(c, str) for c in channels):
+                    raise AblyError("Invalid batch spec: channels must name one or more channels", 40000, 400)
+                if not isinstance(messages, list) or not messages or not all(isinstance(m, Mapping) for m in messages):
+                    raise AblyError("Invalid batch spec: messages must be one or more messages", 40000, 400)
+                parsed.append((channels, messages))
+            if sum(len(channels) for channels, _ in parsed) > 100:
+                raise AblyError("A batch request may publish to at most 100 channels", 40000, 400)
+            results: list[dict[str, Any]] = []
+            for channels, messages in parsed:
+                outcomes: list[dict[str, Any]] = []
+                for channel in channels:
+                    id_prefix = secrets.token_urlsafe(9)
+                    try:
+                        serials = self._publish(channel, messages, credential=credential, id_prefix=id_prefix)
+                    except AblyError as error:
+                        outcomes.append({"channel": channel, "error": error.to_dict()})
+                    else:
+                        outcomes.append({"channel": channel, "messageId": id_prefix, "serials": serials})
+                failed = sum(1 for outcome in outcomes if "error" in outcome)
+                results.append({"successCount": len(outcomes) - failed, "failureCount": failed, "results": outcomes})
+        except AblyError as error:
+            return self._error_response(error, binary)
+        return self._encode(results if isinstance(body, list) else results[0], binary, 201)
 
     def _history(self, request: Request, channel: str, credential: _Credential, binary: bool) -> Response:
         if not _allows(credential.capability, channel, "history"):

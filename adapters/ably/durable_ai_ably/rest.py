@@ -1,0 +1,594 @@
+"""The REST-only Ably backend, for serverless functions: plain HTTP requests, no WebSocket, no ably-python.
+
+It keeps the layout of :class:`~durable_ai_ably.backend.AblyBackend` (``ai:<session>`` for events, ``:control``,
+``:snapshot``, ``:meta`` for deletions; positions are message serials), so realtime and REST processes share
+sessions: a REST agent streams to realtime clients, a REST client follows a realtime agent.
+
+**Publishing.** ``POST /channels/{name}/messages`` with the message id set to ``message_id``, so a retry (after a
+timeout, a 5xx or a 429, honouring ``Retry-After``) is deduplicated by Ably and never stores a message twice. The
+REST writer never appends: every batch the hub hands it is one whole message (named ``e``); readers of either
+transport read both kinds. Publishes to a channel that wait while a request to that channel is in flight go
+together in the next request: Ably refuses several messages with ids of their own in one channel publish (it
+wants ``<base>:<index>`` ids there, which would tie a message's dedupe key to the batch it happened to join), so
+they go to the batch endpoint ``POST /messages`` as one publish spec each, and every message keeps its own id and
+gets its own serial. ``rate_limit`` is kept per channel.
+
+**Reading.** History, paged forwards from the start (inclusive), with the epoch and floor from the meta channel
+and messages grown by appends (realtime writers) split into their operations, exactly like the realtime backend.
+A follower polls history every ``poll_interval`` seconds, and right after each publish this backend makes to the
+session ("between flushes"): a REST agent's control listener sees a cancel after the run's next flush, or within
+``poll_interval`` when the run is quiet. Polls resume from the last operation read, so nothing is read twice.
+
+**Presence.** Ably has no REST operation to enter presence, so members are published to the session's presence
+log (``ai:<session>:presence``): an ``enter`` with the member's data, refreshed every
+``PRESENCE_TTL_SECONDS / 3`` while the member stays, and a ``leave``. A member whose latest record is an enter
+younger than ``PRESENCE_TTL_SECONDS`` is present, so a function that dies without leaving drops out by itself.
+``presence()`` returns the members of the log together with those entered over realtime connections (``GET
+/channels/{name}/presence``), and the realtime backend reads the log too.
+
+Options without meaning here: ``appends`` (the REST writer never appends), ``connection_rate_limit``,
+``connect_timeout`` and ``tap_limit`` (there is no connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from durable_ai import BackendLimits, Channel, LogPosition, RateBudget, StoredMessage
+from durable_ai.errors import BackendError, BackendUnavailable, HubClosed, LogReset, PayloadTooLarge
+
+from ._common import (
+    PAGE,
+    PRESENCE_ENTER,
+    PRESENCE_KIND,
+    PRESENCE_LEAVE,
+    PRESENCE_TTL_SECONDS,
+    AblyOptions,
+    PresenceLog,
+    SessionState,
+    decode_data,
+    history_params,
+    options_from_url,
+    pack_snapshot,
+    presence_record,
+    snapshot_chunk_count,
+    to_wire,
+    unpack_snapshot,
+)
+from ._http import AblyHttp, AblyHttpError, json_of
+from ._log import PLAIN_NAME, HistoryPass, NewestScan, format_position, read_bounds
+
+__all__ = ["AblyRestBackend", "from_url"]
+
+logger = logging.getLogger("durable_ai_ably")
+
+#: the most messages, and bytes of data, one batch request carries (Ably: 2 MiB per request)
+MAX_BATCH = 100
+MAX_BATCH_BYTES = 1024 * 1024
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    """A message waiting to be published, and the caller waiting for its serial."""
+
+    message: dict[str, Any]
+    size: int
+    future: asyncio.Future[str]
+    deadline: float
+
+
+@dataclass(slots=True)
+class _Outbox:
+    """The messages of one channel waiting for the request in flight to end."""
+
+    pending: deque[_Outgoing] = field(default_factory=deque)
+    inflight: list[_Outgoing] = field(default_factory=list)
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Follower:
+    """A following reader of a session, woken to poll at once after a publish."""
+
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    reset: str | None = None
+
+
+def _version(raw: Mapping[str, Any]) -> str | None:
+    version = raw.get("version")
+    serial = version.get("serial") if isinstance(version, Mapping) else None
+    return serial if isinstance(serial, str) else None
+
+
+def _wire(message_id: str, name: str, data: bytes) -> dict[str, Any]:
+    wire = to_wire(data)
+    if isinstance(wire, str):
+        return {"id": message_id, "name": name, "data": wire}
+    return {"id": message_id, "name": name, "data": base64.b64encode(wire).decode("ascii"), "encoding": "base64"}
+
+
+def _items(response: httpx.Response) -> list[Mapping[str, Any]]:
+    body = json_of(response)
+    if not isinstance(body, list) or not all(isinstance(item, Mapping) for item in body):
+        raise BackendError(f"Ably answered {response.request.url.path} with something that is not a list of items")
+    return body
+
+
+def _first_serial(result: object) -> tuple[bool, str | None]:
+    """``(True, serial or None)`` for a publish result with serials; ``(False, None)`` when it has none."""
+    serials = result.get("serials") if isinstance(result, Mapping) else None
+    if not isinstance(serials, list) or len(serials) != 1 or not isinstance(serials[0], str | None):
+        return False, None
+    return True, serials[0]
+
+
+def _batch_results(body: object, count: int) -> list[Mapping[str, Any]]:
+    """One result per publish spec from a batch publish answer, whichever form Ably gives it in.
+
+    Protocol 2 and later answer a list of ``BatchResult`` objects (``{"successCount", "failureCount",
+    "results": [...]}``), one per spec; older versions a list of results, or a 40020 error with ``batchResponse``.
+    """
+    if isinstance(body, Mapping):
+        error = body.get("error")
+        body = body.get("batchResponse", error.get("batchResponse") if isinstance(error, Mapping) else None)
+    if not isinstance(body, list) or len(body) != count:
+        raise BackendError("Ably answered a batch publish without one result per message")
+    results: list[Mapping[str, Any]] = []
+    for entry in body:
+        if isinstance(entry, Mapping) and isinstance(entry.get("results"), list):
+            entry = entry["results"][0] if len(entry["results"]) == 1 else None
+        if not isinstance(entry, Mapping):
+            raise BackendError("Ably answered a batch publish with a malformed result")
+        results.append(entry)
+    return results
+
+
+class AblyRestBackend:
+    """Durable sessions on Ably over its REST API only (see the module docstring)."""
+
+    def __init__(self, options: AblyOptions) -> None:
+        self.options = options
+        self._limits = BackendLimits(options.max_message_bytes, options.rate_limit)
+        self._http: AblyHttp | None = None
+        self._users = 0
+        self._closed = False
+        self._sessions: dict[str, SessionState] = {}
+        self._outboxes: dict[str, _Outbox] = {}
+        self._budgets: dict[str, RateBudget] = {}
+        self._followers: dict[str, set[_Follower]] = {}
+        self._present: dict[tuple[str, str], bytes] = {}
+        self._keepers: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+    # -- life cycle ----------------------------------------------------------------------------------------
+
+    @property
+    def limits(self) -> BackendLimits:
+        return self._limits
+
+    @property
+    def _api(self) -> AblyHttp:
+        if self._closed or self._http is None:
+            raise HubClosed("the Ably REST backend is not open")
+        return self._http
+
+    def _check_open(self) -> None:
+        self._api  # noqa: B018 - raises HubClosed when the backend is not open
+
+    def channel_name(self, session: str, kind: str = "events") -> str:
+        return self.options.channel_name(session, kind)
+
+    async def open(self) -> None:
+        """Make the HTTP client; no request is made until the first operation (a fast cold start)."""
+        self._users += 1
+        if self._http is None:
+            self._http = AblyHttp(self.options)
+            await self._http.open()
+            self._closed = False
+
+    async def close(self) -> None:
+        self._users -= 1
+        if self._users > 0 or self._http is None or self._closed:
+            return
+        for task in self._keepers.values():
+            task.cancel()
+        await asyncio.gather(*self._keepers.values(), return_exceptions=True)
+        self._keepers.clear()
+        if self._present:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    for session, member in list(self._present):
+                        await self.leave_presence(session, member)
+        self._present.clear()
+        self._closed = True
+        for followers in self._followers.values():
+            for follower in followers:
+                follower.wake.set()
+        tasks = [outbox.task for outbox in self._outboxes.values() if outbox.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for outbox in self._outboxes.values():
+            for item in [*outbox.inflight, *outbox.pending]:
+                if not item.future.done():
+                    item.future.set_exception(HubClosed("the Ably REST backend closed before the message was sent"))
+        self._outboxes.clear()
+        http, self._http = self._http, None
+        await http.close()
+
+    # -- publish -------------------------------------------------------------------------------------------
+
+    async def publish(self, channel: Channel, data: bytes, *, message_id: str) -> LogPosition:
+        self._check_open()
+        if len(data) > self._limits.max_message_bytes:
+            raise PayloadTooLarge(len(data), self._limits.max_message_bytes)
+        state = await self._session(channel.session)
+        serial = await self._publish(self.channel_name(channel.session, channel.kind), data, message_id)
+        self._poke(channel.session)
+        return LogPosition(state.epoch, serial)
+
+    async def _publish(self, name: str, data: bytes, message_id: str, event: str = PLAIN_NAME) -> str:
+        """Queue one message for the channel and wait for its serial (see the module docstring on batches)."""
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        item = _Outgoing(
+            _wire(message_id, event, data), len(data), loop.create_future(), time.monotonic() + self._timeout
+        )
+        outbox = self._outboxes.get(name)
+        if outbox is None:
+            outbox = self._outboxes[name] = _Outbox()
+        outbox.pending.append(item)
+        if outbox.task is None:
+            outbox.task = loop.create_task(self._drain(name, outbox), name=f"durable-ai-ably publish {name}")
+        return await item.future
+
+    @property
+    def _timeout(self) -> float:
+        return self.options.publish_timeout
+
+    async def _drain(self, name: str, outbox: _Outbox) -> None:
+        """Send the channel's waiting messages, as many per request as are waiting, until none is left."""
+        backoff = 0.05
+        try:
+            while outbox.pending:
+                batch = self._take(outbox)
+                if not batch:
+                    continue
+                outbox.inflight = batch
+                await self._throttle(name, len(batch))
+                batch = [item for item in batch if not item.future.done()]
+                again = await self._send(name, batch) if batch else []
+                outbox.inflight = []
+                if again:  # some messages of a batch failed in a way worth retrying
+                    outbox.pending.extendleft(reversed(again))
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 1.0)
+                else:
+                    backoff = 0.05
+        finally:
+            outbox.task = None
+            if not outbox.pending and self._outboxes.get(name) is outbox:
+                del self._outboxes[name]
+
+    @staticmethod
+    def _take(outbox: _Outbox) -> list[_Outgoing]:
+        batch: list[_Outgoing] = []
+        size = 0
+        while outbox.pending and len(batch) < MAX_BATCH:
+            item = outbox.pending[0]
+            if item.future.done():  # its caller gave up before it was sent
+                outbox.pending.popleft()
+                continue
+            if batch and size + item.size > MAX_BATCH_BYTES:
+                break
+            batch.append(outbox.pending.popleft())
+            size += item.size
+        return batch
+
+    async def _throttle(self, name: str, count: int) -> None:
+        """Wait for the channel's message budget (Ably: 50 messages per second by default)."""
+        if self.options.rate_limit is None:
+            return
+        budget = self._budgets.get(name)
+        if budget is None:
+            if len(self._budgets) > 4096:
+                self._budgets.clear()
+            budget = self._budgets[name] = RateBudget(self.options.rate_limit)
+        for _ in range(count):
+            await budget.acquire()
+
+    async def _send(self, name: str, batch: list[_Outgoing]) -> list[_Outgoing]:
+        """Publish a batch; settle each message's future; return the messages to send again."""
+        http = self._api
+        deadline = min(item.deadline for item in batch)
+        try:
+            if len(batch) == 1:
+                path = f"/channels/{quote(name, safe='')}/messages"
+                response = await http.request("POST", path, body=batch[0].message, deadline=deadline)
+                results: list[Mapping[str, Any]] = [json_of(response)]
+            else:
+                specs = [{"channels": name, "messages": item.message} for item in batch]
+                response = await http.request("POST", "/messages", body=specs, deadline=deadline, partial=True)
+                results = _batch_results(json_of(response), len(batch))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            for item in batch:
+                _settle(item, exc)
+            return []
+        again: list[_Outgoing] = []
+        for item, result in zip(batch, results, strict=True):
+            if isinstance(result, Mapping) and result.get("error") is not None:
+                error = AblyHttpError.from_error(result["error"])
+                if error.retryable and time.monotonic() < item.deadline:
+                    again.append(item)
+                else:
+                    _settle(item, http.typed(error, item.size))
+                continue
+            found, serial = _first_serial(result)
+            if not found:
+                _settle(item, BackendError(f"Ably acknowledged a publish to {name!r} without its serial"))
+            elif serial is not None:
+                _settle(item, serial)
+            else:
+                try:
+                    _settle(item, await self._find_serial(name, str(item.message["id"])))
+                except Exception as exc:
+                    _settle(item, exc)
+        return again
+
+    async def _find_serial(self, name: str, message_id: str) -> str:
+        """The serial of a recent message by id, for an acknowledgement that left it out (``null``)."""
+        params = history_params(backwards=True, limit=100, from_serial=None)
+        response = await self._api.request("GET", f"/channels/{quote(name, safe='')}/messages", params=params)
+        for raw in _items(response):
+            if raw.get("id") == message_id and isinstance(raw.get("serial"), str):
+                return str(raw["serial"])
+        raise BackendError(f"Ably acknowledged a publish to {name!r} without a serial, and history lacks it")
+
+    def _poke(self, session: str) -> None:
+        """A publish to the session: its followers poll at once (so a cancel is seen between flushes)."""
+        for follower in self._followers.get(session, ()):
+            follower.wake.set()
+
+    # -- history -------------------------------------------------------------------------------------------
+
+    async def _get(self, name: str, params: Mapping[str, str], kind: str = "messages") -> httpx.Response:
+        return await self._api.request("GET", f"/channels/{quote(name, safe='')}/{kind}", params=params)
+
+    async def _latest(self, name: str) -> Mapping[str, Any] | None:
+        items = _items(await self._get(name, history_params(backwards=True, limit=1, from_serial=None)))
+        return items[0] if items else None
+
+    async def _session(self, session: str, *, refresh: bool = False) -> SessionState:
+        cached = self._sessions.get(session)
+        if cached is not None and not refresh:
+            return cached
+        marker = await self._latest(self.channel_name(session, "meta"))
+        serial = marker.get("serial") if marker is not None else None
+        state = SessionState.from_marker(serial if isinstance(serial, str) else None)
+        self._sessions[session] = state
+        return state
+
+    async def _newest(self, name: str, floor: str) -> tuple[str, str | None] | None:
+        """The position of the channel's newest operation, and the oldest part that may still grow then."""
+        scan = NewestScan(floor)
+        response = await self._get(name, history_params(backwards=True, limit=100, from_serial=None))
+        while True:
+            for raw in _items(response):
+                if not scan.add(raw.get("serial"), _version(raw), raw.get("name")):
+                    return scan.result
+            next_path = self._api.next_page(response)
+            if next_path is None:
+                return scan.result
+            response = await self._api.request("GET", next_path)
+
+    async def read(self, channel: Channel, *, start: LogPosition | None, follow: bool) -> AsyncIterator[StoredMessage]:
+        self._check_open()
+        name = self.channel_name(channel.session, channel.kind)
+        state = await self._session(channel.session, refresh=True)
+        epoch, floor = state.epoch, state.floor
+        newest = None if follow else await self._newest(name, floor)
+        bounds = read_bounds(start, epoch, floor, newest, follow=follow)
+        if bounds is None:
+            return
+        first, oldest, until = bounds
+        follower: _Follower | None = None
+        if follow:
+            follower = _Follower()
+            self._followers.setdefault(channel.session, set()).add(follower)
+        last: str | None = None
+        try:
+            while True:
+                if follower is not None:
+                    follower.wake.clear()
+                scan = HistoryPass(floor=floor, first=first, oldest=oldest, until=until, last=last)
+                response = await self._get(name, history_params(backwards=False, limit=PAGE, from_serial=scan.fetch))
+                while True:
+                    for raw in _items(response):
+                        for position, data in scan.add(
+                            raw.get("serial"), _version(raw), raw.get("name"), decode_data(raw)
+                        ):
+                            yield StoredMessage(epoch, position, data)
+                        if scan.done:
+                            break
+                    next_path = None if scan.done else self._api.next_page(response)
+                    if next_path is None:
+                        for position, data in scan.finish():
+                            yield StoredMessage(epoch, position, data)
+                        break
+                    response = await self._api.request("GET", next_path)
+                if follower is None:
+                    return
+                if scan.last is not None:  # the next poll starts at the last operation read (inclusive)
+                    last = first = scan.last
+                    oldest = scan.oldest_open()
+                await self._wait_for_poll(follower)
+        finally:
+            if follower is not None:
+                followers = self._followers.get(channel.session)
+                if followers is not None:
+                    followers.discard(follower)
+                    if not followers:
+                        del self._followers[channel.session]
+
+    async def _wait_for_poll(self, follower: _Follower) -> None:
+        """Until the next poll: ``poll_interval`` seconds, or less when this backend publishes to the session."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.options.poll_interval):
+                await follower.wake.wait()
+        if self._closed:
+            raise BackendUnavailable("the Ably REST backend is closed")
+        if follower.reset is not None:
+            raise LogReset(follower.reset)
+
+    async def head(self, channel: Channel) -> LogPosition | None:
+        self._check_open()
+        state = await self._session(channel.session, refresh=True)
+        newest = await self._newest(self.channel_name(channel.session, channel.kind), state.floor)
+        if newest is None:
+            return None
+        return LogPosition(state.epoch, format_position(*newest))
+
+    async def delete(self, session: str) -> None:
+        self._check_open()
+        marker = await self._publish(self.channel_name(session, "meta"), b"deleted", f"delete:{time.time_ns()}", "d")
+        self._sessions[session] = SessionState.from_marker(marker)
+        for follower in self._followers.get(session, ()):
+            follower.reset = "the session was deleted"
+            follower.wake.set()
+        # The deletion hides the presence log too; members of ours stop refreshing it.
+        for key in [k for k in self._present if k[0] == session]:
+            del self._present[key]
+            keeper = self._keepers.pop(key, None)
+            if keeper is not None:
+                keeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await keeper
+
+    # -- snapshots -----------------------------------------------------------------------------------------
+
+    async def load_snapshot(self, session: str) -> bytes | None:
+        state = await self._session(session, refresh=True)
+        name = self.channel_name(session, "snapshot")
+        head = await self._latest(name)
+        if head is None or not isinstance(head.get("serial"), str) or head["serial"] < state.floor:
+            return None
+        body = decode_data(head)
+        count = snapshot_chunk_count(body)
+        chunks: list[bytes] = []
+        if count:  # the chunks are the messages just before the head
+            items = _items(await self._get(name, history_params(backwards=True, limit=count + 1, from_serial=None)))
+            if len(items) != count + 1 or items[0].get("serial") != head["serial"]:
+                return None
+            chunks = [decode_data(raw) for raw in reversed(items[1:])]
+        return unpack_snapshot(body, chunks)
+
+    async def save_snapshot(self, session: str, data: bytes) -> None:
+        self._check_open()
+        name = self.channel_name(session, "snapshot")
+        chunks, head = pack_snapshot(data, self._limits.max_message_bytes)
+        stamp = time.time_ns()
+        for index, chunk in enumerate(chunks):
+            await self._publish(name, chunk, f"snapshot:{stamp}:{index}", "s")
+        await self._publish(name, head, f"snapshot:{stamp}", "s")
+
+    # -- presence ------------------------------------------------------------------------------------------
+
+    async def _publish_presence(self, session: str, action: str, member_id: str, data: bytes | None) -> None:
+        record = presence_record(member_id, data).encode()
+        await self._publish(
+            self.channel_name(session, PRESENCE_KIND), record, f"presence:{secrets.token_hex(12)}", action
+        )
+
+    async def enter_presence(self, session: str, member_id: str, data: bytes) -> None:
+        """Publish an enter to the session's presence log, refreshed until the member leaves (see the module)."""
+        await self._publish_presence(session, PRESENCE_ENTER, member_id, data)
+        key = (session, member_id)
+        self._present[key] = data
+        keeper = self._keepers.get(key)
+        if keeper is None or keeper.done():
+            self._keepers[key] = asyncio.get_running_loop().create_task(
+                self._keep_present(session, member_id), name=f"durable-ai-ably presence {session}/{member_id}"
+            )
+
+    async def _keep_present(self, session: str, member_id: str) -> None:
+        while True:
+            await asyncio.sleep(PRESENCE_TTL_SECONDS / 3)
+            data = self._present.get((session, member_id))
+            if data is None:
+                return
+            try:
+                await self._publish_presence(session, PRESENCE_ENTER, member_id, data)
+            except (BackendError, HubClosed) as exc:
+                logger.debug("could not refresh presence of %r on session %r: %s", member_id, session, exc)
+
+    async def leave_presence(self, session: str, member_id: str) -> None:
+        self._check_open()
+        key = (session, member_id)
+        if self._present.pop(key, None) is None:
+            return
+        keeper = self._keepers.pop(key, None)
+        if keeper is not None:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+        await self._publish_presence(session, PRESENCE_LEAVE, member_id, None)
+
+    async def presence(self, session: str) -> dict[str, bytes]:
+        state = await self._session(session, refresh=True)
+        members: dict[str, bytes] = {}
+        # Members entered over realtime connections.
+        response = await self._get(self.channel_name(session), {"limit": "1000"}, kind="presence")
+        while True:
+            for raw in _items(response):
+                client_id = raw.get("clientId")
+                if isinstance(client_id, str) and client_id:
+                    members[client_id] = decode_data(raw)
+            next_path = self._api.next_page(response)
+            if next_path is None:
+                break
+            response = await self._api.request("GET", next_path)
+        # Members entered over REST, from the presence log.
+        log = PresenceLog(state.floor, int(time.time() * 1000))
+        name = self.channel_name(session, PRESENCE_KIND)
+        response = await self._get(name, history_params(backwards=True, limit=PAGE, from_serial=None))
+        reading = True
+        while reading:
+            for raw in _items(response):
+                timestamp = raw.get("timestamp")
+                stamp = timestamp if isinstance(timestamp, int) else None
+                if not log.add(raw.get("name"), raw.get("serial"), stamp, decode_data(raw)):
+                    reading = False
+                    break
+            next_path = self._api.next_page(response) if reading else None
+            if next_path is None:
+                break
+            response = await self._api.request("GET", next_path)
+        members.update(log.members)
+        return members
+
+
+def _settle(item: _Outgoing, outcome: str | BaseException) -> None:
+    if item.future.done():
+        return
+    if isinstance(outcome, BaseException):
+        item.future.set_exception(outcome)
+    else:
+        item.future.set_result(outcome)
+
+
+def from_url(url: str) -> AblyRestBackend:
+    """A REST backend for an ``ably://`` URL (see :func:`durable_ai_ably.options_from_url` for the options)."""
+    return AblyRestBackend(options_from_url(url))
