@@ -174,6 +174,10 @@ class PartPlanner:
                     op.target = None
                     op.message_id = f"{plan.message_id}:a{index}"
 
+    def needed(self, message_id: str) -> bool:
+        """Whether a batch goes through a plan: appends are on, or an earlier attempt left one to finish."""
+        return self.enabled or message_id in self._plans
+
     def forget(self, channel: str) -> None:
         """The channel's session was deleted: its parts are gone."""
         self._open.pop(channel, None)

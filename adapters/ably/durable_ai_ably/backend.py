@@ -470,7 +470,8 @@ class AblyBackend:
             raise PayloadTooLarge(len(data), self._limits.max_message_bytes)
         state = await self._session(channel.session)
         name = self.channel_name(channel.session, channel.kind)
-        if channel.kind == "events" and self.options.appends != "off":
+        # Once the namespace refused appends, batches skip the planner (and its parsing of every line).
+        if channel.kind == "events" and self.options.appends != "off" and self._planner.needed(message_id):
             serial = await self._publish_parts(name, data, message_id)
         else:
             serial = await self._publish(name, to_wire(data), message_id)
