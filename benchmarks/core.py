@@ -18,7 +18,8 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from durable_ai import Coalesce, Hub, MemoryBackend, Run, RunEnd, SessionView, TextDelta, TextPart
+from durable_ai import Coalesce, Hub, Run, RunEnd, SessionView, TextDelta, TextPart
+from durable_ai.backends.memory import MemoryBackend
 from durable_ai.testing import MemoryTarget, RecordingBackend, Target
 from durable_ai.view import ViewBuilder
 

@@ -44,7 +44,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
 
-from durable_ai import Coalesce, Cursor, Hub, RunEnd, RunStart, TextDelta, connect
+from durable_ai import Coalesce, Hub, RunEnd, RunStart, TextDelta, connect
+from durable_ai.backend import Cursor
 from durable_ai.testing import RecordingBackend, UrlTarget
 from durable_ai_nats import NatsBackend, NatsOptions, names
 from durable_ai_nats.testing import NatsServer

@@ -10,16 +10,14 @@ upstream. Sessions live on a backend chosen by URL: ``memory://`` (embedded), ``
             await run.text("Hello")
         async for event in session.events(follow=False):
             print(event.type, event.cursor)
+
+Backend authors find the contract and its helpers in :mod:`durable_ai.backend`, the embedded reference in
+:mod:`durable_ai.backends.memory`, and the conformance suite in :mod:`durable_ai.testing`.
 """
 
 from __future__ import annotations
 
-from ._control import Handler, Server
-from ._util import RateBudget, validate_session_id
-from .backend import Backend, BackendLimits, Channel, ChannelKind, StoredMessage, backend_from_url
-from .backends.memory import MemoryBackend
 from .coalesce import Coalesce
-from .cursor import Cursor, LogPosition
 from .errors import (
     AckTimeout,
     BackendError,
@@ -36,7 +34,9 @@ from .errors import (
     PermissionDenied,
     ProtocolError,
     PublishError,
+    PublishRefused,
     RunClosed,
+    RunIdInUse,
     UnknownBackend,
 )
 from .events import (
@@ -62,8 +62,12 @@ from .events import (
     UserMessage,
 )
 from .hub import Hub, connect
-from .run import Inbox, Run, SteerMessage
-from .session import ControlHandle, EventStream, PresenceMember, Session
+from .inbox import Inbox, SteerMessage
+from .options import HubOptions
+from .presence import PresenceMember
+from .run import Run
+from .serve import Handler, Server
+from .session import ControlHandle, EventStream, Session
 from .view import DataPart, Message, Part, ReasoningPart, RunInfo, SessionView, TextPart, ToolPart
 
 __version__ = "0.1.0"
@@ -71,20 +75,15 @@ __version__ = "0.1.0"
 __all__ = [
     "PROTOCOL_VERSION",
     "AckTimeout",
-    "Backend",
     "BackendError",
-    "BackendLimits",
     "BackendUnavailable",
     "Cancel",
-    "Channel",
-    "ChannelKind",
     "Coalesce",
     "ConfigurationError",
     "Control",
     "ControlAck",
     "ControlHandle",
     "ControlTooLarge",
-    "Cursor",
     "Data",
     "DataPart",
     "DurableAIError",
@@ -95,12 +94,11 @@ __all__ = [
     "Handler",
     "Hub",
     "HubClosed",
+    "HubOptions",
     "Inbox",
     "InvalidCursor",
     "InvalidSessionId",
-    "LogPosition",
     "LogReset",
-    "MemoryBackend",
     "Message",
     "Part",
     "PayloadTooLarge",
@@ -109,13 +107,14 @@ __all__ = [
     "Prompt",
     "ProtocolError",
     "PublishError",
-    "RateBudget",
+    "PublishRefused",
     "ReasoningDelta",
     "ReasoningPart",
     "Reset",
     "Run",
     "RunClosed",
     "RunEnd",
+    "RunIdInUse",
     "RunInfo",
     "RunStart",
     "Server",
@@ -124,7 +123,6 @@ __all__ = [
     "Status",
     "Steer",
     "SteerMessage",
-    "StoredMessage",
     "Strategy",
     "TextDelta",
     "TextPart",
@@ -134,7 +132,5 @@ __all__ = [
     "UnknownBackend",
     "UnknownEvent",
     "UserMessage",
-    "backend_from_url",
     "connect",
-    "validate_session_id",
 ]

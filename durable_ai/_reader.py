@@ -1,4 +1,9 @@
-"""Reading a session's events log: cursors, resets, reconnects, fragments and deduplication."""
+"""Reading a session's events log: cursors, resets, reconnects, fragments, deduplication, and folding a view.
+
+Two records of the log are never delivered: ``log-start`` (a reader from the start of an epoch that does not find it
+first knows retention dropped the start, and yields ``reset``) and ``tombstone`` (``session.delete()`` wrote it
+before clearing the log: the reader yields ``reset`` and goes on with the new log).
+"""
 
 from __future__ import annotations
 
@@ -13,15 +18,23 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .backend import Backend, Channel, StoredMessage
+from pydantic import ValidationError
+
+from .backends.base import Backend, Channel, StoredMessage
 from .cursor import Cursor, LogPosition
 from .errors import BackendUnavailable, HubClosed, LogReset, ProtocolError
-from .events import Event, Reset, decode_records, parse_event
+from .events import LOG_START, TOMBSTONE, Event, Reset, decode_records, parse_event, set_cursor
+from .view import SessionView, ViewBuilder
 
 logger = logging.getLogger("durable_ai")
 
 _DEDUPE_WINDOW = 10_000
 T = TypeVar("T")
+
+# The index of a cursor that stands after every event of its message (``session.head()``).
+END_OF_MESSAGE = 1 << 30
+_DELETED = "the session was deleted"
+_TRUNCATED = "retention dropped the start of the session's log"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +47,7 @@ class ReadOptions:
 
 def _reset(session: str, reason: str, cursor: Cursor | None, options: ReadOptions) -> Reset:
     event = Reset(id=options.new_id(), session=session, ts=options.now_ms(), reason=reason)
-    event._set_cursor(str(cursor) if cursor is not None else None)
+    set_cursor(event, str(cursor) if cursor is not None else None)
     return event
 
 
@@ -45,24 +58,37 @@ async def read_events(
     after: Cursor | None,
     follow: bool,
     options: ReadOptions,
-    skip_whole_message: bool = False,
 ) -> AsyncIterator[Event]:
     """Yield the events after ``after`` in order, each with its cursor; ``reset`` where positions were lost.
 
-    ``skip_whole_message`` treats ``after`` as "after every event of that message" whatever its index.
+    A cursor without a position (``<epoch>::-1``) reads the epoch from its start, and yields ``reset`` first if
+    the log's first message is not its ``log-start`` (retention dropped the start).
     """
     channel = Channel(session, "events")
     start = after.log_position if after is not None else None
     skip_position = after.position if after is not None else None
-    skip_index = (1 << 62) if skip_whole_message else (after.index if after is not None else -1)
+    skip_index = after.index if after is not None else -1
+    check_opening = after is not None and after.position is None
     seen: OrderedDict[str, None] = OrderedDict()
     partial: dict[str, dict[int, bytes]] = {}
     pending_reset: str | None = None
     reset_unannounced = False
+    deleted = False  # a tombstone was delivered and nothing since: the log's removal is no news
+    tombstone: LogPosition | None = None  # following: wait for the deletion it announced to be done
     down_since: float | None = None
     backoff = 0.05
     while True:
         try:
+            if tombstone is not None:
+                # A live feed may not notice a deletion made elsewhere (Ably keeps delivering under the old epoch):
+                # once the log has changed, read again from the tombstone. Gone: the new log, from its start.
+                # Still there (the deletion failed): what came after it.
+                if await backend.head(channel) == tombstone:
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 1.0)
+                    continue
+                start, skip_position, skip_index, tombstone = tombstone, tombstone.position, END_OF_MESSAGE, None
+                backoff = 0.05
             if reset_unannounced:
                 # An empty log has no first message to announce the reset with: announce it now.
                 reset_unannounced = False
@@ -72,11 +98,34 @@ async def read_events(
             async with closing(backend.read(channel, start=start, follow=follow)) as messages:
                 async for message in messages:
                     down_since, backoff = None, 0.05
+                    records = _records(channel, message)
+                    if check_opening:
+                        check_opening = False
+                        if not records or records[0].get("type") != LOG_START:
+                            pending_reset = pending_reset or _TRUNCATED
                     if pending_reset is not None:
                         yield _reset(session, pending_reset, Cursor(message.epoch, message.position, -1), options)
                         pending_reset = None
                     skip = skip_index if message.position == skip_position else -1
-                    for event in await _events_of(backend, channel, message, skip, partial):
+                    for index, item in enumerate(records):
+                        if index <= skip:
+                            continue
+                        kind = item.get("type")
+                        if kind == LOG_START:
+                            continue
+                        if kind == TOMBSTONE:
+                            yield _reset(session, _DELETED, None, options)
+                            deleted = True
+                            seen.clear()
+                            partial.clear()
+                            if follow:
+                                tombstone = LogPosition(message.epoch, message.position)
+                                break
+                            continue
+                        event = await _event(backend, channel, message, index, item, partial)
+                        if event is None:
+                            continue
+                        deleted = False
                         if event.id:
                             if event.id in seen:
                                 continue
@@ -84,19 +133,27 @@ async def read_events(
                             if len(seen) > _DEDUPE_WINDOW:
                                 seen.popitem(last=False)
                         yield event
+                    if tombstone is not None:
+                        break
                     start = LogPosition(message.epoch, message.position)
-                    skip_position, skip_index = message.position, 1 << 62
+                    skip_position, skip_index = message.position, END_OF_MESSAGE
+            if tombstone is not None:
+                continue
             if pending_reset is not None:
                 yield _reset(session, pending_reset, None, options)
             return
         except LogReset as exc:
-            pending_reset, reset_unannounced = exc.reason, True
-            start, skip_position, skip_index = None, None, -1
+            if deleted:
+                # The log a tombstone announced is gone: read the new one, whose start was announced already.
+                deleted, pending_reset, reset_unannounced = False, None, False
+            else:
+                pending_reset, reset_unannounced = exc.reason, True
+            start, skip_position, skip_index, check_opening = None, None, -1, False
             partial.clear()
         except _LostFragments as exc:
             yield _reset(session, str(exc), exc.cursor, options)
             start = exc.cursor.log_position
-            skip_position, skip_index = exc.cursor.position, 1 << 62
+            skip_position, skip_index = exc.cursor.position, END_OF_MESSAGE
         except BackendUnavailable as exc:
             if options.is_closed():
                 raise HubClosed("the hub was closed while reading events") from exc
@@ -120,28 +177,31 @@ async def closing(iterator: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]
             await aclose()
 
 
-async def _events_of(
-    backend: Backend, channel: Channel, message: StoredMessage, skip: int, partial: dict[str, dict[int, bytes]]
-) -> list[Event]:
-    """The events of one broker message after line ``skip``, each with its cursor."""
+def _records(channel: Channel, message: StoredMessage) -> list[dict[str, object]]:
     try:
-        records = decode_records(message.data)
+        return decode_records(message.data)
     except ProtocolError as exc:
         logger.warning("skipping a message of session %r that is not durable-ai data: %s", channel.session, exc)
         return []
-    events: list[Event] = []
-    for index, record in enumerate(records):
-        if index <= skip:
-            continue
-        if record.get("type") == "fragment":
-            event = await _fragment(backend, channel, message, record, partial)
-            if event is None:
-                continue
-        else:
-            event = parse_event(record)
-        event._set_cursor(f"{message.epoch}:{message.position}:{index}")
-        events.append(event)
-    return events
+
+
+async def _event(
+    backend: Backend,
+    channel: Channel,
+    message: StoredMessage,
+    index: int,
+    item: dict[str, object],
+    partial: dict[str, dict[int, bytes]],
+) -> Event | None:
+    """The event of line ``index`` of a broker message, with its cursor (``None`` for a fragment not yet whole)."""
+    if item.get("type") == "fragment":
+        event = await _fragment(backend, channel, message, item, partial)
+        if event is None:
+            return None
+    else:
+        event = parse_event(item)
+    set_cursor(event, f"{message.epoch}:{message.position}:{index}")
+    return event
 
 
 class _LostFragments(Exception):
@@ -190,3 +250,48 @@ async def _fragment(
     del partial[event_id]
     data = b"".join(pieces[i] for i in range(count))
     return parse_event(json.loads(data))
+
+
+async def load_snapshot(backend: Backend, session: str) -> SessionView | None:
+    """The session's latest readable snapshot, or ``None``."""
+    raw = await backend.load_snapshot(session)
+    if raw is None:
+        return None
+    try:
+        view = SessionView.model_validate_json(raw)
+    except ValidationError:
+        logger.warning("ignoring an unreadable snapshot of session %r", session)
+        return None
+    return view if view.cursor is not None else None
+
+
+async def fold(
+    backend: Backend, session: str, builder: ViewBuilder | None, options: ReadOptions, *, runs_only: bool = False
+) -> ViewBuilder:
+    """Bring a view up to date: a given builder from its cursor, or a new one from the saved snapshot.
+
+    A view that starts without a snapshot reads from the start of the log's epoch, so that events lost to
+    retention are reported (``truncated``), not skipped.
+    """
+    after: Cursor | None = None
+    if builder is None:
+        builder = ViewBuilder(session, await load_snapshot(backend, session), runs_only=runs_only)
+    if builder.cursor is not None:
+        after = Cursor.parse(builder.cursor)
+    else:
+        head = await backend.head(Channel(session, "events"))
+        if head is None:
+            return builder
+        after = Cursor(head.epoch, None, -1)
+    async with closing(read_events(backend, session, after=after, follow=False, options=options)) as stream:
+        async for event in stream:
+            if isinstance(event, Reset):
+                recreated = event.cursor is None or Cursor.parse(event.cursor).epoch != after.epoch
+                if recreated:
+                    builder.reset()
+                else:
+                    builder.truncated = True
+                builder.cursor = event.cursor
+                continue
+            builder.apply(event)
+    return builder

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import re
 import secrets
@@ -30,10 +31,15 @@ def validate_session_id(session_id: object) -> str:
 
 
 def validate_name(kind: str, value: object) -> str:
-    """Agent names and similar labels: 1 to 128 printable characters."""
+    """Agent names, run, part and message ids: 1 to 128 printable characters (so valid UTF-8 too)."""
     if not isinstance(value, str) or not value or len(value) > 128 or not value.isprintable():
         raise ConfigurationError(f"{kind} must be 1 to 128 printable characters, got {value!r}")
     return value
+
+
+def derived_id(kind: str, source: str) -> str:
+    """An event id computed from what caused the event, so processes that write it independently agree."""
+    return f"{kind}-{hashlib.sha256(source.encode()).hexdigest()[:32]}"
 
 
 def now_ms() -> int:
@@ -52,26 +58,41 @@ class IdFactory:
 
 
 class RateBudget:
-    """A token bucket that keeps any one-second window at or under ``per_second`` publishes.
+    """A token bucket that keeps any one-second window at or under ``per_second`` operations.
 
-    90% of the budget refills steadily and 10% is burst, so a quiet channel flushes at once and a busy one
-    widens its batching window instead of being rejected by the broker.
+    By default 90% of the budget refills steadily and 10% is burst, so a quiet channel flushes at once and a busy
+    one widens its batching window instead of being rejected by the broker. ``burst`` sets the bucket's size
+    instead (the refill rate is then ``per_second``).
     """
 
-    def __init__(self, per_second: float) -> None:
-        if per_second <= 0:
-            raise ConfigurationError("rate_limit must be positive")
-        self._capacity = max(1.0, per_second * 0.1)
-        self._rate = max(per_second - self._capacity, per_second * 0.5)
+    def __init__(self, per_second: float, *, burst: float | None = None) -> None:
+        if not per_second > 0:
+            raise ConfigurationError("a rate must be positive")
+        if burst is None:
+            self._capacity = max(1.0, per_second * 0.1)
+            self._rate = max(per_second - self._capacity, per_second * 0.5)
+        else:
+            self._capacity = max(1.0, burst)
+            self._rate = per_second
         self._tokens = self._capacity
         self._stamp = time.monotonic()
 
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+
+    def take(self) -> bool:
+        """Take one token if there is one; never waits."""
+        self._refill()
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
     async def acquire(self) -> None:
+        """Take one token, waiting for it if the bucket is empty."""
         while True:
-            now = time.monotonic()
-            self._tokens = min(self._capacity, self._tokens + (now - self._stamp) * self._rate)
-            self._stamp = now
-            if self._tokens >= 1.0:
-                self._tokens -= 1.0
+            if self.take():
                 return
             await asyncio.sleep((1.0 - self._tokens) / self._rate)

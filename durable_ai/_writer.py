@@ -3,8 +3,15 @@
 Every run of a session in one hub writes through one ``SessionWriter``. Events wait in ``_items`` (deltas are
 concatenated there) until a flush seals them into broker messages in ``_outbox``. A sealed message never changes:
 its id is the id of its first event, so a retry after a timeout or a reconnect is deduplicated by the broker.
-A publish that fails leaves the message at the head of the outbox and is retried with backoff until it lands or
-the hub closes; waiters get :class:`PublishError` after ``publish_timeout`` but nothing is dropped.
+
+Retries are explicit: a publish that times out or finds the broker unreachable stays at the head of the outbox
+and is retried with backoff, under the same id, until it lands or the hub closes (waiters get
+:class:`PublishError` after ``publish_timeout``, but nothing is dropped). Any other failure is a refusal: that
+message's waiters get the error, it is logged at ERROR with the message id, and later messages go on. An item that
+cannot even be encoded fails alone, the same way.
+
+The first message this writer publishes to a log that is empty starts with a ``log-start`` record, so a reader from
+the start of the log can tell whether retention dropped anything (see :mod:`durable_ai.events`).
 """
 
 from __future__ import annotations
@@ -15,19 +22,31 @@ import contextlib
 import json
 import logging
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from ._util import now_ms
-from .backend import Backend, Channel
+from .backends.base import Backend, Channel
 from .coalesce import Coalesce
-from .errors import BackendError, HubClosed, PermissionDenied, PublishError
+from .cursor import LogPosition
+from .errors import BackendUnavailable, HubClosed, PermissionDenied, PublishError, PublishRefused
+from .events import LOG_START, record
 
 logger = logging.getLogger("durable_ai")
 
+__all__ = ["SessionWriter", "Spawn"]
+
+Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
+"""Starts an owned background task (the hub's supervisor)."""
+
 # Room left in a broker message for the fragment record around a chunk.
 _FRAGMENT_OVERHEAD = 512
+# Failed items remembered for waiters that ask later (a run's flush()).
+_FAILURES_KEPT = 10_000
+# What a retry can fix: the broker was unreachable or did not answer in time.
+_RETRYABLE = (BackendUnavailable, PublishError, TimeoutError, OSError)
 
 
 @dataclass(slots=True)
@@ -43,7 +62,7 @@ class _Delta:
     size: int
 
     def encode(self, session: str) -> bytes:
-        record = {
+        line = {
             "v": 1,
             "id": self.id,
             "type": self.type,
@@ -54,7 +73,7 @@ class _Delta:
             "part_id": self.part_id,
             "delta": "".join(self.chunks),
         }
-        return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
+        return json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 @dataclass(slots=True)
@@ -63,6 +82,7 @@ class _Encoded:
     id: str
     data: bytes
     standalone: bool = False
+    landed: asyncio.Future[LogPosition] | None = None
 
 
 @dataclass(slots=True)
@@ -70,21 +90,31 @@ class _Message:
     """A sealed broker message: one or more event lines, or one event split into fragments."""
 
     message_id: str
+    first_seq: int
     last_seq: int
     data: bytes = b""
     fragments: list[bytes] | None = None
     next_fragment: int = 0
     first_position: str | None = None
+    landed: asyncio.Future[LogPosition] | None = None
 
 
 @dataclass(slots=True)
 class _Waiter:
     seq: int
+    own: bool
     future: asyncio.Future[None] = field(repr=False)
 
 
 class SessionWriter:
-    """Buffers, batches and publishes the events of one session (see the module docstring)."""
+    """Buffers, batches and publishes the events of one session (see the module docstring).
+
+    Args:
+        spawn: starts the flush loop as an owned task.
+        log_started: whether the session's log is known to have its ``log-start`` record already.
+        on_log_started: called once the writer knows the log has it.
+        on_idle: called when the writer is retiring and everything it was given is published.
+    """
 
     def __init__(
         self,
@@ -95,6 +125,11 @@ class SessionWriter:
         budget: Callable[[], Awaitable[None]] | None,
         publish_timeout: float,
         max_pending_bytes: int,
+        spawn: Spawn,
+        new_id: Callable[[], str],
+        log_started: bool,
+        on_log_started: Callable[[], None],
+        on_idle: Callable[[], None],
     ) -> None:
         self._backend = backend
         self._session = session
@@ -104,39 +139,34 @@ class SessionWriter:
         self._publish_timeout = publish_timeout
         self._max_pending_bytes = max_pending_bytes
         self._max_message = backend.limits.max_message_bytes
+        self._spawn = spawn
+        self._new_id = new_id
+        self._log_started = log_started
+        self._on_log_started = on_log_started
+        self._on_idle = on_idle
         self._items: list[_Delta | _Encoded] = []
         self._pending_bytes = 0
         self._open_delta: dict[str, _Delta] = {}
         self._outbox: deque[_Message] = deque()
         self._seq = 0
         self._done = 0
+        self._failed: OrderedDict[int, BaseException] = OrderedDict()
         self._waiters: deque[_Waiter] = deque()
         self._urgent = False
         self._deadline: float | None = None
         self._wake = asyncio.Event()
         self._failure: BaseException | None = None
         self._task: asyncio.Task[None] | None = None
-        self.users = 0
-        self.closing = False
-        self.on_retired: Callable[[], None] | None = None
+        self._retiring = False
         self._stopped = False
 
     # -- adding events -------------------------------------------------------------------------------------
 
     def add_delta(
-        self,
-        *,
-        type: str,
-        run_id: str,
-        agent: str,
-        part_id: str,
-        delta: str,
-        size: int,
-        urgent: bool,
-        new_id: Callable[[], str],
-    ) -> None:
+        self, *, type: str, run_id: str, agent: str, part_id: str, delta: str, size: int, urgent: bool
+    ) -> int:
         """Buffer a delta (``size``: its UTF-8 bytes), concatenating it to the run's open delta of the same part
-        when the policy allows."""
+        when the policy allows. Returns the sequence to ``wait`` on."""
         self._check()
         open_delta = self._open_delta.get(run_id)
         if (
@@ -150,26 +180,36 @@ class SessionWriter:
             open_delta.size += size
         else:
             self._seq += 1
-            open_delta = _Delta(self._seq, new_id(), type, run_id, agent, now_ms(), part_id, [delta], size)
+            open_delta = _Delta(self._seq, self._new_id(), type, run_id, agent, now_ms(), part_id, [delta], size)
             self._items.append(open_delta)
             self._open_delta[run_id] = open_delta
         self._pending_bytes += size
         self._schedule(urgent or not self._policy.batching or self._pending_bytes >= self._policy.max_bytes)
+        return open_delta.seq
 
-    def add_encoded(self, *, id: str, run_id: str | None, data: bytes, standalone: bool = False) -> int:
-        """Queue an encoded non-delta event for an immediate flush; returns the sequence to ``wait`` on.
-
-        A ``standalone`` event gets a broker message of its own, whose id is the event's id, so that the broker
-        deduplicates it against the same event written by another process.
-        """
+    def add_encoded(self, *, id: str, run_id: str | None, data: bytes) -> int:
+        """Queue an encoded non-delta event for an immediate flush; returns the sequence to ``wait`` on."""
         self._check()
         self._seq += 1
-        self._items.append(_Encoded(self._seq, id, data, standalone))
+        self._items.append(_Encoded(self._seq, id, data))
         if run_id is not None:
             self._open_delta.pop(run_id, None)
         self._pending_bytes += len(data)
         self._schedule(True)
         return self._seq
+
+    def add_standalone(self, *, id: str, data: bytes) -> tuple[int, asyncio.Future[LogPosition]]:
+        """Queue an event in a broker message of its own, whose id is the event's id, so that the broker
+        deduplicates it against the same event written by another process. Returns its sequence and a future
+        of the position it landed at (the first copy's, if the broker had it already)."""
+        self._check()
+        self._seq += 1
+        landed: asyncio.Future[LogPosition] = asyncio.get_running_loop().create_future()
+        landed.add_done_callback(_retrieve)
+        self._items.append(_Encoded(self._seq, id, data, standalone=True, landed=landed))
+        self._pending_bytes += len(data)
+        self._schedule(True)
+        return self._seq, landed
 
     def _check(self) -> None:
         if self._stopped:
@@ -200,17 +240,27 @@ class SessionWriter:
     def last_seq(self) -> int:
         return self._seq
 
+    @property
+    def idle(self) -> bool:
+        return not self._items and not self._outbox
+
     # -- waiting -------------------------------------------------------------------------------------------
 
-    async def wait(self, seq: int) -> None:
-        """Wait until every event up to ``seq`` is stored by the broker."""
+    async def wait(self, seq: int, *, own: bool = True) -> None:
+        """Wait until the events up to ``seq`` are published (or refused).
+
+        With ``own`` (``seq`` is the caller's own item), raise the error that refused item ``seq``. Raises
+        :class:`PublishError` after ``publish_timeout`` (the events stay buffered and are retried).
+        """
         self._check()
+        failed = self._failed.get(seq) if own else None
+        if failed is not None:
+            raise failed
         if self._done >= seq:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        # A waiter that timed out no longer awaits its future; mark its late outcome retrieved.
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._waiters.append(_Waiter(seq, future))
+        future.add_done_callback(_retrieve)  # a waiter that timed out no longer awaits its future
+        self._waiters.append(_Waiter(seq, own, future))
         self._start()
         try:
             async with asyncio.timeout(self._publish_timeout):
@@ -221,47 +271,52 @@ class SessionWriter:
                 f"{self._publish_timeout:g}s; they stay buffered and are retried until the hub closes"
             ) from self._failure
 
-    def _fail_waiters(self, error: BackendError, upto: int) -> None:
-        while self._waiters and self._waiters[0].seq <= upto:
-            waiter = self._waiters.popleft()
-            if not waiter.future.done():
-                waiter.future.set_exception(error)
-        self._done = max(self._done, upto)
-
-    def wake(self) -> None:
-        self._wake.set()
-
     def _release_waiters(self) -> None:
         while self._waiters and self._waiters[0].seq <= self._done:
             waiter = self._waiters.popleft()
-            if not waiter.future.done():
+            if waiter.future.done():
+                continue
+            failed = self._failed.get(waiter.seq) if waiter.own else None
+            if failed is not None:
+                waiter.future.set_exception(failed)
+            else:
                 waiter.future.set_result(None)
+
+    def _fail(self, first: int, last: int, error: BaseException) -> None:
+        for seq in range(first, last + 1):
+            self._failed[seq] = error
+        while len(self._failed) > _FAILURES_KEPT:
+            self._failed.popitem(last=False)
 
     # -- the flush loop ------------------------------------------------------------------------------------
 
     def _start(self) -> None:
         if (self._task is None or self._task.done()) and not self._stopped:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"durable-ai writer {self._session}")
+            self._task = self._spawn(self._run(), f"durable-ai writer {self._session}")
 
-    @property
-    def session(self) -> str:
-        return self._session
+    def retire(self) -> None:
+        """Stop once everything buffered is published, then call ``on_idle`` (unless used again first)."""
+        self._retiring = True
+        if self._task is None or self._task.done():
+            if self.idle:
+                self._on_idle()
+        else:
+            self._wake.set()
 
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
+    def keep(self) -> None:
+        """Undo :meth:`retire`: the writer is in use again."""
+        self._retiring = False
 
-    @property
-    def idle(self) -> bool:
-        return not self._items and not self._outbox
+    def forget_log_start(self) -> None:
+        """The log was deleted: the next message opens a new one."""
+        self._log_started = False
 
     async def _run(self) -> None:
         backoff = 0.05
         while True:
             if self.idle:
-                if self.closing:
-                    if self.on_retired is not None:
-                        self.on_retired()
+                if self._retiring:
+                    self._on_idle()
                     return
                 self._wake.clear()
                 await self._wake.wait()
@@ -278,16 +333,12 @@ class SessionWriter:
                 await self._budget()
             if not self._outbox:
                 self._seal()
+                if not self._outbox:
+                    continue
             message = self._outbox[0]
             try:
                 await self._publish(message)
-            except PermissionDenied as exc:
-                # Retrying cannot help either: these credentials may not write here.
-                logger.error("may not publish to session %r; dropping one message: %s", self._session, exc)
-                self._outbox.popleft()
-                self._fail_waiters(exc, message.last_seq)
-                continue
-            except (BackendError, OSError, TimeoutError) as exc:
+            except _RETRYABLE as exc:
                 if self._failure is None:
                     logger.warning("publishing to session %r failed, retrying: %s", self._session, exc)
                 self._failure = exc
@@ -295,10 +346,22 @@ class SessionWriter:
                 backoff = min(backoff * 2, 2.0)
                 continue
             except Exception as exc:
-                # Not a broker failure: retrying cannot help, so fail the waiters instead of looping.
-                logger.exception("cannot publish to session %r; dropping one message", self._session)
+                # A refusal (permissions, a broker rule, a bug): retrying cannot help, and later messages go on.
+                logger.error(
+                    "the broker refused message %r of session %r; its events are dropped: %s",
+                    message.message_id,
+                    self._session,
+                    exc,
+                )
+                error = exc if isinstance(exc, PermissionDenied) else PublishRefused(message.message_id, exc)
+                if error is not exc:
+                    error.__cause__ = exc
                 self._outbox.popleft()
-                self._fail_waiters(PublishError(f"the message could not be published: {exc!r}"), message.last_seq)
+                self._fail(message.first_seq, message.last_seq, error)
+                if message.landed is not None and not message.landed.done():
+                    message.landed.set_exception(error)
+                self._done = max(self._done, message.last_seq)
+                self._release_waiters()
                 continue
             if self._failure is not None:
                 logger.info("publishing to session %r recovered", self._session)
@@ -319,28 +382,43 @@ class SessionWriter:
         lines: list[bytes] = []
         size = 0
         first_id = ""
-        last_seq = 0
+        first_seq = last_seq = 0
 
         def close_batch() -> None:
             nonlocal lines, size
             if lines:
-                self._outbox.append(_Message(first_id, last_seq, data=b"\n".join(lines)))
+                self._outbox.append(_Message(first_id, first_seq, last_seq, data=b"\n".join(lines)))
                 lines, size = [], 0
 
         for item in items:
-            line = item.encode(self._session) if isinstance(item, _Delta) else item.data
+            try:
+                line = item.encode(self._session) if isinstance(item, _Delta) else item.data
+            except Exception as exc:  # the run checks what it buffers; this keeps one bad item from harming others
+                logger.error("cannot encode event %r of session %r; it is dropped: %s", item.id, self._session, exc)
+                self._fail(item.seq, item.seq, PublishRefused(item.id, exc))
+                # Its waiters are answered when the message before it lands (or now, if there is none).
+                if lines:
+                    last_seq = item.seq
+                elif self._outbox:
+                    self._outbox[-1].last_seq = item.seq
+                else:
+                    self._done = max(self._done, item.seq)
+                    self._release_waiters()
+                continue
             if len(line) > limit:
                 close_batch()
-                self._outbox.append(_Message(item.id, item.seq, fragments=self._fragment(line)))
+                message = _Message(item.id, item.seq, item.seq, fragments=self._fragment(line))
+                message.landed = item.landed if isinstance(item, _Encoded) else None
+                self._outbox.append(message)
                 continue
             if isinstance(item, _Encoded) and item.standalone:
                 close_batch()
-                self._outbox.append(_Message(item.id, item.seq, data=line))
+                self._outbox.append(_Message(item.id, item.seq, item.seq, data=line, landed=item.landed))
                 continue
             if lines and (not self._policy.batching or size + 1 + len(line) > limit):
                 close_batch()
             if not lines:
-                first_id = item.id
+                first_id, first_seq = item.id, item.seq
             lines.append(line)
             size += len(line) + 1
             last_seq = item.seq
@@ -350,16 +428,40 @@ class SessionWriter:
         chunk = (self._max_message - _FRAGMENT_OVERHEAD) // 4 * 3
         return [line[i : i + chunk] for i in range(0, len(line), chunk)]
 
+    async def _opening(self) -> bytes | None:
+        """The ``log-start`` record to put before the next message, if the log is empty; else ``None``."""
+        if self._log_started:
+            return None
+        if await self._backend.head(self._channel) is not None:
+            self._log_started = True
+            self._on_log_started()
+            return None
+        return record(LOG_START, id=self._new_id(), session=self._session, ts=now_ms())
+
     async def _publish(self, message: _Message) -> None:
+        opening = await self._opening()
         if message.fragments is None:
-            await self._backend.publish(self._channel, message.data, message_id=message.message_id)
-            return
+            data = message.data if opening is None else opening + b"\n" + message.data
+            position = await self._backend.publish(self._channel, data, message_id=message.message_id)
+        else:
+            if opening is not None:
+                await self._backend.publish(self._channel, opening, message_id=f"{message.message_id}#start")
+            position = await self._publish_fragments(message)
+        if opening is not None:
+            self._log_started = True
+            self._on_log_started()
+        if message.landed is not None and not message.landed.done():
+            message.landed.set_result(position)
+
+    async def _publish_fragments(self, message: _Message) -> LogPosition:
+        assert message.fragments is not None
         count = len(message.fragments)
+        position: LogPosition | None = None
         while message.next_fragment < count:
             index = message.next_fragment
             if index > 0 and self._budget is not None:
                 await self._budget()
-            record = {
+            fragment = {
                 "v": 1,
                 "type": "fragment",
                 "id": message.message_id,
@@ -368,34 +470,56 @@ class SessionWriter:
                 "first": message.first_position,
                 "chunk": base64.b64encode(message.fragments[index]).decode(),
             }
-            data = json.dumps(record, separators=(",", ":")).encode()
+            data = json.dumps(fragment, separators=(",", ":")).encode()
             position = await self._backend.publish(self._channel, data, message_id=f"{message.message_id}#{index}")
             if index == 0:
                 message.first_position = position.position
             message.next_fragment = index + 1
+        assert position is not None
+        return position
 
     # -- shutdown ------------------------------------------------------------------------------------------
 
     async def close(self, grace: float) -> None:
         """Publish what is buffered (up to ``grace`` seconds), then stop."""
         self._stopped = True
-        self.on_retired = None
-        self.closing = True
+        self._retiring = True
+        self._on_idle = _nothing
         self._urgent = True
         self._wake.set()
         task = self._task
-        if task is None:
-            return
         try:
-            async with asyncio.timeout(grace):
-                await asyncio.shield(task)
+            if task is not None:
+                async with asyncio.timeout(grace):
+                    await asyncio.shield(task)
         except TimeoutError:
             pending = len(self._items) + len(self._outbox)
             logger.warning(
                 "closing with %d unpublished message(s) for session %r: %s", pending, self._session, self._failure
             )
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            self._fail_waiters(PublishError("the hub closed before the events were published"), self._seq)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            closed = PublishError("the hub closed before the events were published")
+            for waiter in self._waiters:
+                if not waiter.future.done():
+                    waiter.future.set_exception(closed)
+            self._waiters.clear()
+            for item in self._items:
+                if isinstance(item, _Encoded) and item.landed is not None and not item.landed.done():
+                    item.landed.set_exception(closed)
+            for message in self._outbox:
+                if message.landed is not None and not message.landed.done():
+                    message.landed.set_exception(closed)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a future's outcome retrieved: whoever waited on it may have given up."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _nothing() -> None:
+    pass

@@ -1,149 +1,68 @@
-"""The backend contract: what a broker must provide for durable sessions.
+"""What backend authors build on: the contract, positions, and the helpers adapters share.
 
-Backends see bytes and positions, never events; the layers above encode, batch, cursor and validate. The
-in-memory backend (:mod:`durable_ai.backends.memory`) is the reference implementation, and the conformance suite in
-:mod:`durable_ai.testing` checks any implementation against the semantics written here.
-
-A backend is found from a URL's scheme through the ``durable_ai.backends`` entry-point group: the entry point
-is a callable taking the URL and returning a :class:`Backend`.
+Application code never needs this module: it calls :func:`durable_ai.connect`. A backend implements
+:class:`Backend` (a ``typing.Protocol``; see :mod:`durable_ai.backends.base` for the semantics), is registered
+under a URL scheme in the ``durable_ai.backends`` entry-point group (a callable taking the URL and returning the
+backend), and passes the conformance suite in :mod:`durable_ai.testing`. The memory backend,
+:class:`durable_ai.backends.memory.MemoryBackend`, is the reference implementation.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from importlib.metadata import entry_points
-from typing import Literal, Protocol, TypeAlias, runtime_checkable
+from typing import TypeAlias
 from urllib.parse import urlsplit
 
-from .cursor import LogPosition
+from ._util import RateBudget, validate_session_id
+from .backends.base import Backend, BackendLimits, Channel, ChannelKind, StoredMessage
+from .backends.memory import from_url as memory_from_url
+from .cursor import Cursor, LogPosition
 from .errors import ConfigurationError, UnknownBackend
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "Backend",
+    "BackendFactory",
     "BackendLimits",
     "Channel",
     "ChannelKind",
+    "Cursor",
+    "LogPosition",
+    "RateBudget",
     "StoredMessage",
     "backend_from_url",
+    "validate_session_id",
 ]
 
-ChannelKind: TypeAlias = Literal["events", "control"]
-
-
-@dataclass(frozen=True, slots=True)
-class Channel:
-    """One of a session's two logs: ``events`` (trusted writers) or ``control`` (client requests)."""
-
-    session: str
-    kind: ChannelKind
-
-
-@dataclass(frozen=True, slots=True)
-class StoredMessage:
-    """A broker message read back from a log, with the position the backend gave it."""
-
-    epoch: str
-    position: str
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class BackendLimits:
-    """What the broker allows; the writer shapes its publishes to fit.
-
-    Attributes:
-        max_message_bytes: the largest broker message; larger events are split into fragments.
-        max_messages_per_second: the publish budget of one channel, shared by every run of a session
-            (``None``: no limit).
-    """
-
-    max_message_bytes: int
-    max_messages_per_second: float | None
-
-
-@runtime_checkable
-class Backend(Protocol):
-    """A broker that stores each channel as an ordered, retained, readable log.
-
-    ``read`` semantics, which every backend honours:
-
-    - ``start=None`` reads from the earliest retained message.
-    - ``start=LogPosition(epoch, None)`` reads from the first message of that epoch, and raises
-      :class:`~durable_ai.errors.LogReset` when the log's epoch differs or any of its messages were dropped.
-    - ``start=LogPosition(epoch, position)`` reads from the message at ``position``, **inclusive**, and raises
-      ``LogReset`` when the epoch differs or that message no longer exists.
-    - With ``follow=False`` reading stops at the last message that existed when ``read`` was called; with
-      ``follow=True`` it goes on with the live tail until the iterator is closed. A live reader that the log
-      outruns (retention) or that sees the log recreated gets ``LogReset``; one whose connection is lost gets
-      :class:`~durable_ai.errors.BackendUnavailable`, and the caller reads again from its last position.
-    - A slow reader never slows ``publish``.
-
-    ``publish`` is idempotent on ``message_id``: a second publish with an id seen inside the backend's dedupe
-    window stores nothing and returns the first message's position.
-    """
-
-    @property
-    def limits(self) -> BackendLimits: ...
-
-    async def open(self) -> None:
-        """Connect. Called once by the hub before any other method."""
-
-    async def close(self) -> None:
-        """Disconnect and release every resource; open readers end."""
-
-    async def publish(self, channel: Channel, data: bytes, *, message_id: str) -> LogPosition:
-        """Append one message to the channel's log and return where it landed, once the broker has it."""
-        ...
-
-    def read(self, channel: Channel, *, start: LogPosition | None, follow: bool) -> AsyncIterator[StoredMessage]:
-        """Read the channel's log from ``start`` (see the class docstring for the exact semantics)."""
-        ...
-
-    async def head(self, channel: Channel) -> LogPosition | None:
-        """The position of the newest message, or ``None`` if the log is empty."""
-        ...
-
-    async def delete(self, session: str) -> None:
-        """Drop both logs, the snapshot and presence of a session. A later write starts a new epoch."""
-
-    async def load_snapshot(self, session: str) -> bytes | None:
-        """The latest snapshot saved for the session, if any."""
-        ...
-
-    async def save_snapshot(self, session: str, data: bytes) -> None:
-        """Store the session's snapshot, replacing the previous one."""
-
-    async def enter_presence(self, session: str, member_id: str, data: bytes) -> None:
-        """Mark a member (an agent run, a watching client) present on the session, or update its data."""
-
-    async def leave_presence(self, session: str, member_id: str) -> None:
-        """Remove a member from the session's presence set."""
-
-    async def presence(self, session: str) -> dict[str, bytes]:
-        """The members present on the session now, with their data."""
-        ...
-
-
 BackendFactory: TypeAlias = Callable[[str], Backend]
+"""What an entry point of the ``durable_ai.backends`` group loads: it takes the URL and returns the backend."""
 
 ENTRY_POINT_GROUP = "durable_ai.backends"
 
-# Schemes served by first-party adapters, so an unknown scheme can name what to install.
-_FIRST_PARTY = {"nats": "'durable-ai[nats]'", "ably": "'durable-ai[ably]'"}
+# Schemes served by first-party adapters, so an unknown scheme can say what to install. Nothing is on a package
+# index yet: the adapters install from a clone of the repository.
+_FIRST_PARTY = {
+    "nats": "pip install -e <clone>/adapters/nats (the durable-ai-nats adapter, from a clone of durable-ai)",
+    "ably": "pip install -e <clone>/adapters/ably (the durable-ai-ably adapter, from a clone of durable-ai)",
+}
 
 
 def backend_from_url(url: str) -> Backend:
-    """Build the backend for a URL such as ``memory://``, ``nats://127.0.0.1:4222`` or ``ably://?key=...``."""
+    """Build the backend for a URL such as ``memory://``, ``nats://127.0.0.1:4222`` or ``ably://?key=...``.
+
+    Raises :class:`UnknownBackend` (naming the installed schemes, and what to install for a first-party one)
+    when no installed backend serves the scheme.
+    """
     if not isinstance(url, str) or "://" not in url:
         raise ConfigurationError(f"expected a backend URL such as 'memory://', got {url!r}")
     scheme = urlsplit(url).scheme.lower()
-    if scheme == "memory":
-        from .backends.memory import from_url
-
-        return from_url(url)
+    if scheme == "memory":  # without an entry-point lookup: the embedded default must start fast
+        return memory_from_url(url)
+    installed = {"memory"}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == scheme:
             factory: BackendFactory = ep.load()
             return factory(url)
-    raise UnknownBackend(scheme, _FIRST_PARTY.get(scheme))
+        installed.add(ep.name)
+    raise UnknownBackend(scheme, _FIRST_PARTY.get(scheme), tuple(sorted(installed)))

@@ -12,12 +12,14 @@ failures of the broker are ``BackendError``. Every error is a ``DurableAIError``
     │   ├── EventTooLarge                    an event over the hub's max_event_bytes
     │   └── ControlTooLarge                  a control over the hub's max_control_bytes
     ├── ProtocolError (ValueError)           bytes that are not valid durable-ai wire data
-    ├── RunClosed (RuntimeError)             writing to a run after its block has exited
+    ├── RunClosed (RuntimeError)             writing to a run that is not entered (never, or no longer)
+    ├── RunIdInUse (RuntimeError)            entering a run id that another writer holds; .session, .run_id
     ├── HubClosed (RuntimeError)             using a hub that is not open
     ├── AckTimeout (TimeoutError)            no control-ack arrived in time; .control_id
     └── BackendError                         the broker failed
         ├── BackendUnavailable (ConnectionError)  the broker cannot be reached (gone mid-run, refused)
         ├── PublishError                     the broker did not confirm in time; the events stay buffered
+        ├── PublishRefused                   the broker refused a message for good; .message_id
         ├── PermissionDenied                 the credentials do not allow the operation
         └── LogReset                         a position no longer exists in the log; .reason
 """
@@ -40,7 +42,9 @@ __all__ = [
     "PermissionDenied",
     "ProtocolError",
     "PublishError",
+    "PublishRefused",
     "RunClosed",
+    "RunIdInUse",
     "UnknownBackend",
 ]
 
@@ -72,13 +76,21 @@ class InvalidCursor(ConfigurationError):
 
 
 class UnknownBackend(ConfigurationError):
-    """No installed backend handles the URL's scheme."""
+    """No installed backend handles the URL's scheme.
 
-    def __init__(self, scheme: str, package: str | None) -> None:
+    Attributes:
+        scheme: the URL's scheme.
+        package: what to install for a first-party scheme (``None`` for others).
+        installed: the schemes that are installed.
+    """
+
+    def __init__(self, scheme: str, package: str | None, installed: tuple[str, ...] = ()) -> None:
         self.scheme = scheme
         self.package = package
-        hint = f"; install it with: pip install {package}" if package else ""
-        super().__init__(f"no durable-ai backend is installed for '{scheme}://'{hint}")
+        self.installed = installed
+        hint = f"; install it with: {package}" if package else ""
+        known = f" (installed: {', '.join(f'{name}://' for name in installed)})" if installed else ""
+        super().__init__(f"no durable-ai backend is installed for '{scheme}://'{known}{hint}")
 
 
 class PayloadTooLarge(DurableAIError, ValueError):
@@ -112,6 +124,15 @@ class RunClosed(DurableAIError, RuntimeError):
     """A write to a run whose ``async with`` block has already exited."""
 
 
+class RunIdInUse(DurableAIError, RuntimeError):
+    """Another writer holds this run id (in this hub, another hub or another process); nothing was written."""
+
+    def __init__(self, session: str, run_id: str, detail: str) -> None:
+        self.session = session
+        self.run_id = run_id
+        super().__init__(f"run id {run_id!r} is already used in session {session!r}: {detail}")
+
+
 class HubClosed(DurableAIError, RuntimeError):
     """The hub is not open (never entered, or already closed)."""
 
@@ -139,6 +160,17 @@ class PublishError(BackendError):
     Nothing is dropped: the events stay buffered in the hub and are published (once, thanks to idempotent message
     ids) when the broker is back. Do not write them again; a new write would be a new event.
     """
+
+
+class PublishRefused(BackendError):
+    """The broker refused a message for good (not a timeout, not an outage): its events were not stored.
+
+    Later messages of the session go on. ``__cause__`` holds the broker's error.
+    """
+
+    def __init__(self, message_id: str, cause: BaseException) -> None:
+        self.message_id = message_id
+        super().__init__(f"the broker refused message {message_id!r} for good: {type(cause).__name__}: {cause}")
 
 
 class PermissionDenied(BackendError):

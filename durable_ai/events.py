@@ -10,7 +10,9 @@ it is not part of the JSON. The vocabulary is a superset of the Vercel AI SDK UI
 
 One broker message holds one or more events as newline-delimited JSON (one event per line), so a batch of
 coalesced deltas costs one message. An event too large for one broker message is split into ``fragment``
-records that readers reassemble; fragments are never delivered to subscribers.
+records that readers reassemble. Two more records are never delivered as events: ``log-start``, the first record
+of every log (a reader from the start of the log that does not find it knows retention dropped the start), and
+``tombstone``, written by ``session.delete()`` before the log is cleared (every reader yields ``reset``).
 
 Unknown event types (from a newer writer) are delivered as :class:`UnknownEvent`, untouched. Unknown or malformed
 controls are rejected with a ``control-ack``.
@@ -22,8 +24,9 @@ import json
 from typing import Annotated, Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError
+from pydantic_core import PydanticSerializationError
 
-from .errors import ControlTooLarge, ProtocolError
+from .errors import ConfigurationError, ControlTooLarge, ProtocolError
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -59,7 +62,9 @@ AckOutcome: TypeAlias = Literal["applied", "rejected", "ignored"]
 _Id = Annotated[str, Field(min_length=1, max_length=128)]
 
 
-class _Event(BaseModel):
+class BaseEvent(BaseModel):
+    """What every event has: ``v``, ``id``, ``type``, ``session``, ``run_id``, ``agent``, ``ts``, and a cursor."""
+
     model_config = ConfigDict(frozen=True, extra="allow")
 
     v: Literal[1] = 1
@@ -80,19 +85,23 @@ class _Event(BaseModel):
         private = self.__pydantic_private__
         return private.get("cursor") if private else None
 
-    def _set_cursor(self, cursor: str | None) -> None:
-        object.__setattr__(self, "__pydantic_private__", {"cursor": cursor})
+
+def set_cursor(event: BaseEvent, cursor: str | None) -> None:
+    """Give a read event its cursor (readers do; the cursor is not part of the JSON)."""
+    object.__setattr__(event, "__pydantic_private__", {"cursor": cursor})
 
 
-class RunStart(_Event):
-    """A run (one response of one agent) began. ``message_id`` names the assistant message it produces."""
+class RunStart(BaseEvent):
+    """A run (one response of one agent) began. ``message_id`` names the assistant message it produces, and
+    ``input_message_id`` the user message it answers (when there is one)."""
 
     type: Literal["run-start"] = "run-start"
     parent_run_id: str | None = None
     message_id: _Id
+    input_message_id: _Id | None = None
 
 
-class TextDelta(_Event):
+class TextDelta(BaseEvent):
     """A piece of answer text; deltas with the same ``part_id`` concatenate into one text part."""
 
     type: Literal["text-delta"] = "text-delta"
@@ -100,7 +109,7 @@ class TextDelta(_Event):
     delta: str
 
 
-class ReasoningDelta(_Event):
+class ReasoningDelta(BaseEvent):
     """A piece of reasoning text; deltas with the same ``part_id`` concatenate into one reasoning part."""
 
     type: Literal["reasoning-delta"] = "reasoning-delta"
@@ -108,7 +117,7 @@ class ReasoningDelta(_Event):
     delta: str
 
 
-class ToolCall(_Event):
+class ToolCall(BaseEvent):
     """The agent called a tool."""
 
     type: Literal["tool-call"] = "tool-call"
@@ -117,7 +126,7 @@ class ToolCall(_Event):
     input: JsonValue = None
 
 
-class ToolResult(_Event):
+class ToolResult(BaseEvent):
     """The result of a tool call: ``output`` on success, ``error`` on failure."""
 
     type: Literal["tool-result"] = "tool-result"
@@ -126,14 +135,14 @@ class ToolResult(_Event):
     error: str | None = None
 
 
-class Status(_Event):
+class Status(BaseEvent):
     """Progress for the UI ("reading 3 pages")."""
 
     type: Literal["status"] = "status"
     text: str
 
 
-class Data(_Event):
+class Data(BaseEvent):
     """Application-defined typed data (citations, UI state...)."""
 
     type: Literal["data"] = "data"
@@ -141,14 +150,14 @@ class Data(_Event):
     value: JsonValue = None
 
 
-class ErrorEvent(_Event):
+class ErrorEvent(BaseEvent):
     """An error inside a run. A failed run writes one before its ``run-end``."""
 
     type: Literal["error"] = "error"
     message: str
 
 
-class RunEnd(_Event):
+class RunEnd(BaseEvent):
     """A run finished: ``completed``, ``cancelled`` (with the cancel's reason) or ``failed``."""
 
     type: Literal["run-end"] = "run-end"
@@ -156,7 +165,7 @@ class RunEnd(_Event):
     reason: str | None = None
 
 
-class UserMessage(_Event):
+class UserMessage(BaseEvent):
     """A user message the agent side accepted (from a ``prompt`` or a ``steer``)."""
 
     type: Literal["user-message"] = "user-message"
@@ -164,7 +173,7 @@ class UserMessage(_Event):
     content: str
 
 
-class ControlAck(_Event):
+class ControlAck(BaseEvent):
     """The agent side's answer to a control: ``applied``, ``rejected`` or ``ignored``, with a reason."""
 
     type: Literal["control-ack"] = "control-ack"
@@ -174,7 +183,7 @@ class ControlAck(_Event):
     reason: str | None = None
 
 
-class Reset(_Event):
+class Reset(BaseEvent):
     """The events after the requested cursor no longer exist (log recreated, retention); rebuild your state.
 
     Synthesised by the reader, never stored. The events that follow start at the earliest retained point.
@@ -184,7 +193,7 @@ class Reset(_Event):
     reason: str
 
 
-class UnknownEvent(_Event):
+class UnknownEvent(BaseEvent):
     """An event of a type (or version) this library does not know; every field is kept as received."""
 
     id: str = ""
@@ -214,7 +223,7 @@ Event: TypeAlias = (
 )
 """Any event a subscriber can receive."""
 
-KNOWN_EVENTS: dict[str, type[_Event]] = {
+KNOWN_EVENTS: dict[str, type[BaseEvent]] = {
     cls.model_fields["type"].default: cls
     for cls in (
         RunStart,
@@ -233,7 +242,9 @@ KNOWN_EVENTS: dict[str, type[_Event]] = {
 }
 
 
-class _Control(BaseModel):
+class BaseControl(BaseModel):
+    """What every control has: ``v``, ``id``, ``type``, ``ts``."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     v: Literal[1] = 1
@@ -242,7 +253,7 @@ class _Control(BaseModel):
     ts: int = 0
 
 
-class Cancel(_Control):
+class Cancel(BaseControl):
     """Stop a run (``run_id``) or every active run of the session (``run_id=None``)."""
 
     type: Literal["cancel"] = "cancel"
@@ -250,7 +261,7 @@ class Cancel(_Control):
     reason: str | None = Field(default=None, max_length=1000)
 
 
-class Steer(_Control):
+class Steer(BaseControl):
     """Guidance for a run that is working (``run_id``), or for every active run (``run_id=None``)."""
 
     type: Literal["steer"] = "steer"
@@ -258,7 +269,7 @@ class Steer(_Control):
     text: str
 
 
-class Prompt(_Control):
+class Prompt(BaseControl):
     """A follow-up user message. ``strategy`` asks for a multitask strategy; the agent side decides."""
 
     type: Literal["prompt"] = "prompt"
@@ -285,9 +296,37 @@ def parse_event(obj: dict[str, Any]) -> Event:
     return UnknownEvent.model_construct(**obj)
 
 
+LOG_START = "log-start"
+"""The record type that opens every events log (see the module docstring)."""
+TOMBSTONE = "tombstone"
+"""The record type ``session.delete()`` writes before it clears the log."""
+
+
 def encode(model: BaseModel) -> bytes:
-    """The compact JSON of an event or control, as it goes on the wire."""
-    return model.__pydantic_serializer__.to_json(model, exclude_none=False)
+    """The compact JSON of an event or control, as it goes on the wire.
+
+    Raises :class:`ConfigurationError` for text that cannot be encoded as UTF-8 (a lone surrogate).
+    """
+    try:
+        return model.__pydantic_serializer__.to_json(model, exclude_none=False)
+    except PydanticSerializationError as exc:
+        raise ConfigurationError(f"cannot encode {getattr(model, 'type', 'it')} as UTF-8 JSON: {exc}") from None
+
+
+def encodable(text: str) -> bool:
+    """Whether ``text`` can go on the wire: valid UTF-8 once encoded (no lone surrogates)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def record(kind: str, *, id: str, session: str, ts: int) -> bytes:
+    """A ``log-start`` or ``tombstone`` record."""
+    return json.dumps({"v": PROTOCOL_VERSION, "type": kind, "id": id, "session": session, "ts": ts}).encode()
 
 
 _DECODER = json.JSONDecoder()
@@ -336,10 +375,17 @@ def parse_control(data: bytes, *, max_bytes: int) -> Cancel | Steer | Prompt:
         raise ControlRejected(str(ControlTooLarge(len(data), max_bytes)), None, None)
     try:
         obj = json.loads(data)
+    except RecursionError:
+        raise ControlRejected("control is nested too deeply", None, None) from None
     except ValueError:
         raise ControlRejected("control is not JSON", None, None) from None
     if not isinstance(obj, dict):
         raise ControlRejected("control is not a JSON object", None, None)
+    try:
+        # JSON escapes can spell lone surrogates, which no answer to the control could be encoded with.
+        json.dumps(obj, ensure_ascii=False).encode()
+    except (UnicodeEncodeError, RecursionError):
+        raise ControlRejected("control holds text that is not valid Unicode", None, None) from None
     raw_id, raw_type = obj.get("id"), obj.get("type")
     control_id = raw_id if isinstance(raw_id, str) and 0 < len(raw_id) <= 128 else None
     control_type = raw_type if isinstance(raw_type, str) and len(raw_type) <= 64 else None

@@ -5,10 +5,13 @@ tool calls, status and data, and writes ``run-end`` when the block exits:
 
 - ``completed`` when it exits normally;
 - ``failed`` with an ``error`` event when it raises (the exception propagates);
-- ``cancelled`` when a client's ``cancel`` arrives. The run is a **cancel scope**: the task inside the block is
-  cancelled at its next ``await`` (an awaited LLM stream stops at once), the block exits without an exception
-  and ``run.cancelled`` is true. If something else cancels the task, ``run-end`` says ``cancelled`` too and the
-  cancellation propagates.
+- ``cancelled`` when a client's ``cancel`` arrives (or ``run.cancel()`` is called, or the hub closes). The run is
+  a **cancel scope**: the task inside the block is cancelled at its next ``await`` (an awaited LLM stream stops
+  at once), the block exits without an exception and ``run.cancelled`` is true. If something else cancels the
+  task, ``run-end`` says ``cancelled`` too and the cancellation propagates.
+
+A run that started always ends: if entering it fails or is cancelled after its ``run-start`` was queued, its
+``run-end`` follows; a ``run-end`` that cannot be written never replaces the block's own exception.
 """
 
 from __future__ import annotations
@@ -17,22 +20,19 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from ._runtime import HubRuntime, SessionRuntime
 from ._util import now_ms, validate_name
+from ._writer import SessionWriter
 from .errors import ConfigurationError, EventTooLarge, RunClosed
-from .events import Data, ErrorEvent, RunEnd, RunStart, Status, ToolCall, ToolResult, encode
+from .events import BaseEvent, Data, Status, ToolCall, ToolResult, encode
+from .inbox import Inbox, SteerMessage
 
-if TYPE_CHECKING:
-    from ._writer import SessionWriter
-    from .events import _Event
-    from .session import Session
-
-__all__ = ["Inbox", "Run", "SteerMessage"]
+__all__ = ["Run"]
 
 logger = logging.getLogger("durable_ai")
 
@@ -40,80 +40,41 @@ _State = Literal["new", "starting", "active", "ending", "ended"]
 _MAX_ERROR_CHARS = 4000
 
 
-@dataclass(frozen=True, slots=True)
-class SteerMessage:
-    """Guidance a client sent to a working run (a ``steer``, or a prompt under the ``steer`` strategy)."""
-
-    text: str
-    control_id: str
-    message_id: str
-
-
-class Inbox:
-    """The steer messages addressed to a run, in arrival order. Iteration ends when the run ends."""
-
-    def __init__(self) -> None:
-        self._queue: asyncio.Queue[SteerMessage | None] = asyncio.Queue()
-        self._closed = False
-
-    def put(self, message: SteerMessage) -> None:
-        if not self._closed:
-            self._queue.put_nowait(message)
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._queue.put_nowait(None)
-
-    def get_nowait(self) -> SteerMessage | None:
-        """The next waiting message, or ``None`` (check between LLM calls without blocking)."""
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return None
-            if item is not None:
-                return item
-            self._queue.put_nowait(None)
-            return None
-
-    def drain(self) -> list[SteerMessage]:
-        """Every waiting message, without blocking."""
-        items: list[SteerMessage] = []
-        while (item := self.get_nowait()) is not None:
-            items.append(item)
-        return items
-
-    def __aiter__(self) -> AsyncIterator[SteerMessage]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[SteerMessage]:
-        while True:
-            item = await self._queue.get()
-            if item is None:
-                self._queue.put_nowait(None)
-                return
-            yield item
-
-
 class Run:
-    """One agent response in a session (see the module docstring). Create it with ``session.run()``."""
+    """One agent response in a session (see the module docstring). Create it with ``session.run()``.
+
+    Attributes:
+        id: the run's id (``run_id=`` or a generated one).
+        session_id: the session it writes to.
+        agent: the agent's name.
+        parent_run_id: the run this one is a sub-agent of.
+        message_id: the id of the assistant message it produces.
+        input_message_id: the id of the user message it answers, if any.
+        inbox: steer messages addressed to it (also :meth:`steering`).
+    """
 
     def __init__(
         self,
-        session: Session,
+        runtime: HubRuntime,
+        session_id: str,
         *,
         agent: str,
         parent: Run | str | None,
         run_id: str | None,
         message_id: str | None,
+        input_message_id: str | None,
     ) -> None:
-        hub = session.hub
-        self.session = session
+        self._runtime = runtime
+        self.session_id = session_id
         self.agent = validate_name("agent", agent)
-        self.id: str = validate_name("run_id", run_id) if run_id is not None else hub._new_id()
-        self.parent_run_id: str | None = parent.id if isinstance(parent, Run) else parent
-        self.message_id = validate_name("message_id", message_id) if message_id is not None else hub._new_id()
+        self._explicit_id = run_id is not None
+        self.id: str = validate_name("run_id", run_id) if run_id is not None else runtime.new_id()
+        parent_id = parent.id if isinstance(parent, Run) else parent
+        self.parent_run_id = validate_name("parent", parent_id) if parent_id is not None else None
+        self.message_id = validate_name("message_id", message_id) if message_id is not None else runtime.new_id()
+        self.input_message_id = (
+            validate_name("input_message_id", input_message_id) if input_message_id is not None else None
+        )
         self.inbox = Inbox()
         self.cancelled = False
         """True once a cancel stopped the run."""
@@ -122,19 +83,31 @@ class Run:
         self._cancel_requested = False
         self._task: asyncio.Task[object] | None = None
         self._cancelling = 0
+        self._owner: SessionRuntime | None = None
         self._writer: SessionWriter | None = None
+        self._last_seq = 0
         self._text_part: str | None = None
         self._reasoning_part: str | None = None
         self._parts: set[str] = set()
-        self._max_event_bytes = hub.max_event_bytes
+        self._max_event_bytes = runtime.settings.max_event_bytes
 
     def __repr__(self) -> str:
-        return f"<Run {self.id} agent={self.agent!r} session={self.session.id!r} {self._state}>"
+        return f"<Run {self.id} agent={self.agent!r} session={self.session_id!r} {self._state}>"
 
     @property
     def active(self) -> bool:
         """Whether the run's block is executing."""
         return self._state == "active"
+
+    @property
+    def task(self) -> asyncio.Task[object] | None:
+        """The task running the run's block, once it is entered."""
+        return self._task
+
+    @property
+    def accepting(self) -> bool:
+        """Whether a cancel or a steer can still act on it: not entered yet, starting, or active."""
+        return self._state in ("new", "starting", "active")
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -144,35 +117,17 @@ class Run:
         task = asyncio.current_task()
         if task is None:
             raise ConfigurationError("session.run() must be entered inside an asyncio task")
-        hub = self.session.hub
         self._task = task
         self._cancelling = task.cancelling()
         self._state = "starting"
-        self._writer = hub._acquire_writer(self.session.id)
-        control = None
+        owner = self._runtime.owner(self.session_id)
         try:
-            control = await hub._acquire_control(self.session.id)
-            control.runs[self.id] = self
-            await self._write(
-                RunStart(
-                    id=hub._new_id(),
-                    session=self.session.id,
-                    run_id=self.id,
-                    agent=self.agent,
-                    ts=now_ms(),
-                    parent_run_id=self.parent_run_id,
-                    message_id=self.message_id,
-                ),
-                wait=True,
-            )
+            self._writer = await owner.enter_run(self, check_id=self._explicit_id)
         except BaseException:
             self._state = "ended"
-            if control is not None:
-                control.runs.pop(self.id, None)
-                await hub._release_control(self.session.id)
-            hub._release_writer(self._writer)
+            self.inbox.close()
             raise
-        await hub._presence_enter(self)
+        self._owner = owner
         self._state = "active"
         if self._cancel_requested:
             task.cancel(self.cancel_reason)
@@ -183,8 +138,8 @@ class Run:
     ) -> bool:
         self._state = "ending"
         self.inbox.close()
-        task = self._task
-        assert task is not None
+        task, owner = self._task, self._owner
+        assert task is not None and owner is not None
         swallow = False
         error: str | None = None
         cancelled_by_exc = exc_type is not None and issubclass(exc_type, asyncio.CancelledError)
@@ -206,23 +161,16 @@ class Run:
             error = reason
         else:
             status, reason = "completed", None
-        hub = self.session.hub
         try:
-            if error is not None:
-                await self._write(self._stamp(ErrorEvent, message=error), wait=False)
-            end = self._stamp(RunEnd, status=status, reason=reason)
-            # Shielded so the run-end lands even while this task is being cancelled.
-            await asyncio.shield(self._write(end, wait=True))
+            await owner.exit_run(self, status, reason, error)
+        except Exception as failure:
+            if exc is not None and not swallow:
+                # The block's own exception (or cancellation) is what the caller must see.
+                logger.warning("the run-end of run %s was not confirmed: %s", self.id, failure)
+            elif not external_cancel:
+                raise
         finally:
             self._state = "ended"
-            control = hub._controls.get(self.session.id)
-            if control is not None:
-                control.runs.pop(self.id, None)
-                await hub._release_control(self.session.id)
-            assert self._writer is not None
-            hub._release_writer(self._writer)
-            await hub._presence_leave(self)
-            hub._schedule_snapshot(self.session.id)
         if external_cancel:
             raise asyncio.CancelledError
         return swallow
@@ -235,25 +183,31 @@ class Run:
             await asyncio.sleep(0)
         return task.uncancel() > self._cancelling
 
-    def _request_cancel(self, reason: str | None) -> tuple[Literal["applied", "ignored"], str | None]:
-        """Called by the session's control loop when a cancel for this run arrives."""
-        if self._state in ("ending", "ended"):
-            return "ignored", "the run already finished"
-        if self._cancel_requested:
-            return "applied", "the run is already stopping"
+    def cancel(self, reason: str | None = None) -> bool:
+        """Stop the run as a client's ``cancel`` would: its task is cancelled at its next ``await``, the block
+        exits normally and ``run-end`` records ``cancelled`` with ``reason``.
+
+        Returns ``False`` if the run was already stopping or has ended.
+        """
+        if not self.accepting or self._cancel_requested:
+            return False
         self._cancel_requested = True
         self.cancel_reason = reason
         if self._state == "active" and self._task is not None:
             self._task.cancel(reason)
-        return "applied", None
+        return True
 
     # -- writing ---------------------------------------------------------------------------------------------
 
-    def _stamp(self, cls: type[_Event], **fields: object) -> _Event:
-        hub = self.session.hub
+    def _stamp(self, cls: type[BaseEvent], **fields: object) -> BaseEvent:
         try:
             return cls(
-                id=hub._new_id(), session=self.session.id, run_id=self.id, agent=self.agent, ts=now_ms(), **fields
+                id=self._runtime.new_id(),
+                session=self.session_id,
+                run_id=self.id,
+                agent=self.agent,
+                ts=now_ms(),
+                **fields,
             )
         except ValidationError as exc:
             first = exc.errors()[0]
@@ -261,19 +215,19 @@ class Run:
             raise ConfigurationError(f"invalid {cls.model_fields['type'].default}: {where}: {first['msg']}") from None
 
     def _check_open(self) -> SessionWriter:
-        if self._state not in ("starting", "active") or self._writer is None:
+        if self._state == "new":
+            raise RunClosed(f"run {self.id} was never entered; write inside 'async with session.run(...) as run'")
+        if self._state != "active" or self._writer is None:
             raise RunClosed(f"run {self.id} has ended; start a new run to write more")
         return self._writer
 
-    async def _write(self, event: _Event, *, wait: bool) -> None:
-        writer = self._check_open() if self._state != "ending" else self._writer
-        assert writer is not None
+    async def _write(self, event: BaseEvent) -> None:
+        writer = self._check_open()
         data = encode(event)
         if len(data) > self._max_event_bytes:
             raise EventTooLarge(len(data), self._max_event_bytes)
-        seq = writer.add_encoded(id=event.id, run_id=self.id, data=data)
-        if wait:
-            await writer.wait(seq)
+        seq = self._last_seq = writer.add_encoded(id=event.id, run_id=self.id, data=data)
+        await writer.wait(seq)
 
     async def _delta(self, kind: Literal["text-delta", "reasoning-delta"], delta: str, part_id: str) -> None:
         writer = self._check_open()
@@ -281,13 +235,16 @@ class Run:
             raise ConfigurationError(f"a delta is a string, got {type(delta).__name__}")
         if not delta:
             return
-        size = len(delta) if delta.isascii() else len(delta.encode())
+        try:
+            size = len(delta) if delta.isascii() else len(delta.encode())
+        except UnicodeEncodeError:
+            raise ConfigurationError("a delta must be valid Unicode text (it holds a lone surrogate)") from None
         if size > self._max_event_bytes - 512:
             raise EventTooLarge(size, self._max_event_bytes)
         first = part_id not in self._parts
         if first:
-            self._parts.add(part_id)
-        writer.add_delta(
+            self._parts.add(validate_name("part_id", part_id))
+        self._last_seq = writer.add_delta(
             type=kind,
             run_id=self.id,
             agent=self.agent,
@@ -295,11 +252,10 @@ class Run:
             delta=delta,
             size=size,
             # A part's first delta is flushed at once: time to first token matters more than cost.
-            urgent=first and self.session.hub.coalesce.flush_first_delta,
-            new_id=self.session.hub._new_id,
+            urgent=first and self._runtime.settings.coalesce.flush_first_delta,
         )
         if writer.overloaded:
-            await writer.wait(writer.last_seq)
+            await writer.wait(self._last_seq)
         elif writer.flush_due:
             await asyncio.sleep(0)  # let the flush loop run even if the agent never awaits anything else
 
@@ -307,12 +263,12 @@ class Run:
         """Append answer text.
 
         Consecutive calls build one text part; a reasoning delta, a tool call or a tool result ends it, and the
-        next text starts a new part (``status`` and ``data`` do not). Pass ``part_id`` to manage parts yourself.
-        The first delta of each part is flushed at once.
+        next text starts a new part (``status`` and ``data`` do not). Pass ``part_id`` (1 to 128 printable
+        characters) to manage parts yourself. The first delta of each part is flushed at once.
         """
         if part_id is None:
             if self._text_part is None and delta:
-                self._text_part = self.session.hub._new_id()
+                self._text_part = self._runtime.new_id()
             part_id = self._text_part or ""
         self._reasoning_part = None
         await self._delta("text-delta", delta, part_id)
@@ -321,7 +277,7 @@ class Run:
         """Append reasoning text, in a part of its own (the same rules as :meth:`text`)."""
         if part_id is None:
             if self._reasoning_part is None and delta:
-                self._reasoning_part = self.session.hub._new_id()
+                self._reasoning_part = self._runtime.new_id()
             part_id = self._reasoning_part or ""
         self._text_part = None
         await self._delta("reasoning-delta", delta, part_id)
@@ -332,27 +288,27 @@ class Run:
         ``input`` must be JSON-compatible (validated: :class:`ConfigurationError` otherwise).
         """
         self._text_part = self._reasoning_part = None
-        call_id = call_id or self.session.hub._new_id()
-        await self._write(self._stamp(ToolCall, call_id=call_id, name=name, input=input), wait=True)
+        call_id = validate_name("call_id", call_id) if call_id is not None else self._runtime.new_id()
+        await self._write(self._stamp(ToolCall, call_id=call_id, name=name, input=input))
         return call_id
 
     async def tool_result(self, call: str, output: Any = None, *, error: str | None = None) -> None:
         """Record the result (or the error) of a tool call."""
         self._text_part = self._reasoning_part = None
-        await self._write(self._stamp(ToolResult, call_id=call, output=output, error=error), wait=True)
+        await self._write(self._stamp(ToolResult, call_id=call, output=output, error=error))
 
     async def status(self, text: str) -> None:
         """Show progress in the UI ("reading 3 pages")."""
-        await self._write(self._stamp(Status, text=text), wait=True)
+        await self._write(self._stamp(Status, text=text))
 
     async def data(self, name: str, value: Any = None) -> None:
         """Write application-defined data (citations, UI state...)."""
-        await self._write(self._stamp(Data, name=name, value=value), wait=True)
+        await self._write(self._stamp(Data, name=name, value=value))
 
     async def flush(self) -> None:
-        """Wait until everything written so far is stored by the broker."""
+        """Wait until everything this run wrote so far is stored by the broker."""
         writer = self._check_open()
-        await writer.wait(writer.last_seq)
+        await writer.wait(self._last_seq)
 
     def steering(self) -> AsyncIterator[SteerMessage]:
         """Iterate over steer messages for this run as they arrive; ends when the run ends."""

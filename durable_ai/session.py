@@ -4,39 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from pydantic import BaseModel, JsonValue, ValidationError
+from pydantic import JsonValue, ValidationError
 
-from ._control import Handler, Server
-from ._reader import ReadOptions, read_events
-from ._util import now_ms, validate_name
-from .backend import Channel
-from .cursor import Cursor, LogPosition
-from .errors import AckTimeout, ConfigurationError, ControlTooLarge, PayloadTooLarge
+from ._reader import END_OF_MESSAGE, fold, read_events
+from ._runtime import HubRuntime
+from ._util import derived_id, now_ms, validate_name
+from .backends.base import Channel
+from .cursor import Cursor
+from .errors import AckTimeout, ConfigurationError, ControlTooLarge, EventTooLarge, PayloadTooLarge
 from .events import (
     Cancel,
     ControlAck,
     Event,
     Prompt,
     Reset,
+    RunEnd,
+    RunStart,
     Steer,
     Strategy,
     UserMessage,
     encode,
 )
+from .presence import PresenceMember
 from .run import Run
-from .view import SessionView, ViewBuilder
+from .serve import Handler, Server
+from .view import RunInfo, SessionView
 
-if TYPE_CHECKING:
-    from .hub import Hub
-
-__all__ = ["ControlHandle", "EventStream", "PresenceMember", "Session"]
-
-logger = logging.getLogger("durable_ai")
+__all__ = ["ControlHandle", "EventStream", "Session"]
 
 
 class EventStream:
@@ -67,50 +65,146 @@ class EventStream:
 
 
 class ControlHandle:
-    """A control that was sent. ``await handle.ack()`` waits for the agent side's ``control-ack``."""
+    """A control that was sent.
 
-    def __init__(self, session: Session, control: Cancel | Steer | Prompt, events_head: LogPosition | None) -> None:
+    ``await handle.ack()`` gives the agent side's answer ("stopping…"); ``await handle.done()`` the ``run-end``
+    it led to ("stopped"). A cancel or steer for a run that is not active is answered ``ignored`` at once.
+    """
+
+    def __init__(self, session: Session, control: Cancel | Steer | Prompt, after: Cursor | None) -> None:
         self.session = session
         self.control = control
-        self._events_head = events_head
+        self._after = after
+        self._ack: ControlAck | None = None
 
     @property
     def id(self) -> str:
         return self.control.id
 
     async def ack(self, timeout: float = 10.0) -> ControlAck:  # noqa: ASYNC109 (AckTimeout names the control)
-        """The ``control-ack`` for this control; raises :class:`AckTimeout` if none comes in time."""
-        head = self._events_head
-        after = Cursor(head.epoch, head.position, 0) if head is not None else None
-        stream = self.session._read(after=after, follow=True, skip_whole_message=head is not None)
+        """The ``control-ack`` for this control; raises :class:`AckTimeout` if none comes in time.
+
+        For a ``cancel`` or ``steer`` whose run is not active in the log (it ended, it never started, nothing
+        runs), the answer is ``ignored`` without waiting for an agent: it has no cursor, as no agent wrote it.
+        """
+        if self._ack is not None:
+            return self._ack
         try:
             async with asyncio.timeout(timeout):
-                async for event in stream:
-                    if isinstance(event, ControlAck) and event.control_id == self.control.id:
-                        return event
+                self._ack = await self._find_ack()
         except TimeoutError:
-            pass
+            raise AckTimeout(self.control.id, timeout) from None
+        return self._ack
+
+    async def _find_ack(self) -> ControlAck:
+        # The agent's answer is awaited at once; meanwhile the log tells whether anything can answer at all.
+        answer = asyncio.ensure_future(self._scan(follow=True))
+        tasks: set[asyncio.Future[ControlAck | None]] = {answer}
+        if isinstance(self.control, Cancel | Steer):
+            tasks.add(asyncio.ensure_future(self._answer_if_idle()))
+        try:
+            while True:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    found = task.result()
+                    if found is not None:
+                        return found
+                    tasks.discard(task)  # something is active: its agent answers
         finally:
-            await stream.aclose()
-        raise AckTimeout(self.control.id, timeout)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def _answer_if_idle(self) -> ControlAck | None:
+        """``ignored`` if no run the control is for is active in the log (and no agent answered); else ``None``."""
+        run_id = self.control.run_id if isinstance(self.control, Cancel | Steer) else None
+        if any(run_id in (None, run.run_id) for run in await self.session.active_runs()):
+            return None
+        found = await self._scan(follow=False)  # an agent may have answered before its run ended
+        if found is not None:
+            return found
+        return ControlAck(
+            id=derived_id("ack-ignored", self.control.id),
+            session=self.session.id,
+            ts=now_ms(),
+            control_id=self.control.id,
+            control_type=self.control.type,
+            outcome="ignored",
+            reason="no run is active" if run_id is None else f"run {run_id} is not active",
+        )
 
-class PresenceMember(BaseModel):
-    """A participant present on a session: an agent run that is working, or a client that is watching."""
+    def _events(self, *, follow: bool) -> EventStream:
+        after = self._after
+        return self.session.events(None if after is None else str(after), follow=follow)
 
-    member_id: str
-    role: Literal["agent", "client"]
-    agent: str | None = None
-    run_id: str | None = None
-    data: JsonValue = None
-    since: int = 0
+    async def _scan(self, *, follow: bool) -> ControlAck | None:
+        async with self._events(follow=follow) as stream:
+            async for event in stream:
+                if isinstance(event, ControlAck) and event.control_id == self.control.id:
+                    return event
+        return None
+
+    async def done(self, timeout: float = 60.0) -> RunEnd | None:  # noqa: ASYNC109 (the timeout names the run)
+        """The ``run-end`` this control led to: the stopped run's for a cancel (the last one, if it stopped
+        several), the steered run's for a steer, the answering run's for a prompt. ``None`` when the control
+        was not applied (ignored or rejected). Raises :class:`TimeoutError` if the run has not ended in time.
+        """
+        deadline = asyncio.get_running_loop().time() + timeout
+        ack = await self.ack(timeout=timeout)
+        if ack.outcome != "applied":
+            return None
+        control = self.control
+        try:
+            async with asyncio.timeout_at(deadline):
+                if isinstance(control, Prompt) and ack.run_id is None:
+                    return await self._last_end(set(), answering=control.message_id)
+                run_id = ack.run_id or (control.run_id if isinstance(control, Cancel | Steer) else None)
+                if run_id is not None:
+                    return await self._last_end({run_id})
+                return await self._last_end({run.run_id for run in await self.session.active_runs()}, every=True)
+        except TimeoutError:
+            raise TimeoutError(f"what control {control.id!r} acted on did not end within {timeout:g}s") from None
+
+    async def _last_end(self, waiting: set[str], *, answering: str | None = None, every: bool = False) -> RunEnd:
+        """Follow the log from where the control was sent until every run in ``waiting`` has ended.
+
+        ``answering``: also the run that answers this prompt. ``every``: also each run that was active when the
+        control was sent (it ended before ``waiting`` was read: its ``run-end`` is in the log after the control).
+        """
+        started_after: set[str] = set()
+        last: RunEnd | None = None
+        if every and not waiting:
+            async with self._events(follow=False) as stream:
+                async for event in stream:
+                    if isinstance(event, RunStart):
+                        started_after.add(event.run_id or "")
+                    elif isinstance(event, RunEnd) and event.run_id not in started_after:
+                        last = event
+            if last is not None:
+                return last
+        async with self._events(follow=True) as stream:
+            async for event in stream:
+                if isinstance(event, RunStart):
+                    started_after.add(event.run_id or "")
+                    if answering is not None and event.input_message_id == answering:
+                        waiting.add(event.run_id or "")
+                        answering = None
+                elif isinstance(event, RunEnd):
+                    if event.run_id in waiting:
+                        waiting.discard(event.run_id)
+                        last = event
+                    elif every and event.run_id not in started_after:
+                        last = event
+                    if last is not None and not waiting and answering is None:
+                        return last
+        raise TimeoutError("the session's stream ended")
 
 
 class Session:
     """A handle on one session of a hub. Creating it does no I/O; see ``Hub.session``."""
 
-    def __init__(self, hub: Hub, session_id: str) -> None:
-        self.hub = hub
+    def __init__(self, runtime: HubRuntime, session_id: str) -> None:
+        self._runtime = runtime
         self.id = session_id
 
     def __repr__(self) -> str:
@@ -125,9 +219,23 @@ class Session:
         parent: Run | str | None = None,
         run_id: str | None = None,
         message_id: str | None = None,
+        input_message_id: str | None = None,
     ) -> Run:
-        """A new run of ``agent`` (optionally a sub-agent of ``parent``); enter it with ``async with``."""
-        return Run(self, agent=agent, parent=parent, run_id=run_id, message_id=message_id)
+        """A new run of ``agent`` (optionally a sub-agent of ``parent``); enter it with ``async with``.
+
+        ``run_id`` chooses the run's id (a second writer entering the same id, anywhere, gets
+        :class:`RunIdInUse`; checking costs a read of the session's log); ``message_id`` the id of the
+        assistant message it produces; ``input_message_id`` the user message it answers.
+        """
+        return Run(
+            self._runtime,
+            self.id,
+            agent=agent,
+            parent=parent,
+            run_id=run_id,
+            message_id=message_id,
+            input_message_id=input_message_id,
+        )
 
     def serve(
         self,
@@ -136,30 +244,41 @@ class Session:
         agent: str = "assistant",
         strategy: Strategy = "enqueue",
         client_strategies: Iterable[Strategy] = (),
+        max_queue: int = 100,
     ) -> Server:
         """Answer this session's prompts with ``handler(run, message)`` while the ``async with`` lasts.
 
-        ``strategy`` decides what happens to a prompt that arrives while a run is active: ``enqueue`` (answer it
-        next), ``interrupt`` (cancel the active run, answer it now), ``reject`` (refuse it) or ``steer``
-        (deliver it into the active run's inbox). A client may ask for one of ``client_strategies``.
+        ``strategy`` decides what happens to a prompt that arrives while a run is chosen (starting or active):
+        ``enqueue`` (answer it next), ``interrupt`` (cancel the run, answer it now), ``reject`` (refuse it) or
+        ``steer`` (deliver it into the run's inbox). A client may ask for one of ``client_strategies``. At most
+        ``max_queue`` prompts wait; more are rejected.
         """
         validate_name("agent", agent)
-        return Server(self, handler, agent=agent, strategy=strategy, client_strategies=frozenset(client_strategies))
+        return Server(
+            self._runtime,
+            self.id,
+            handler,
+            agent=agent,
+            strategy=strategy,
+            client_strategies=frozenset(client_strategies),
+            max_queue=max_queue,
+        )
 
     async def publish(self, event: Event) -> None:
         """Write an event as a trusted writer (a gateway, a human operator). Idempotent on ``event.id``."""
+        self._runtime.check_open()
         if event.session != self.id:
             raise ConfigurationError(f"event belongs to session {event.session!r}, not {self.id!r}")
-        await self.hub._commit(self.id, event)
+        data = encode(event)
+        if len(data) > self._runtime.settings.max_event_bytes:
+            raise EventTooLarge(len(data), self._runtime.settings.max_event_bytes)
+        await self._runtime.owner(self.id).commit(data, message_id=event.id)
 
     async def user_message(self, content: str, *, message_id: str | None = None) -> UserMessage:
         """Write a user message straight into the log as a trusted participant (no agent is triggered)."""
+        new_id = self._runtime.new_id
         event = UserMessage(
-            id=self.hub._new_id(),
-            session=self.id,
-            ts=now_ms(),
-            message_id=message_id or self.hub._new_id(),
-            content=content,
+            id=new_id(), session=self.id, ts=now_ms(), message_id=message_id or new_id(), content=content
         )
         await self.publish(event)
         return event
@@ -170,65 +289,116 @@ class Session:
         """The session's events after cursor ``after`` (``None``: from the start), then, if ``follow``, live.
 
         Exactly the events after the cursor are yielded, in order, with no gap and no duplicate, across any
-        number of internal reconnects. If they no longer exist (log recreated, retention), a ``reset`` event
-        comes first and the stream continues from the earliest retained event.
+        number of internal reconnects. If they no longer exist (log recreated or deleted, retention), a ``reset``
+        event comes first and the stream continues from the earliest retained event.
         """
         cursor = Cursor.parse(after) if after is not None else None
-        return self._read(after=cursor, follow=follow)
+        return self._read(cursor, follow=follow)
 
-    def _read(self, *, after: Cursor | None, follow: bool, skip_whole_message: bool = False) -> EventStream:
-        hub = self.hub
-        hub._check_open()
-        options = ReadOptions(
-            reconnect_timeout=hub.reconnect_timeout,
-            is_closed=lambda: hub.closed,
-            new_id=hub._new_id,
-            now_ms=now_ms,
-        )
+    def _read(self, after: Cursor | None, *, follow: bool) -> EventStream:
+        runtime = self._runtime
+        runtime.check_open()
         return EventStream(
-            read_events(
-                hub.backend,
-                self.id,
-                after=after,
-                follow=follow,
-                options=options,
-                skip_whole_message=skip_whole_message,
-            )
+            read_events(runtime.backend, self.id, after=after, follow=follow, options=runtime.read_options)
         )
+
+    async def head(self) -> str | None:
+        """The cursor of the end of the log now: ``events(after=head)`` yields only what is written later.
+
+        ``None`` when the log is empty (``events(after=None)`` then yields only later events too).
+        """
+        self._runtime.check_open()
+        head = await self._runtime.backend.head(Channel(self.id, "events"))
+        return None if head is None else str(Cursor(head.epoch, head.position, END_OF_MESSAGE))
+
+    async def active_runs(self) -> list[RunInfo]:
+        """The runs that have started and not ended, each with ``run_id``, ``agent`` and ``start_cursor``.
+
+        Cheaper than :meth:`view`: it reads the same snapshot and tail but builds no messages.
+        """
+        runtime = self._runtime
+        runtime.check_open()
+        builder = await fold(runtime.backend, self.id, None, runtime.read_options, runs_only=True)
+        return builder.active_runs
+
+    def stream(self, run_id: str, after: str | None = None, *, wait: bool = False) -> EventStream:
+        """One run's events, from its ``run-start`` (or after cursor ``after``), ending after its ``run-end``.
+
+        What a resume route replays: an active run from its start, then live; a finished run from the log. A run
+        the log does not hold gives an empty stream, unless ``wait``: then it is awaited (for a run that is about
+        to start). ``reset`` events pass through.
+        """
+        validate_name("run_id", run_id)
+        cursor = Cursor.parse(after) if after is not None else None
+        self._runtime.check_open()
+        return EventStream(self._stream(run_id, cursor, wait=wait))
+
+    async def _stream(self, run_id: str, after: Cursor | None, *, wait: bool) -> AsyncIterator[Event]:
+        if after is None:
+            found, after = await self._run_start(run_id)
+            if not found and not wait:
+                return
+        async with self._read(after, follow=True) as stream:
+            async for event in stream:
+                if isinstance(event, Reset) or (event.run_id == run_id and not isinstance(event, ControlAck)):
+                    yield event
+                    if isinstance(event, RunEnd):
+                        return
+
+    async def _run_start(self, run_id: str) -> tuple[bool, Cursor | None]:
+        """Whether the log has the run, and the cursor just before its ``run-start`` (if it has it) or of the
+        end of the log (if not)."""
+        start: str | None = None
+        last: str | None = None
+        for info in await self.active_runs():
+            if info.run_id == run_id:
+                start = info.start_cursor
+        if start is None:
+            async with self._read(None, follow=False) as stream:
+                async for event in stream:
+                    last = event.cursor or last
+                    if isinstance(event, RunStart) and event.run_id == run_id:
+                        start = event.cursor
+                        break
+        if start is None:
+            return False, Cursor.parse(last) if last is not None else None
+        cursor = Cursor.parse(start)
+        return True, Cursor(cursor.epoch, cursor.position, cursor.index - 1)
 
     async def _send(self, control: Cancel | Steer | Prompt) -> ControlHandle:
-        hub = self.hub
-        hub._check_open()
+        runtime = self._runtime
+        runtime.check_open()
         data = encode(control)
-        if len(data) > hub.max_control_bytes:
-            raise ControlTooLarge(len(data), hub.max_control_bytes)
-        head = await hub.backend.head(Channel(self.id, "events"))
-        await hub.backend.publish(Channel(self.id, "control"), data, message_id=control.id)
-        return ControlHandle(self, control, head)
+        limit = runtime.settings.max_control_bytes
+        if len(data) > limit:
+            raise ControlTooLarge(len(data), limit)
+        head = await runtime.backend.head(Channel(self.id, "events"))
+        await runtime.backend.publish(Channel(self.id, "control"), data, message_id=control.id)
+        after = Cursor(head.epoch, head.position, END_OF_MESSAGE) if head is not None else None
+        return ControlHandle(self, control, after)
 
     async def cancel(self, run_id: str | None = None, *, reason: str | None = None) -> ControlHandle:
         """Ask the agent side to stop ``run_id`` (``None``: every active run). A disconnect is never a cancel."""
-        return await self._send(Cancel(id=self.hub._new_id(), ts=now_ms(), run_id=run_id, reason=reason))
+        return await self._send(self._control(Cancel, run_id=run_id, reason=reason))
 
     async def steer(self, text: str, *, run_id: str | None = None) -> ControlHandle:
         """Send guidance into a working run (``None``: every active run); it arrives in ``run.steering()``."""
-        return await self._send(Steer(id=self.hub._new_id(), ts=now_ms(), run_id=run_id, text=text))
+        return await self._send(self._control(Steer, run_id=run_id, text=text))
 
     async def prompt(
         self, content: str, *, message_id: str | None = None, strategy: Strategy | None = None
     ) -> ControlHandle:
         """Send a follow-up user message to the agent serving this session."""
+        new_id = self._runtime.new_id
+        return await self._send(
+            self._control(Prompt, message_id=message_id or new_id(), content=content, strategy=strategy)
+        )
+
+    def _control(self, cls: type[Cancel] | type[Steer] | type[Prompt], **fields: object) -> Cancel | Steer | Prompt:
         try:
-            control = Prompt(
-                id=self.hub._new_id(),
-                ts=now_ms(),
-                message_id=message_id or self.hub._new_id(),
-                content=content,
-                strategy=strategy,
-            )
+            return cls(id=self._runtime.new_id(), ts=now_ms(), **fields)
         except ValidationError as exc:
-            raise ConfigurationError(f"invalid prompt: {exc.errors()[0]['msg']}") from None
-        return await self._send(control)
+            raise ConfigurationError(f"invalid {cls.model_fields['type'].default}: {exc.errors()[0]['msg']}") from None
 
     async def view(self) -> SessionView:
         """The session's state now: messages with parts, active runs, and the cursor to continue from.
@@ -236,59 +406,25 @@ class Session:
         Built from the latest snapshot plus the events after it, so its cost follows the number of broker
         messages since the snapshot, not the number of tokens in the session.
         """
-        self.hub._check_open()
-        return (await self._fold(None)).build()
-
-    async def _fold(self, builder: ViewBuilder | None) -> ViewBuilder:
-        """Bring a view up to date: a given builder from its cursor, or a new one from the saved snapshot."""
-        hub = self.hub
-        after: Cursor | None = None
-        if builder is None:
-            base = await self._load_snapshot()
-            builder = ViewBuilder(self.id, base)
-        if builder.cursor is not None:
-            after = Cursor.parse(builder.cursor)
-        else:
-            head = await hub.backend.head(Channel(self.id, "events"))
-            if head is not None:
-                # From the start of the epoch, so that events lost to retention are reported, not skipped.
-                after = Cursor(head.epoch, None, -1)
-        async with self._read(after=after, follow=False) as stream:
-            async for event in stream:
-                if isinstance(event, Reset):
-                    recreated = after is not None and (
-                        event.cursor is None or Cursor.parse(event.cursor).epoch != after.epoch
-                    )
-                    if recreated:
-                        builder.reset()
-                    else:
-                        builder.truncated = True
-                    builder.cursor = event.cursor
-                    continue
-                builder.apply(event)
-        return builder
-
-    async def _load_snapshot(self) -> SessionView | None:
-        raw = await self.hub.backend.load_snapshot(self.id)
-        if raw is None:
-            return None
-        try:
-            view = SessionView.model_validate_json(raw)
-        except ValidationError:
-            logger.warning("ignoring an unreadable snapshot of session %r", self.id)
-            return None
-        return view if view.cursor is not None else None
+        runtime = self._runtime
+        runtime.check_open()
+        return (await fold(runtime.backend, self.id, None, runtime.read_options)).build()
 
     async def delete(self) -> None:
-        """Delete the session's history, snapshot and presence. Readers get a ``reset``."""
-        self.hub._check_open()
-        await self.hub.backend.delete(self.id)
+        """Delete the session's history, snapshot and presence.
+
+        A tombstone is written into the log first, so every live reader, in any process, yields ``reset`` and
+        then follows the new log.
+        """
+        self._runtime.check_open()
+        await self._runtime.owner(self.id).delete()
 
     # -- presence --------------------------------------------------------------------------------------------
 
     async def presence(self) -> list[PresenceMember]:
-        """Who is here now: agent runs that are working and clients that joined."""
-        members = await self.hub.backend.presence(self.id)
+        """Who is here now: agent runs that are working and clients that are present."""
+        self._runtime.check_open()
+        members = await self._runtime.backend.presence(self.id)
         result: list[PresenceMember] = []
         for member_id, data in sorted(members.items()):
             try:
@@ -298,18 +434,20 @@ class Session:
         return result
 
     @contextlib.asynccontextmanager
-    async def join(
+    async def present(
         self, member_id: str, *, role: Literal["agent", "client"] = "client", data: JsonValue = None
     ) -> AsyncIterator[PresenceMember]:
         """Be present on the session (a watching client, say) for the duration of the ``async with``."""
+        runtime = self._runtime
+        runtime.check_open()
         validate_name("member_id", member_id)
         member = PresenceMember(member_id=member_id, role=role, data=data, since=now_ms())
         payload = encode(member)
-        if len(payload) > self.hub.max_control_bytes:
-            raise PayloadTooLarge(len(payload), self.hub.max_control_bytes)
-        await self.hub.backend.enter_presence(self.id, member_id, payload)
+        if len(payload) > runtime.settings.max_control_bytes:
+            raise PayloadTooLarge(len(payload), runtime.settings.max_control_bytes)
+        await runtime.backend.enter_presence(self.id, member_id, payload)
         try:
             yield member
         finally:
             with contextlib.suppress(Exception):
-                await self.hub.backend.leave_presence(self.id, member_id)
+                await runtime.backend.leave_presence(self.id, member_id)

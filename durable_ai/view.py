@@ -69,13 +69,17 @@ Part: TypeAlias = Annotated[TextPart | ReasoningPart | ToolPart | DataPart, Fiel
 
 
 class Message(BaseModel):
-    """One user message, or the assistant message that one run produces."""
+    """One user message, or the assistant message that one run produces.
+
+    ``input_message_id`` is the id of the user message an assistant message answers, when its run named one.
+    """
 
     id: str
     role: Literal["user", "assistant"]
     run_id: str | None = None
     agent: str | None = None
     parent_run_id: str | None = None
+    input_message_id: str | None = None
     parts: list[Part] = Field(default_factory=list)
     status: Literal["streaming", "completed", "cancelled", "failed"] | None = None
     status_text: str | None = None
@@ -83,15 +87,25 @@ class Message(BaseModel):
     error: str | None = None
     ts: int = 0
 
+    @property
+    def text(self) -> str:
+        """The message's text parts, joined (reasoning, tools and data left out)."""
+        return "".join(part.text for part in self.parts if isinstance(part, TextPart))
+
 
 class RunInfo(BaseModel):
-    """A run that has started and not ended."""
+    """A run that has started and not ended.
+
+    ``start_cursor`` is the cursor of its ``run-start``: ``session.stream(run_id)`` replays the run from there.
+    """
 
     run_id: str
     agent: str | None
     parent_run_id: str | None
     message_id: str
     started_ts: int
+    input_message_id: str | None = None
+    start_cursor: str | None = None
 
 
 class SessionView(BaseModel):
@@ -108,10 +122,15 @@ class SessionView(BaseModel):
 
 
 class ViewBuilder:
-    """Folds events into a :class:`SessionView`; text is kept in chunks until :meth:`build`."""
+    """Folds events into a :class:`SessionView`; text is kept in chunks until :meth:`build`.
 
-    def __init__(self, session: str, base: SessionView | None = None) -> None:
+    With ``runs_only`` it keeps only which runs exist and which are active (what ``session.active_runs()``
+    needs), and skips the parts.
+    """
+
+    def __init__(self, session: str, base: SessionView | None = None, *, runs_only: bool = False) -> None:
         self.session = session
+        self.runs_only = runs_only
         self.cursor: str | None = None
         self.truncated = False
         self._messages: list[Message] = []
@@ -143,7 +162,16 @@ class ViewBuilder:
             self._by_run[message.run_id] = message
 
     def reset(self) -> None:
-        self.__init__(self.session)  # type: ignore[misc]
+        self.__init__(self.session, runs_only=self.runs_only)  # type: ignore[misc]
+
+    @property
+    def active_runs(self) -> list[RunInfo]:
+        """The runs started and not ended so far, in the order they started."""
+        return list(self._active.values())
+
+    def has_run(self, run_id: str) -> bool:
+        """Whether a run with this id started in the log folded so far (active or ended)."""
+        return run_id in self._by_run
 
     def apply(self, event: Event) -> None:
         if event.cursor is not None:
@@ -158,6 +186,7 @@ class ViewBuilder:
                     run_id=event.run_id,
                     agent=event.agent,
                     parent_run_id=event.parent_run_id,
+                    input_message_id=event.input_message_id,
                     status="streaming",
                     ts=event.ts,
                 )
@@ -168,7 +197,12 @@ class ViewBuilder:
                 parent_run_id=event.parent_run_id,
                 message_id=event.message_id,
                 started_ts=event.ts,
+                input_message_id=event.input_message_id,
+                start_cursor=event.cursor,
             )
+        elif self.runs_only:
+            if isinstance(event, RunEnd) and event.run_id is not None:
+                self._active.pop(event.run_id, None)
         elif isinstance(event, UserMessage):
             if event.message_id not in self._by_id:
                 message = Message(id=event.message_id, role="user", run_id=event.run_id, ts=event.ts)

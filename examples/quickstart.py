@@ -16,7 +16,7 @@ async def main() -> None:
             print(event.cursor, event.type, getattr(event, "delta", ""))
             if event.type == "run-end":
                 break
-        print((await session.view()).messages[0].parts[0].text)  # late join: the whole answer
+        print((await session.view()).messages[0].text)  # late join: the whole answer
 
 
 asyncio.run(main())

@@ -4,9 +4,11 @@ Run it with ``uv run python examples/serve_chat.py``.
 """
 
 import asyncio
+from collections.abc import Callable
 
 import durable_ai
-from durable_ai import EventStream, MemoryBackend, Run, RunEnd, TextDelta, UserMessage
+from durable_ai import Event, EventStream, Run, RunEnd, TextDelta, UserMessage
+from durable_ai.backends.memory import MemoryBackend
 
 
 async def assistant(run: Run, message: UserMessage) -> None:
@@ -19,7 +21,7 @@ async def assistant(run: Run, message: UserMessage) -> None:
         await asyncio.sleep(0.002)
 
 
-async def wait_for(events: EventStream, predicate) -> None:
+async def wait_for(events: EventStream, predicate: Callable[[Event], bool]) -> None:
     async for event in events:
         if predicate(event):
             return

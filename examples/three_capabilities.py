@@ -5,12 +5,17 @@ The agent and each client use their own hub on one broker, as separate processes
 """
 
 import asyncio
+from collections.abc import AsyncIterator
+from typing import TypeVar
 
 import durable_ai
-from durable_ai import MemoryBackend, Run, RunEnd, TextDelta
+from durable_ai import Event, Run, RunEnd, TextDelta
+from durable_ai.backends.memory import MemoryBackend
+
+T = TypeVar("T")
 
 
-async def fake_llm(prompt: str):
+async def fake_llm(prompt: str) -> AsyncIterator[str]:
     """Stands in for a model: one token at a time, with the pauses a real stream has."""
     for i in range(1000):
         yield f"{prompt}-{i} "
@@ -26,7 +31,7 @@ async def agent(hub: durable_ai.Hub, halfway: asyncio.Event) -> Run:
     return run
 
 
-async def aenumerate(items):
+async def aenumerate(items: AsyncIterator[T]) -> AsyncIterator[tuple[int, T]]:
     i = 0
     async for item in items:
         yield i, item
@@ -45,7 +50,7 @@ async def main() -> None:
 
         # 1. Resilient delivery: the phone reads a little, loses its network, and resumes from its cursor.
         phone = phone_hub.session("chat-7")
-        seen = []
+        seen: list[Event] = []
         async with phone.events() as stream:
             async for event in stream:
                 seen.append(event)
@@ -57,7 +62,7 @@ async def main() -> None:
         await halfway.wait()
         laptop = laptop_hub.session("chat-7")
         view = await laptop.view()
-        print(f"laptop joined with {len(view.messages[0].parts[0].text)} characters already written")
+        print(f"laptop joined with {len(view.messages[0].text)} characters already written")
 
         # 3. Live control: the laptop presses stop; the agent stops at its next await.
         ack = await (await laptop.cancel(reason="user pressed stop")).ack()
@@ -66,15 +71,17 @@ async def main() -> None:
         print("agent cancelled:", run.cancelled)
 
         # The phone comes back and gets exactly what it missed, up to the end of the run.
+        end: RunEnd | None = None
         async with phone.events(after=last_cursor) as stream:
             async for event in stream:
                 seen.append(event)
                 if isinstance(event, RunEnd):
+                    end = event
                     break
         text = "".join(e.delta for e in seen if isinstance(e, TextDelta))
         final = await laptop.view()
-        assert text == final.messages[0].parts[0].text, "the phone's text differs from the session's"
-        print(f"phone resumed: {len(text)} characters, identical to the session; run ended {seen[-1].status}")
+        assert end is not None and text == final.messages[0].text, "the phone's text differs from the session's"
+        print(f"phone resumed: {len(text)} characters, identical to the session; run ended {end.status}")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,18 @@ message id `<event id>#<index>`:
 fragment 0 itself), so a reader that starts between fragments can fetch the first ones. Readers reassemble the
 event when fragment `count - 1` arrives; fragments are never delivered as events.
 
+Two more records are never delivered as events. **`log-start`** is the first record of every events log (the
+first line of the first message a writer publishes to an empty log); a reader that reads a log from its start
+and does not find it knows that retention dropped the log's first messages. **`tombstone`** is written by
+`session.delete()` into the log before the log is cleared, so that every live reader, in every process, learns of
+the deletion: it yields a `reset` (with a null cursor: start again from the beginning) and goes on with the new
+log. Both carry only `v`, `type`, `id`, `session` and `ts`:
+
+```json
+{{"v":1,"type":"log-start","id":"<id>","session":"<session>","ts":1733328000000}}
+{{"v":1,"type":"tombstone","id":"<id>","session":"<session>","ts":1733328000000}}
+```
+
 On Ably with message appends (see `docs/backends/ably.md`), a text or reasoning part is one Ably message that grows:
 each append carries a batch after a link line `{{"~":"<serial>"}}`, and history returns the message whole. Readers
 split on `\\n` as always and skip lines that start with `{{"~":`; they are not events.
@@ -77,7 +89,7 @@ them) yields a `reset` event, then the session from its earliest retained event:
 | `id` | string (1 to 128) | unique event id; the idempotency key |
 | `type` | kebab-case string | one of the types below; unknown types are passed through untouched |
 | `session` | string | the session id |
-| `run_id` | string or null | the run that wrote it (null for user messages and acks) |
+| `run_id` | string or null | the run that wrote it (for a user message or an ack: the run it went to, or null) |
 | `agent` | string or null | the agent of that run |
 | `ts` | integer | milliseconds since the Unix epoch, set by the writer |
 """
@@ -111,14 +123,22 @@ def render() -> str:
         parts.append(f"| `{type_name}` | {fields} | {doc} |")
     parts.append(
         "\n`reset` is synthesised by readers and never stored. `control-ack.control_id` is null when the control "
-        "was not readable enough to have an id.\n"
+        "was not readable enough to have an id.\n\nA `run-start` whose run id the writer chose has the message id "
+        "`run-start-<hash of session, epoch and run id>`, so that the broker keeps one of two writers entering "
+        "the same run id at once; the other one reads the stored message back, sees it is not its own, and "
+        "writes nothing more.\n"
     )
     parts.append("## Controls\n")
     parts.append(
         "Every control has `v` (1), `id` (1 to 128 characters; the broker message id) and `type`, and optionally "
         "`ts`. Unknown fields are refused. The agent side answers every control it is responsible for with a "
-        "`control-ack`: `applied`, `rejected` (malformed, unknown type, over the size limit, or refused by the "
-        "multitask strategy) or `ignored` (nothing to apply it to).\n"
+        "`control-ack`: `applied`, `rejected` (malformed, unknown type, over the size limit, nested too deeply, "
+        "text that is not valid Unicode, a full inbox or queue, or refused by the multitask strategy) or `ignored` "
+        "(nothing to apply it to). Acks and the user messages recorded for steers and prompts have ids derived "
+        "from the control, so two processes giving the same answer store it once. Each session's controls are "
+        "answered within a budget (5 per second with bursts of 20 by default); past it, controls are dropped "
+        "unanswered, except a cancel, which is still applied. A client reading the log answers itself `ignored` "
+        "for a cancel or steer whose run is not active there.\n"
     )
     parts.append("| type | fields | meaning |\n| --- | --- | --- |")
     schema = control_schema()

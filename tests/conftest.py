@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 import durable_ai
-from durable_ai import Hub, MemoryBackend
+from durable_ai import Hub
+from durable_ai.backends.memory import MemoryBackend
 
 
 @pytest.fixture(autouse=True)

@@ -21,9 +21,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
 
-from ..backend import BackendLimits, Channel, StoredMessage
 from ..cursor import LogPosition
 from ..errors import BackendUnavailable, ConfigurationError, LogReset
+from .base import BackendLimits, Channel, StoredMessage
 
 __all__ = ["MemoryBackend", "from_url"]
 

@@ -3,7 +3,8 @@
 - :class:`ConformanceSuite` (pytest) runs every scenario against a backend you name with a ``target`` fixture.
 - :mod:`durable_ai.testing.scenarios` holds the scenarios as plain async functions (``durable-ai check`` runs
   them too).
-- :class:`RecordingBackend` wraps any backend and records publishes and reads, to assert message counts.
+- :class:`RecordingBackend` wraps any backend and records publishes and reads, to assert message counts;
+  :func:`stored_events` reads what the broker stores, raw, to count copies the reader would hide.
 
 ``ConformanceSuite`` needs pytest, pytest-asyncio and hypothesis: ``pip install "durable-ai[testing]"``.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .scenarios import stored_events
 from .targets import MemoryTarget, PublishRecord, RecordingBackend, Target, UrlTarget, target_for_url
 
 if TYPE_CHECKING:
@@ -24,6 +26,7 @@ __all__ = [
     "RecordingBackend",
     "Target",
     "UrlTarget",
+    "stored_events",
     "target_for_url",
 ]
 

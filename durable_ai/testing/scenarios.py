@@ -9,13 +9,15 @@ use separate hubs, as they would be separate processes.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from ..backends.base import Backend, Channel
 from ..coalesce import Coalesce
-from ..errors import EventTooLarge, InvalidSessionId
+from ..errors import EventTooLarge, InvalidSessionId, RunIdInUse
 from ..events import (
     ControlAck,
     Event,
@@ -28,6 +30,7 @@ from ..events import (
     UserMessage,
 )
 from ..hub import Hub
+from ..presence import PresenceMember
 from ..run import Run
 from ..session import EventStream
 from .targets import RecordingBackend, Target
@@ -38,6 +41,9 @@ __all__ = [
     "CheckSkipped",
     "cancel_from_another_client",
     "collect",
+    "collect_open",
+    "delete_seen_everywhere",
+    "eventually",
     "failed_run",
     "idempotent_publish",
     "invalid_session_ids",
@@ -53,13 +59,17 @@ __all__ = [
     "reset_on_retention",
     "resume_after_drop",
     "resume_from_every_cursor",
+    "run_id_in_use",
     "slow_subscriber",
     "steer_into_run",
+    "stop_answered_when_idle",
+    "stored_events",
     "strategy_enqueue",
     "strategy_interrupt",
     "strategy_reject",
     "strategy_steer",
     "text_of",
+    "truncated_from_the_start",
 ]
 
 TIMEOUT = 20.0
@@ -114,6 +124,20 @@ async def collect(
     return events
 
 
+async def collect_open(stream: EventStream, *, until: Callable[[Event], bool], seconds: float = TIMEOUT) -> list[Event]:
+    """Read events until ``until`` matches one (inclusive), and leave the stream open to read on."""
+    events: list[Event] = []
+    try:
+        async with asyncio.timeout(seconds):
+            async for event in stream:
+                events.append(event)
+                if until(event):
+                    break
+    except TimeoutError:
+        raise CheckFailed(f"timed out after {seconds:g}s waiting for events; got {len(events)}") from None
+    return events
+
+
 def text_of(events: Sequence[Event], run_id: str | None = None) -> str:
     """The answer text a client reassembles from text deltas (of one run, or of all)."""
     return "".join(e.delta for e in events if isinstance(e, TextDelta) and (run_id is None or e.run_id == run_id))
@@ -126,6 +150,27 @@ def run_end(run_id: str) -> Callable[[Event], bool]:
 def ids_unique(events: Sequence[Event]) -> None:
     duplicates = [event_id for event_id, n in Counter(e.id for e in events).items() if n > 1]
     expect(not duplicates, f"duplicate events delivered: {duplicates[:5]}")
+
+
+async def stored_events(backend: Backend, session: str) -> list[dict[str, Any]]:
+    """Every event record the broker stores for a session, read raw: copies the reader would drop are counted.
+
+    Count "stored once" here, not through ``session.events()`` (which deduplicates). A fragmented event counts
+    once (its last fragment's record); ``log-start`` and ``tombstone`` records and append link lines are left out.
+    """
+    records: list[dict[str, Any]] = []
+    async for message in backend.read(Channel(session, "events"), start=None, follow=False):
+        for line in message.data.split(b"\n"):
+            if not line.strip() or line.startswith(b'{"~":'):
+                continue
+            record = json.loads(line)
+            kind = record.get("type")
+            if kind in ("log-start", "tombstone"):
+                continue
+            if kind == "fragment" and record.get("index") != record.get("count", 0) - 1:
+                continue
+            records.append(record)
+    return records
 
 
 def words(n: int, tag: str = "w") -> list[str]:
@@ -546,7 +591,6 @@ async def strategy_steer(target: Target) -> str:
 
 async def malformed_controls(target: Target) -> str:
     """Malformed, unknown and oversized controls are rejected with an ack; the agent keeps running."""
-    from ..backend import Channel
 
     sid = new_session_id("malformed")
     async with _Hubs(target, max_control_bytes=4096) as hubs:
@@ -562,7 +606,7 @@ async def malformed_controls(target: Target) -> str:
         task = asyncio.create_task(agent())
         client = hubs.client.session(sid)
         await _first(client.events(), lambda e: isinstance(e, TextDelta), "the first delta")
-        oversized = b'{"v":1,"id":"big","type":"steer","text":"' + b"x" * hubs.agent.max_control_bytes + b'"}'
+        oversized = b'{"v":1,"id":"big","type":"steer","text":"' + b"x" * hubs.agent.settings.max_control_bytes + b'"}'
         bad = [
             b"not json at all",
             b"[1, 2, 3]",
@@ -605,7 +649,7 @@ async def reset_on_retention(target: Target) -> str:
     if backend is None:
         raise CheckSkipped("the target cannot configure retention")
     sid = new_session_id("retention")
-    async with Hub(backend, coalesce=None) as hub:
+    async with Hub(backend) as hub:
         session = hub.session(sid)
         async with session.run(agent="writer") as run:
             await run.status("first")
@@ -635,6 +679,97 @@ async def reset_on_recreate(target: Target) -> str:
     expect(bool(after) and isinstance(after[0], Reset), "no reset for a cursor of a recreated log")
     expect(text_of(after) == "new answer", "after the reset, not the new log")
     return "reset, then the new log"
+
+
+async def delete_seen_everywhere(target: Target) -> str:
+    """``delete()`` is seen by a live follower in another process: ``reset``, then only the new log."""
+    sid = new_session_id("delete")
+    async with _Hubs(target) as hubs:
+        session = hubs.agent.session(sid)
+        follower = hubs.client.session(sid).events()
+        async with session.run(agent="writer") as old:
+            await old.text("old answer")
+        before = await collect_open(follower, until=run_end(old.id))
+        await session.delete()
+        async with session.run(agent="writer") as new:
+            await new.text("new answer")
+        after = await collect(follower, until=run_end(new.id))
+        resumed = await collect(hubs.client.session(sid).events(after=after[-1].cursor, follow=False))
+    expect(text_of(before) == "old answer", "the follower did not see the first answer")
+    expect(bool(after) and isinstance(after[0], Reset), f"the follower did not get a reset first: {after[:1]}")
+    expect(not any(e.run_id == old.id for e in after), "the follower saw the deleted log again after the reset")
+    expect(text_of(after) == "new answer" and after[-1].run_id == new.id, "the follower did not follow the new log")
+    expect(resumed == [], f"resuming from the new log's last cursor gave {[e.type for e in resumed]}")
+    return "the follower got reset, then the new log only"
+
+
+async def truncated_from_the_start(target: Target) -> str:
+    """Without snapshots, ``view()`` reads the log from its start and says when retention dropped some of it."""
+    backend = target.retention_backend(8)
+    if backend is None:
+        raise CheckSkipped("the target cannot configure retention")
+    sid, short = new_session_id("truncated"), new_session_id("whole")
+    async with Hub(backend, snapshots=False) as hub:
+        async with hub.session(sid).run(agent="writer") as run:
+            for i in range(20):
+                await run.status(f"status {i}")
+        async with hub.session(short).run(agent="writer") as run:
+            await run.text("all of it")
+        view = await hub.session(sid).view()
+        whole = await hub.session(short).view()
+    expect(view.truncated, "view() of a log whose start retention dropped is not marked truncated")
+    expect(not whole.truncated, "view() of a whole log is marked truncated")
+    expect(whole.messages[0].text == "all of it", "the whole log's view is wrong")
+    return "truncated reported from the start of the log; a whole log is not"
+
+
+async def stop_answered_when_idle(target: Target) -> str:
+    """A cancel or steer for a run that is not active is answered ``ignored`` at once, with nobody serving."""
+    sid = new_session_id("idle")
+    async with _Hubs(target) as hubs:
+        client = hubs.client.session(sid)
+        async with hubs.agent.session(sid).run(agent="writer") as run:
+            await run.text("done")
+        answers = [
+            await within((await client.cancel()).ack(timeout=TIMEOUT), "the answer to a cancel of nothing"),
+            await within((await client.cancel(run.id)).ack(timeout=TIMEOUT), "the answer to a late cancel"),
+            await within((await client.steer("hello?", run_id="nope")).ack(timeout=TIMEOUT), "a steer's answer"),
+        ]
+    outcomes = [a.outcome for a in answers]
+    expect(outcomes == ["ignored"] * 3, f"controls for no active run were answered {outcomes}")
+    return "cancel and steer of runs that are not active: ignored, at once"
+
+
+async def run_id_in_use(target: Target) -> str:
+    """Two writers in different processes cannot share a run id; nothing of the second is stored."""
+    sid = new_session_id("runid")
+    async with _Hubs(target) as hubs:
+        errors = 0
+        async with hubs.agent.session(sid).run(agent="first", run_id="answer-1") as first:
+            await first.text("mine")
+            try:
+                async with hubs.client.session(sid).run(agent="second", run_id="answer-1") as second:
+                    await second.text("intruder")
+            except RunIdInUse:
+                errors += 1
+            await first.text(", all mine")
+
+        async def racer(hub: Hub, name: str) -> str:
+            async with hub.session(sid).run(agent=name, run_id="answer-2") as run:
+                await run.text(name)
+            return name
+
+        raced = await asyncio.gather(racer(hubs.agent, "a"), racer(hubs.client, "b"), return_exceptions=True)
+        await hubs.agent.flush()
+        stored = await stored_events(hubs.client.backend, sid)
+    expect(errors == 1, "a second writer entered an active run id")
+    winners = [r for r in raced if isinstance(r, str)]
+    expect(len(winners) == 1 and any(isinstance(r, RunIdInUse) for r in raced), f"two writers raced: {raced}")
+    starts = [r["run_id"] for r in stored if r["type"] == "run-start"]
+    expect(starts == ["answer-1", "answer-2"], f"the log holds run-starts for {starts}")
+    agents = {r.get("agent") for r in stored if r.get("run_id") == "answer-1"}
+    expect(agents == {"first"}, f"the second writer's events were mixed into the run: {agents}")
+    return "a second writer of an active run id got RunIdInUse; a race left one run"
 
 
 async def late_join_view(target: Target) -> str:
@@ -743,18 +878,35 @@ async def failed_run(target: Target) -> str:
     return "failed run: error event, run-end failed, exception propagated"
 
 
+async def eventually(probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], what: str) -> T:
+    """Ask ``probe`` until ``done`` holds for its answer (for state that settles in the background)."""
+    answer = await probe()
+    deadline = asyncio.get_running_loop().time() + TIMEOUT
+    while not done(answer):
+        if asyncio.get_running_loop().time() > deadline:
+            raise CheckFailed(f"timed out after {TIMEOUT:g}s waiting for {what}; last saw {answer!r}")
+        await asyncio.sleep(0.01)
+        answer = await probe()
+    return answer
+
+
 async def presence(target: Target) -> str:
-    """Working agents and joined clients appear in presence, and leave it."""
+    """Working agents and present clients appear in presence, and leave it; presence never delays a run."""
     sid = new_session_id("presence")
     async with _Hubs(target) as hubs:
         client = hubs.client.session(sid)
-        async with client.join("tab-1", data={"device": "phone"}):
+
+        def roles(members: Sequence[PresenceMember]) -> set[tuple[str, str]]:
+            return {(m.member_id, m.role) for m in members}
+
+        async with client.present("tab-1", data={"device": "phone"}):
             async with hubs.agent.session(sid).run(agent="writer") as run:
-                during = await client.presence()
-            after_run = await client.presence()
+                during = await eventually(client.presence, lambda m: len(m) == 2, "the agent's presence")
+            after_run = await eventually(client.presence, lambda m: len(m) == 1, "the agent to leave")
         after_all = await client.presence()
-    roles = {(m.member_id, m.role) for m in during}
-    expect(roles == {("tab-1", "client"), (run.id, "agent")}, f"presence during the run: {roles}")
+    expect(roles(during) == {("tab-1", "client"), (run.id, "agent")}, f"presence during the run: {roles(during)}")
+    agent = next(m for m in during if m.role == "agent")
+    expect((agent.agent, agent.run_id) == ("writer", run.id), f"the agent's presence says {agent}")
     expect([m.member_id for m in after_run] == ["tab-1"], f"presence after the run: {after_run}")
     expect(not after_all, f"presence after leaving: {after_all}")
     return "agent and client present, then gone"
@@ -809,5 +961,8 @@ CHECKS: dict[str, Callable[[Target], Awaitable[str]]] = {
     "no loss, no duplicate": no_loss_no_duplicate,
     "idempotent publish": idempotent_publish,
     "resume from every cursor": resume_from_every_cursor,
+    "delete seen everywhere": delete_seen_everywhere,
+    "stop answered when idle": stop_answered_when_idle,
+    "run id in use": run_id_in_use,
 }
 """The checks ``durable-ai check URL`` runs, in order."""

@@ -9,7 +9,8 @@ import asyncio
 
 import pytest
 
-from durable_ai import Channel, Hub, Run
+from durable_ai import Hub, Run
+from durable_ai.backend import Channel
 from durable_ai.errors import PermissionDenied
 from durable_ai.testing.scenarios import collect, run_end, text_of
 from durable_ai_ably import AblyBackend

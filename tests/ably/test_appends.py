@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 import durable_ai
-from durable_ai import Channel, Event, RunEnd, TextDelta
+from durable_ai import Event, RunEnd, TextDelta
+from durable_ai.backend import Channel
 from durable_ai_ably import AblyBackend, options_from_url
 from durable_ai_ably._log import append_frame
 from durable_ai_ably.testing import AblyEmulator
@@ -180,9 +181,10 @@ async def test_without_the_channel_rule_auto_publishes_whole_batches(caplog: pyt
 
         async with durable_ai.connect(url(plain, "on"), publish_timeout=2) as hub:
             session = hub.session("s6")
-            with pytest.raises(durable_ai.PublishError):
+            with pytest.raises(durable_ai.PublishRefused) as refused:  # refused for good, at once: no retrying
                 async with session.run(agent="writer") as run:
                     await _stream(run, words[:3])
+            assert isinstance(refused.value.__cause__, durable_ai.ConfigurationError)
 
 
 TOKENS = 400

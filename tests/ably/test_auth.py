@@ -378,9 +378,9 @@ async def test_sdk_client_enters_presence_as_itself_only_when_allowed(emulator: 
         async with durable_ai.connect(backend) as client:
             session = client.session(SESSION)
             if presence:
-                async with session.join(USER):
+                async with session.present(USER):
                     assert [m.member_id for m in await session.presence()] == [USER]
             else:
                 with pytest.raises(PermissionDenied):
-                    async with session.join(USER):
+                    async with session.present(USER):
                         pass

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from durable_ai import Channel, LogPosition, StoredMessage
+from durable_ai.backend import Channel, LogPosition, StoredMessage
 from durable_ai.errors import BackendUnavailable, ConfigurationError, LogReset
 from durable_ai_ably import AblyBackend, from_url, options_from_url
 from durable_ai_ably.testing import AblyEmulator

@@ -16,7 +16,7 @@ import pytest
 import respx
 from tenacity import RetryCallState
 
-from durable_ai import Channel
+from durable_ai.backend import Channel
 from durable_ai.errors import BackendError, BackendUnavailable, PayloadTooLarge, PermissionDenied
 from durable_ai_ably import AblyOptions, AblyRestBackend, from_url
 from durable_ai_ably._common import PRESENCE_TTL_SECONDS, PresenceLog, presence_record

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any
 
 import pytest
 
 import durable_ai
-from durable_ai import Channel, Event, RunEnd, RunStart, TextDelta
+from durable_ai import Event, RunEnd, RunStart, TextDelta
+from durable_ai.backend import Channel
 from durable_ai.errors import LogReset, PermissionDenied
-from durable_ai.testing.scenarios import collect
+from durable_ai.testing.scenarios import collect, eventually
 from durable_ai_ably import AblyOptions, AblyRestBackend, issue_client_jwt, issue_client_token, options_from_url
 from durable_ai_ably.testing import AblyEmulator
 
@@ -162,17 +164,27 @@ async def test_a_delete_resets_a_following_reader(emulator: AblyEmulator) -> Non
         await backend.close()
 
 
+async def _members(session: durable_ai.Session, done: Callable[[set[str]], bool]) -> set[str]:
+    probe = partial(_member_ids, session)
+    return await eventually(probe, done, "presence to settle")
+
+
+async def _member_ids(session: durable_ai.Session) -> set[str]:
+    return {m.member_id for m in await session.presence()}
+
+
 async def test_presence_crosses_transports(emulator: AblyEmulator) -> None:
     async with (
         durable_ai.connect(rest(emulator)) as rest_hub,
         durable_ai.connect(url(emulator)) as realtime_hub,
     ):
         over_rest, over_realtime = rest_hub.session("s5"), realtime_hub.session("s5")
-        async with over_realtime.join("tab-1"), over_rest.run(agent="writer") as run:
-            seen_realtime = {m.member_id for m in await over_realtime.presence()}
-            seen_rest = {m.member_id for m in await over_rest.presence()}
-        after_realtime = {m.member_id for m in await over_realtime.presence()}
-        after_rest = {m.member_id for m in await over_rest.presence()}
+        async with over_realtime.present("tab-1"), over_rest.run(agent="writer") as run:
+            # A run enters presence in the background: it never delays the first token.
+            seen_rest = await _members(over_rest, lambda ids: len(ids) == 2)
+            seen_realtime = await _members(over_realtime, lambda ids: len(ids) == 2)
+        after_realtime = await _members(over_realtime, lambda ids: not ids)
+        after_rest = await _members(over_rest, lambda ids: not ids)
     assert seen_realtime == seen_rest == {"tab-1", run.id}
     assert after_realtime == after_rest == set()
 

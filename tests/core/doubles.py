@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from durable_ai import BackendUnavailable, Channel, LogPosition, LogReset, MemoryBackend, StoredMessage
+from durable_ai import BackendError, BackendUnavailable, LogReset
+from durable_ai.backend import Channel, LogPosition, StoredMessage
+from durable_ai.backends.memory import MemoryBackend
 
 
 class SignallingBackend(MemoryBackend):
@@ -58,3 +60,59 @@ class StumblingControlBackend(MemoryBackend):
                 self.stumbles += 1
                 raise LogReset("retention dropped the reader's position")
             yield message
+
+
+class StuckPresenceBackend(MemoryBackend):
+    """A broker whose presence never answers: entering presence hangs until the caller gives up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entering = asyncio.Event()
+        self.left: list[str] = []
+
+    async def enter_presence(self, session: str, member_id: str, data: bytes) -> None:
+        self.entering.set()
+        await asyncio.Event().wait()
+
+    async def leave_presence(self, session: str, member_id: str) -> None:
+        self.left.append(member_id)
+        await super().leave_presence(session, member_id)
+
+
+class RefusingBackend(MemoryBackend):
+    """A broker that refuses, for good, every events message holding ``poison`` (a broker rule, say)."""
+
+    def __init__(self, poison: bytes = b"poison") -> None:
+        super().__init__()
+        self.poison = poison
+        self.refused = 0
+
+    async def publish(self, channel: Channel, data: bytes, *, message_id: str) -> LogPosition:
+        if channel.kind == "events" and self.poison in data:
+            self.refused += 1
+            raise BackendError(f"message {message_id} breaks a broker rule")
+        return await super().publish(channel, data, message_id=message_id)
+
+
+class HeldStartBackend(MemoryBackend):
+    """Holds every ``run-start`` publish until the agent side has handled a control holding ``release_after``:
+    the control arrives while a run is starting, whatever the scheduling."""
+
+    def __init__(self, release_after: bytes) -> None:
+        super().__init__()
+        self.release_after = release_after
+        self.gate = asyncio.Event()
+        self.held = asyncio.Event()
+
+    async def publish(self, channel: Channel, data: bytes, *, message_id: str) -> LogPosition:
+        if channel.kind == "events" and b'"type":"run-start"' in data and not self.gate.is_set():
+            self.held.set()
+            await self.gate.wait()
+        return await super().publish(channel, data, message_id=message_id)
+
+    async def read(self, channel: Channel, *, start: LogPosition | None, follow: bool) -> AsyncIterator[StoredMessage]:
+        async for message in super().read(channel, start=start, follow=follow):
+            yield message
+            # Resumed: the control loop has handled this message and asks for the next one.
+            if channel.kind == "control" and self.release_after in message.data:
+                self.gate.set()

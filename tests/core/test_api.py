@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import inspect
 from pathlib import Path
@@ -9,14 +10,8 @@ from pathlib import Path
 import pytest
 
 import durable_ai
-from durable_ai import (
-    ConfigurationError,
-    HubClosed,
-    InvalidCursor,
-    InvalidSessionId,
-    MemoryBackend,
-    UnknownBackend,
-)
+from durable_ai import ConfigurationError, HubClosed, InvalidCursor, InvalidSessionId, UnknownBackend
+from durable_ai.backends.memory import MemoryBackend
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,13 +34,60 @@ def test_design_api_names_exist() -> None:
     assert callable(durable_ai.connect)
     for name in ("session", "open", "close", "flush"):
         assert callable(getattr(durable_ai.Hub, name))
-    for name in ("run", "events", "cancel", "steer", "prompt", "view", "serve", "presence", "join", "delete"):
+    session_names = ("run", "events", "cancel", "steer", "prompt", "view", "serve", "presence", "present", "delete")
+    for name in (*session_names, "head", "active_runs", "stream"):
         assert callable(getattr(durable_ai.Session, name)), name
+        assert getattr(durable_ai.Session, name).__doc__, name
+    for name in ("ack", "done"):
+        assert callable(getattr(durable_ai.ControlHandle, name)), name
+    assert {"run_id", "agent", "start_cursor"} <= set(durable_ai.RunInfo.model_fields)
+    assert "input_message_id" in inspect.signature(durable_ai.Session.run).parameters
+    assert "input_message_id" in durable_ai.RunStart.model_fields
+    assert not hasattr(durable_ai.Session, "join")  # "join" is for reading a run, not for presence
     for name in ("text", "reasoning", "tool_call", "tool_result", "status", "data", "steering", "flush"):
         assert callable(getattr(durable_ai.Run, name)), name
     run_params = inspect.signature(durable_ai.Session.run).parameters
     assert {"agent", "parent"} <= set(run_params)
     assert {"after", "follow"} <= set(inspect.signature(durable_ai.Session.events).parameters)
+
+
+def test_backend_author_names_live_in_their_own_namespace() -> None:
+    import durable_ai.backend
+    import durable_ai.backends.memory
+
+    names = ("Backend", "BackendLimits", "Channel", "ChannelKind", "StoredMessage", "LogPosition", "Cursor")
+    for name in (*names, "backend_from_url", "RateBudget", "validate_session_id"):
+        assert not hasattr(durable_ai, name), name
+        assert name in durable_ai.backend.__all__, name
+    assert not hasattr(durable_ai, "MemoryBackend")
+    assert durable_ai.backends.memory.MemoryBackend is MemoryBackend
+
+
+def test_connect_and_hub_share_one_options_definition() -> None:
+    from durable_ai.options import HubOptions, Settings
+
+    for function in (durable_ai.connect, durable_ai.Hub.__init__):
+        parameters = inspect.signature(function).parameters
+        assert parameters["options"].kind is inspect.Parameter.VAR_KEYWORD
+        assert [p for p in parameters if p not in ("self", "options")] in (["url"], ["backend"])
+    assert set(HubOptions.__annotations__) == {f.name for f in dataclasses.fields(Settings)}
+    hub = durable_ai.connect("memory://", publish_timeout=3, max_controls_per_second=9)
+    assert (hub.settings.publish_timeout, hub.settings.max_controls_per_second) == (3, 9)
+    with pytest.raises(ConfigurationError, match="unknown hub option"):
+        durable_ai.connect("memory://", publish_timeout=1, no_such_option=1)  # type: ignore[call-arg]
+    with pytest.raises(ConfigurationError, match="publish_timeout"):
+        durable_ai.Hub(MemoryBackend(), publish_timeout=0)
+
+
+def test_message_text_joins_its_text_parts() -> None:
+    from durable_ai import Message, ReasoningPart, TextPart
+
+    message = Message(
+        id="m",
+        role="assistant",
+        parts=[TextPart(id="a", text="Hello, "), ReasoningPart(id="r", text="hmm"), TextPart(id="b", text="world")],
+    )
+    assert message.text == "Hello, world"
 
 
 def test_typed_packages() -> None:
@@ -71,7 +113,7 @@ def test_installed_adapters_are_found_by_scheme() -> None:
 
 @pytest.mark.parametrize(
     ("url", "package"),
-    [("nats://127.0.0.1:4222", "'durable-ai[nats]'"), ("ably://?key=x", "'durable-ai[ably]'"), ("redis://x", None)],
+    [("nats://127.0.0.1:4222", "adapters/nats"), ("ably://?key=x", "adapters/ably"), ("redis://x", None)],
 )
 def test_unknown_scheme_names_the_package_to_install(
     url: str, package: str | None, monkeypatch: pytest.MonkeyPatch
@@ -80,9 +122,18 @@ def test_unknown_scheme_names_the_package_to_install(
     monkeypatch.setattr(durable_ai.backend, "entry_points", lambda group: [])
     with pytest.raises(UnknownBackend) as caught:
         durable_ai.connect(url)
-    assert caught.value.package == package
+    assert (caught.value.package is None) == (package is None)
     if package:
-        assert package in str(caught.value)
+        assert package in str(caught.value) and "from a clone" in str(caught.value)
+    assert caught.value.installed == ("memory",)
+    assert "(installed: memory://)" in str(caught.value)
+
+
+def test_unknown_scheme_lists_the_installed_schemes() -> None:
+    with pytest.raises(UnknownBackend) as caught:
+        durable_ai.connect("redis://localhost")
+    assert {"memory", "nats", "ably"} <= set(caught.value.installed)
+    assert "nats://" in str(caught.value)
 
 
 @pytest.mark.parametrize("url", ["", "memory", "memory://?max_messages=lots", "memory://?nope=1", 42])

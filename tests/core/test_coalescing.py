@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 
-from durable_ai import Coalesce, Event, Hub, MemoryBackend, Status, TextDelta
+from durable_ai import Coalesce, Event, Hub, Status, TextDelta
+from durable_ai.backends.memory import MemoryBackend
 from durable_ai.testing import RecordingBackend
 from durable_ai.testing.scenarios import collect, text_of
 
@@ -131,7 +132,7 @@ async def test_writers_do_not_outlive_their_runs(hub: Hub) -> None:
         await run.text("x")
     await hub.flush()
     await asyncio.sleep(0)
-    assert not hub._writers and not hub._controls
+    assert not hub._runtime.owners
 
 
 async def test_max_bytes_counts_utf8_bytes_not_characters(backend: MemoryBackend) -> None:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
-from durable_ai import AckTimeout, Hub, MemoryBackend, Run, RunEnd, UserMessage
-from durable_ai.testing.scenarios import collect
-from tests.core.doubles import GatedBackend, SignallingBackend, StumblingControlBackend
+from durable_ai import AckTimeout, ControlAck, Event, Hub, Run, RunEnd, Strategy, UserMessage
+from durable_ai.backend import Channel
+from durable_ai.backends.memory import MemoryBackend
+from durable_ai.testing import stored_events
+from durable_ai.testing.scenarios import collect, text_of
+from tests.core.doubles import GatedBackend, HeldStartBackend, SignallingBackend, StumblingControlBackend
 
 
 async def _stalled(hub: Hub, session: str, agent: str, runs: list[Run], started: asyncio.Event) -> None:
@@ -143,7 +147,7 @@ async def test_a_failing_agent_does_not_stop_the_server(hub: Hub, client_hub: Hu
 
 
 async def test_presence_members_carry_their_data(hub: Hub, client_hub: Hub) -> None:
-    async with client_hub.session("s").join("phone", data={"app": "ios"}):
+    async with client_hub.session("s").present("phone", data={"app": "ios"}):
         members = await hub.session("s").presence()
     assert [(m.member_id, m.role, m.data) for m in members] == [("phone", "client", {"app": "ios"})]
 
@@ -175,9 +179,8 @@ async def test_a_cancel_that_arrives_while_the_run_starts_stops_it_cleanly() -> 
 async def _wait_for_control_loop(hub: Hub) -> None:
     """Until the agent side has applied the cancel to its starting run."""
     while True:
-        control = hub._controls.get("s")
-        runs = list(control.runs.values()) if control else []
-        if runs and runs[0]._cancel_requested:
+        runs = list(hub._runtime.owner("s")._runs.values())
+        if runs and runs[0]._cancel_requested:  # type: ignore[attr-defined]
             return
         await asyncio.sleep(0)
 
@@ -236,3 +239,170 @@ async def test_the_control_loop_survives_a_reset_followed_by_a_failure() -> None
         await asyncio.wait_for(task, 5)
     assert backend.stumbles == 2
     assert ack.outcome == "applied" and run.cancelled
+
+
+# -- a stop is answered, fast ---------------------------------------------------------------------------------
+
+
+async def test_a_control_for_a_run_that_is_not_active_is_answered_ignored_at_once(hub: Hub, client_hub: Hub) -> None:
+    session = client_hub.session("s")
+    nothing = await (await session.cancel(reason="nothing runs")).ack(timeout=5)
+    unknown = await (await session.cancel("no-such-run")).ack(timeout=5)
+    async with hub.session("s").run(agent="w") as run:
+        await run.text("done")
+    ended = await (await session.cancel(run.id)).ack(timeout=5)
+    steer = await (await session.steer("too late", run_id=run.id)).ack(timeout=5)
+    assert [a.outcome for a in (nothing, unknown, ended, steer)] == ["ignored"] * 4
+    assert (nothing.reason, unknown.reason) == ("no run is active", "run no-such-run is not active")
+
+
+async def test_a_cancel_applied_just_before_its_run_ended_is_answered_applied(hub: Hub, client_hub: Hub) -> None:
+    """The run is gone from the log by the time the client looks, but the agent's answer is there: it wins."""
+    stop_seen = asyncio.Event()
+
+    async def agent() -> None:
+        async with hub.session("s").run(agent="w") as run:
+            await run.text("working")
+            stop_seen.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(agent())
+    await asyncio.wait_for(stop_seen.wait(), 5)
+    handle = await client_hub.session("s").cancel()
+    await asyncio.wait_for(task, 5)  # applied, and the run-end is stored, before the client asks
+    await hub.flush()
+    assert (await handle.ack(timeout=5)).outcome == "applied"
+
+
+# -- strategies hold while a run is starting --------------------------------------------------------------------
+
+
+async def _second_prompt_while_the_first_run_starts(strategy: Strategy) -> tuple[ControlAck, list[str], list[Event]]:
+    backend = HeldStartBackend(release_after=b'"second"')
+    answered: list[str] = []
+    release = asyncio.Event()
+
+    async def agent(run: Run, message: UserMessage) -> None:
+        answered.append(message.content)
+        await run.text(f"re: {message.content}")
+        if strategy == "steer":
+            async for steer in run.steering():
+                await run.text(f" (steered: {steer.text})")
+                break
+        else:
+            await release.wait()
+
+    async with Hub(backend) as agent_hub, Hub(backend) as client_hub:
+        session = client_hub.session("s")
+        async with agent_hub.session("s").serve(agent, strategy=strategy):
+            await session.prompt("first")
+            await asyncio.wait_for(backend.held.wait(), 5)  # the first run is starting
+            second = await (await session.prompt("second")).ack(timeout=5)
+            release.set()
+            runs = 2 if strategy == "interrupt" else 1
+            await collect(session.events(), until=_nth_run_end(runs))
+        events = await collect(session.events(follow=False))
+    return second, answered, events
+
+
+def _nth_run_end(n: int) -> Callable[[Event], bool]:
+    seen = 0
+
+    def until(event: Event) -> bool:
+        nonlocal seen
+        seen += isinstance(event, RunEnd)
+        return seen == n
+
+    return until
+
+
+async def test_reject_applies_to_a_run_that_is_still_starting() -> None:
+    ack, answered, events = await _second_prompt_while_the_first_run_starts("reject")
+    assert (ack.outcome, ack.reason) == ("rejected", "a run is active")
+    assert answered == ["first"] and [e.status for e in events if isinstance(e, RunEnd)] == ["completed"]
+
+
+async def test_interrupt_applies_to_a_run_that_is_still_starting() -> None:
+    ack, answered, events = await _second_prompt_while_the_first_run_starts("interrupt")
+    ends = [(e.status, e.reason) for e in events if isinstance(e, RunEnd)]
+    assert ack.outcome == "applied" and (ack.reason or "").startswith("interrupted run")
+    assert ends == [("cancelled", "interrupted by a new message"), ("completed", None)]
+    assert answered[-1] == "second"
+
+
+async def test_steer_applies_to_a_run_that_is_still_starting() -> None:
+    ack, answered, events = await _second_prompt_while_the_first_run_starts("steer")
+    assert ack.outcome == "applied" and (ack.reason or "").startswith("steered run")
+    assert answered == ["first"]
+    assert text_of(events) == "re: first (steered: second)"
+
+
+# -- untrusted input is bounded ---------------------------------------------------------------------------------
+
+
+async def test_a_served_session_rejects_prompts_past_its_queue(hub: Hub, client_hub: Hub) -> None:
+    release = asyncio.Event()
+
+    async def slow(run: Run, message: UserMessage) -> None:
+        await release.wait()
+
+    async with hub.session("s").serve(slow, max_queue=2):
+        acks = [await (await client_hub.session("s").prompt(f"p{i}")).ack() for i in range(4)]
+        release.set()
+    assert [a.outcome for a in acks] == ["applied", "applied", "applied", "rejected"]
+    assert "queue is full" in (acks[-1].reason or "")
+
+
+async def test_a_runs_inbox_is_bounded(backend: MemoryBackend) -> None:
+    async with Hub(backend, max_controls_per_second=1000) as agent_hub, Hub(backend) as client_hub:
+        task, run = await _start_stalled(agent_hub)  # never reads its inbox
+        acks = [await (await client_hub.session("s").steer(f"s{i}")).ack() for i in range(run.inbox.maxsize + 1)]
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert [a.outcome for a in acks[:-1]] == ["applied"] * run.inbox.maxsize
+    assert (acks[-1].outcome, acks[-1].reason) == ("rejected", "the run's inbox is full")
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b'{"v":1,"id":"deep","type":"steer","text":"x","more":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested"),
+        (b'{"v":1,"id":"bad-text","type":"steer","text":"\\ud800"}', "not valid Unicode"),
+        (b'{"v":1,"id":"bad-prompt","type":"prompt","message_id":"m","content":"a\\udfffb"}', "not valid Unicode"),
+    ],
+)
+async def test_controls_that_cannot_be_answered_safely_are_rejected(
+    backend: MemoryBackend, data: bytes, reason: str
+) -> None:
+    async with Hub(backend, max_control_bytes=512 * 1024) as agent_hub, Hub(backend) as client_hub:
+        task, _ = await _start_stalled(agent_hub)
+        stream = client_hub.session("s").events(after=await client_hub.session("s").head())
+        await client_hub.backend.publish(Channel("s", "control"), data, message_id="hostile")
+        acks = await collect(stream, until=lambda e: isinstance(e, ControlAck))
+        ok = await (await client_hub.session("s").cancel()).ack()
+        await asyncio.wait_for(task, 5)
+    assert acks[-1].outcome == "rejected" and reason in (acks[-1].reason or "")  # type: ignore[union-attr]
+    assert ok.outcome == "applied"  # the session goes on
+
+
+async def test_a_flood_of_controls_cannot_fill_the_log_and_a_stop_still_stops(backend: MemoryBackend) -> None:
+    async with Hub(backend, max_controls_per_second=5) as agent_hub, Hub(backend) as client_hub:
+        task, run = await _start_stalled(agent_hub)
+        flood = 500
+        for i in range(flood):  # a hostile client with the issued credential, at full speed
+            await client_hub.backend.publish(Channel("s", "control"), b"not json %d" % i, message_id=f"junk-{i}")
+            await client_hub.backend.publish(
+                Channel("s", "control"), b'{"v":1,"id":"st-%d","type":"steer","text":"spam"}' % i, message_id=f"s{i}"
+            )
+        await client_hub.backend.publish(
+            Channel("s", "control"), b'{"v":1,"id":"stop","type":"cancel"}', message_id="stop"
+        )
+        await asyncio.wait_for(task, 10)  # past every budget, the cancel is still applied
+        await agent_hub.flush()
+        records = await stored_events(backend, "s")
+    written = [r["type"] for r in records]
+    assert run.cancelled
+    answered = written.count("control-ack")
+    assert answered <= 30  # of 1,001 controls: a burst of 20, then 5 per second
+    assert written.count("user-message") <= answered
+    assert written[-1] == "run-end"

@@ -7,16 +7,9 @@ import json
 
 import pytest
 
-from durable_ai import (
-    Channel,
-    Hub,
-    MemoryBackend,
-    Reset,
-    RunStart,
-    TextDelta,
-    UnknownEvent,
-    UserMessage,
-)
+from durable_ai import Hub, Reset, RunStart, TextDelta, UnknownEvent, UserMessage
+from durable_ai.backend import Channel
+from durable_ai.backends.memory import MemoryBackend
 from durable_ai.errors import ProtocolError
 from durable_ai.events import ControlRejected, decode_records, parse_control
 from durable_ai.testing.scenarios import text_of

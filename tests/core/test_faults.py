@@ -6,18 +6,8 @@ import asyncio
 
 import pytest
 
-from durable_ai import (
-    BackendUnavailable,
-    Hub,
-    HubClosed,
-    MemoryBackend,
-    PublishError,
-    Run,
-    RunClosed,
-    RunEnd,
-    Status,
-    TextDelta,
-)
+from durable_ai import BackendUnavailable, Hub, HubClosed, PublishError, Run, RunClosed, RunEnd, Status, TextDelta
+from durable_ai.backends.memory import MemoryBackend
 from durable_ai.testing.scenarios import collect, ids_unique, text_of
 from tests.core.doubles import SignallingBackend
 

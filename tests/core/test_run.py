@@ -33,8 +33,8 @@ async def test_bad_arguments_are_configuration_errors_and_the_run_goes_on(hub: H
         with pytest.raises(ConfigurationError, match="string"):
             await run.text(42)  # type: ignore[arg-type]
         with pytest.raises(EventTooLarge) as caught:
-            await run.text("x" * (hub.max_event_bytes + 1))
-        assert caught.value.limit == hub.max_event_bytes
+            await run.text("x" * (hub.settings.max_event_bytes + 1))
+        assert caught.value.limit == hub.settings.max_event_bytes
         await run.text("still fine")
     events = await collect(hub.session("s").events(follow=False))
     assert text_of(events) == "still fine" and events[-1].status == "completed"  # type: ignore[union-attr]

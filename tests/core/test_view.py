@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from durable_ai import Hub, MemoryBackend, SessionView, ToolPart
+from durable_ai import Hub, SessionView, ToolPart
+from durable_ai.backends.memory import MemoryBackend
 
 
 async def test_view_holds_tools_status_errors_and_sub_agents(hub: Hub) -> None:

@@ -157,3 +157,35 @@ def test_runnable_block_runs(block: Block, tmp_path: Path) -> None:
         assert done.stdout == block.expected_output, (
             f"{block.where}: the example printed\n{done.stdout}\nbut the document shows\n{block.expected_output}"
         )
+
+
+def test_examples_and_doc_programs_pass_mypy_strict(tmp_path: Path) -> None:
+    """What users copy must type-check as strictly as the library: the examples (the README's is one of them)
+    and every complete program in the docs."""
+    files = sorted(str(path) for path in (ROOT / "examples").glob("*.py"))
+    for block in RUNNABLE:
+        script = tmp_path / f"{block.doc.replace('/', '_').replace('.', '_')}_{block.line}.py"
+        script.write_text("\n" * block.line + block.code, encoding="utf-8")
+        files.append(str(script))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--config-file",
+            str(ROOT / "pyproject.toml"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--follow-imports",
+            "silent",
+            *files,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    report = done.stdout.replace(str(tmp_path) + os.sep, "")
+    assert done.returncode == 0, f"mypy --strict found problems in examples or docs:\n{report}"

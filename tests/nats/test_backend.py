@@ -9,7 +9,8 @@ import nats
 import pytest
 
 import durable_ai
-from durable_ai import Channel, Coalesce, Reset
+from durable_ai import Coalesce, Reset
+from durable_ai.backend import Channel
 from durable_ai.errors import ConfigurationError
 from durable_ai.testing.scenarios import collect, text_of
 from durable_ai_nats import NatsBackend, NatsOptions, PendingBufferFull, from_url, names

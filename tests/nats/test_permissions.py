@@ -9,7 +9,8 @@ import nats
 import pytest
 
 import durable_ai
-from durable_ai import Channel, Hub, Run
+from durable_ai import Hub, Run
+from durable_ai.backend import Channel
 from durable_ai.errors import InvalidSessionId, PermissionDenied
 from durable_ai.testing.scenarios import collect, run_end, text_of
 from durable_ai_nats import client_inbox_prefix, client_permissions, from_url, names, permissions_config
@@ -79,7 +80,7 @@ async def test_client_reads_its_session_and_sends_controls(agent: Hub, client_ur
                 rest = await collect(stream, until=run_end(run.id))
         finally:
             await stream.aclose()
-        async with session.join("tab-1"):
+        async with session.present("tab-1"):
             members = {m.member_id for m in await session.presence()}
     assert text_of([first, *rest]) == "streaming"
     assert ack.outcome == "applied" and run.cancelled

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from durable_ai import Backend
+from durable_ai.backend import Backend
 
 from ._common import AblyOptions, options_from_url
 from .auth import client_capability, issue_client_jwt, issue_client_token

@@ -25,7 +25,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from durable_ai import LogPosition
+from durable_ai.backend import LogPosition
 from durable_ai.errors import LogReset
 
 from ._common import serial_time

@@ -23,7 +23,7 @@ import secrets
 import time
 from typing import Any
 
-from durable_ai import validate_session_id
+from durable_ai.backend import validate_session_id
 from durable_ai.errors import ConfigurationError
 
 from ._common import AblyOptions, channel_name, sign_token_request, split_key, validate_namespace

@@ -35,7 +35,7 @@ from ably.util.exceptions import AblyException  # type: ignore[import-untyped]
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 from websockets.exceptions import ConnectionClosed
 
-from durable_ai import BackendLimits, Channel, LogPosition, RateBudget, StoredMessage
+from durable_ai.backend import BackendLimits, Channel, LogPosition, RateBudget, StoredMessage
 from durable_ai.errors import (
     BackendError,
     BackendUnavailable,

@@ -46,7 +46,7 @@ from urllib.parse import quote
 
 import httpx
 
-from durable_ai import BackendLimits, Channel, LogPosition, RateBudget, StoredMessage
+from durable_ai.backend import BackendLimits, Channel, LogPosition, RateBudget, StoredMessage
 from durable_ai.errors import BackendError, BackendUnavailable, HubClosed, LogReset, PayloadTooLarge
 
 from ._common import (

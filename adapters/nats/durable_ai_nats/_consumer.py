@@ -190,7 +190,8 @@ class Backlog:
         if self.remaining <= 0:
             return None
         assert consumer.sub is not None
-        queue = consumer.sub._pending_queue
+        # nats-py has no public read that neither blocks nor creates a task per message (next_msg does both).
+        queue = consumer.sub._pending_queue  # noqa: SLF001
         while True:
             if consumer.broken is not None:
                 raise consumer.broken

@@ -35,7 +35,7 @@ from nats.js.kv import KeyValue
 from nats.js.manager import JetStreamManager
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from durable_ai import BackendLimits, Channel, LogPosition, StoredMessage
+from durable_ai.backend import BackendLimits, Channel, LogPosition, StoredMessage
 from durable_ai.errors import (
     BackendError,
     BackendUnavailable,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import TypedDict
 
-from durable_ai import validate_session_id
+from durable_ai.backend import validate_session_id
 from durable_ai.errors import ConfigurationError
 
 from .backend import Names, NatsOptions
