@@ -188,6 +188,9 @@ class HubRuntime:
         return session in self._started
 
     def mark_log_started(self, session: str) -> None:
+        # Remembered so that a run start costs no head() when this hub wrote the session before. A deletion by
+        # another process is not seen here: the new log's first message then lacks its log-start record, and a
+        # view from the start of that log says truncated until the session's next snapshot.
         self._started[session] = None
         self._started.move_to_end(session)
         while len(self._started) > _STARTED_KEPT:
@@ -496,7 +499,8 @@ class SessionRuntime:
             except Exception:
                 return
             if await self._stored_is(position, start):
-                await self.hub.owner(self.session).commit(encode(end), message_id=end.id, wait=False)
+                with contextlib.suppress(HubClosed):
+                    await self.hub.owner(self.session).commit(encode(end), message_id=end.id, wait=False)
 
         self.hub.supervisor.spawn(end_once_ours(), f"durable-ai end {run.id}")
 

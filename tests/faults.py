@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from durable_ai import Event, Hub, RunEnd, Status
 from durable_ai.testing.scenarios import text_of
@@ -68,6 +69,18 @@ async def scenario(
         run_id = await writer
         await follower
     return seen, run_id, tokens
+
+
+def assert_stored_once(records: list[dict[str, Any]], run_id: str, tokens: list[str]) -> None:
+    """What the broker stores, read raw (``durable_ai.testing.stored_events``): every event once, the text whole.
+
+    The reader drops copies, so "once" is checked here, below it.
+    """
+    ids = [r["id"] for r in records]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    assert not duplicates, f"the broker stored events twice: {duplicates[:5]}"
+    text = "".join(r["delta"] for r in records if r.get("type") == "text-delta" and r.get("run_id") == run_id)
+    assert text == "".join(tokens), "the stored text has a gap or a duplicate"
 
 
 def assert_whole(events: list[Event], run_id: str, tokens: list[str]) -> None:

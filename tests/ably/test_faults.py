@@ -14,10 +14,11 @@ import pytest
 from ably.types.connectionstate import ConnectionState  # type: ignore[import-untyped]
 
 import durable_ai
+from durable_ai.testing import stored_events
 from durable_ai.testing.scenarios import collect
 from durable_ai_ably import AblyBackend, AblyOptions
 from durable_ai_ably.testing import AblyEmulator
-from tests.faults import assert_whole, scenario
+from tests.faults import assert_stored_once, assert_whole, scenario
 
 KEY = "app1.full:s3cret"
 
@@ -52,8 +53,10 @@ async def _run(emulator: AblyEmulator, fault: Callable[[AblyBackend, AblyBackend
         events, run_id, tokens = await scenario(agent, client, strike)
         session = events[0].session
         replay = await collect(client.session(session).events(follow=False))
+        stored = await stored_events(client_backend, session)
     assert_whole(events, run_id, tokens)
     assert_whole(replay, run_id, tokens)
+    assert_stored_once(stored, run_id, tokens)
 
 
 async def _reconnected(backend: AblyBackend, old: str | None) -> None:

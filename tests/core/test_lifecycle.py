@@ -229,18 +229,20 @@ async def test_a_message_the_broker_refuses_fails_its_waiters_and_later_messages
 # -- 4. one bad item harms no other run -------------------------------------------------------------------------
 
 
-async def test_text_that_cannot_be_encoded_is_refused_at_the_call_and_harms_no_other_run(hub: Hub) -> None:
-    session = hub.session("s")
-    async with session.run(agent="a") as a, session.run(agent="b") as b:
-        await a.text("a's buffered text")  # waits in the same writer as b's writes
-        with pytest.raises(ConfigurationError, match="part_id"):
-            await b.text("x", part_id="\ud800")
-        with pytest.raises(ConfigurationError, match="surrogate"):
-            await b.text("lone \ud800 surrogate")
-        with pytest.raises(ConfigurationError, match="UTF-8"):
-            await b.status("lone \udfff surrogate")
-        await b.text("b's text")
-    events = await collect(session.events(follow=False))
+async def test_text_that_cannot_be_encoded_is_refused_at_the_call_and_harms_no_other_run() -> None:
+    async with Hub(MemoryBackend(), coalesce=HOUR) as hub:
+        session = hub.session("s")
+        async with session.run(agent="a") as a, session.run(agent="b") as b:
+            await a.text("a's ")
+            await a.text("buffered text")  # waits in the writer that b's writes go through too
+            with pytest.raises(ConfigurationError, match="part_id"):
+                await b.text("x", part_id="\ud800")
+            with pytest.raises(ConfigurationError, match="surrogate"):
+                await b.text("lone \ud800 surrogate")
+            with pytest.raises(ConfigurationError, match="UTF-8"):
+                await b.status("lone \udfff surrogate")
+            await b.text("b's text")
+        events = await collect(session.events(follow=False))
     assert text_of(events, a.id) == "a's buffered text"
     assert text_of(events, b.id) == "b's text"
     assert sorted(e.status for e in events if isinstance(e, RunEnd)) == ["completed", "completed"]

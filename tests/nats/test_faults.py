@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator
 import pytest
 
 import durable_ai
+from durable_ai.testing import stored_events
 from durable_ai.testing.scenarios import collect
 from durable_ai_nats import NatsBackend, names
 from durable_ai_nats.testing import NatsCluster, NatsServer
-from tests.faults import assert_whole, scenario
+from tests.faults import assert_stored_once, assert_whole, scenario
 from tests.nats.proxy import TcpProxy
 
 
@@ -40,8 +41,10 @@ async def test_server_killed_mid_run_several_times(server: NatsServer) -> None:
         assert_whole(events, run_id, tokens)
         # The stored log holds the same answer, once, for anyone reading it later.
         replay = await collect(client.session(events[0].session).events(follow=False))
+        stored = await stored_events(client.backend, events[0].session)
     assert crashes == 3
     assert_whole(replay, run_id, tokens)
+    assert_stored_once(stored, run_id, tokens)
 
 
 async def test_subscriber_connection_severed(server: NatsServer) -> None:
@@ -66,8 +69,10 @@ async def test_writer_connection_severed(server: NatsServer) -> None:
         async with durable_ai.connect(proxy.url) as agent, durable_ai.connect(server.url) as client:
             events, run_id, tokens = await scenario(agent, client, sever)
             replay = await collect(client.session(events[0].session).events(follow=False))
+            stored = await stored_events(client.backend, events[0].session)
     assert_whole(events, run_id, tokens)
     assert_whole(replay, run_id, tokens)
+    assert_stored_once(stored, run_id, tokens)
 
 
 async def test_cluster_node_killed_mid_run() -> None:
@@ -89,6 +94,8 @@ async def test_cluster_node_killed_mid_run() -> None:
         async with durable_ai.connect(url) as agent, durable_ai.connect(url) as client:
             events, run_id, tokens = await scenario(agent, client, kill_leader, faults=1)
             replay = await collect(client.session(events[0].session).events(follow=False))
+            stored = await stored_events(client.backend, events[0].session)
     assert len(killed) == 1
     assert_whole(events, run_id, tokens)
     assert_whole(replay, run_id, tokens)
+    assert_stored_once(stored, run_id, tokens)
