@@ -17,7 +17,7 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
-from ._runtime import HubRuntime, SessionRuntime
+from ._runtime import SHUTDOWN_REASON, HubRuntime, SessionRuntime
 from ._util import derived_id, now_ms
 from .errors import ConfigurationError
 from .events import Prompt, Strategy, UserMessage, encode
@@ -122,6 +122,9 @@ class Server:
     async def on_prompt(self, prompt: Prompt) -> None:
         owner = self._owner
         if owner is None:
+            return
+        if self._closing:
+            await owner.ack(prompt.id, "prompt", "rejected", SHUTDOWN_REASON)
             return
         if not self._first_sighting(prompt.message_id):
             await owner.ack(prompt.id, "prompt", "ignored", "this message was already received")

@@ -396,3 +396,10 @@ async def test_a_flood_of_controls_cannot_fill_the_log_and_a_stop_still_stops(ba
     assert answered <= 30  # of 1,001 controls: a burst of 20, then 5 per second
     assert written.count("user-message") <= answered
     assert written[-1] == "run-end"
+
+
+async def test_a_server_that_is_shutting_down_rejects_new_prompts(hub: Hub, client_hub: Hub) -> None:
+    async with hub.session("s").serve(_unused) as server:
+        server.shutdown()  # what a closing hub does first
+        ack = await (await client_hub.session("s").prompt("too late")).ack()
+    assert (ack.outcome, ack.reason) == ("rejected", "the agent process is shutting down")
