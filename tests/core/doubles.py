@@ -116,3 +116,32 @@ class HeldStartBackend(MemoryBackend):
             # Resumed: the control loop has handled this message and asks for the next one.
             if channel.kind == "control" and self.release_after in message.data:
                 self.gate.set()
+
+
+class SlowSnapshotBackend(MemoryBackend):
+    """Saving a snapshot takes a moment, as it does over a network."""
+
+    async def save_snapshot(self, session: str, data: bytes) -> None:
+        await asyncio.sleep(0.05)
+        await super().save_snapshot(session, data)
+
+
+class StaleFeedBackend(MemoryBackend):
+    """A broker whose live readers are not told of a deletion (as an Ably subscription elsewhere is not)."""
+
+    async def delete(self, session: str) -> None:
+        self._check()
+        for kind in ("events", "control"):
+            self._logs.pop(Channel(session, kind), None)
+        self._snapshots.pop(session, None)
+        self._presence.pop(session, None)
+
+
+class SlowLiveBackend(MemoryBackend):
+    """A live read of the events log takes a moment to attach; catch-up reads do not."""
+
+    async def read(self, channel: Channel, *, start: LogPosition | None, follow: bool) -> AsyncIterator[StoredMessage]:
+        if follow and channel.kind == "events":
+            await asyncio.sleep(0.5)
+        async for message in super().read(channel, start=start, follow=follow):
+            yield message

@@ -7,7 +7,10 @@ import asyncio
 import pytest
 
 from durable_ai import ControlAck, Hub, Reset, Run, RunEnd, RunStart, TextDelta, UserMessage
+from durable_ai.backends.memory import MemoryBackend
+from durable_ai.testing import MemoryTarget, scenarios
 from durable_ai.testing.scenarios import collect, text_of
+from tests.core.doubles import StaleFeedBackend
 
 
 async def _stalled(hub: Hub, agent: str, started: asyncio.Event, runs: list[Run], **options: str) -> None:
@@ -22,7 +25,8 @@ async def test_head_is_where_only_later_events_come_from(hub: Hub, client_hub: H
     session = client_hub.session("s")
     assert await session.head() is None
     async with hub.session("s").run(agent="w") as run:
-        await run.text("before")
+        await run.text("be")
+        await run.text("fore")  # buffered: it goes out with the run-end, so the newest message holds two events
     head = await session.head()
     assert head is not None
     async with hub.session("s").run(agent="w") as later:
@@ -143,15 +147,23 @@ async def test_an_ack_synthesised_by_the_client_is_marked_so(client_hub: Hub) ->
     assert isinstance(ack, ControlAck) and ack.outcome == "ignored" and ack.cursor is None
 
 
-async def test_stream_passes_resets_through(hub: Hub, client_hub: Hub) -> None:
-    follower = asyncio.create_task(collect(client_hub.session("s").stream("x", wait=True)))  # a new session
-    async with hub.session("s").run(agent="w", run_id="old") as run:
-        await run.text("old")
-    await hub.session("s").delete()
-    async with hub.session("s").run(agent="w", run_id="x") as run:
-        await run.text("new")
-    events = await asyncio.wait_for(follower, 5)
+@pytest.mark.parametrize("told", [True, False], ids=["readers told of deletions", "readers not told"])
+async def test_stream_passes_resets_through(told: bool) -> None:
+    backend = MemoryBackend() if told else StaleFeedBackend()
+    async with Hub(backend) as hub, Hub(backend) as client_hub:
+        follower = asyncio.create_task(collect(client_hub.session("s").stream("x", wait=True)))  # a new session
+        async with hub.session("s").run(agent="w", run_id="old") as run:
+            await run.text("old")
+        await hub.session("s").delete()
+        async with hub.session("s").run(agent="w", run_id="x") as run:
+            await run.text("new")
+        events = await asyncio.wait_for(follower, 5)
     assert isinstance(events[0], Reset) and text_of(events) == "new"
+
+
+async def test_a_deletion_is_seen_by_followers_that_the_broker_does_not_tell() -> None:
+    """The tombstone, not the broker, tells a live follower in another process that the log was deleted."""
+    await scenarios.delete_seen_everywhere(MemoryTarget(StaleFeedBackend()))
 
 
 @pytest.mark.parametrize("bad", ["", "x" * 129, "tab\there"])

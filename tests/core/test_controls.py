@@ -12,7 +12,13 @@ from durable_ai.backend import Channel
 from durable_ai.backends.memory import MemoryBackend
 from durable_ai.testing import stored_events
 from durable_ai.testing.scenarios import collect, text_of
-from tests.core.doubles import GatedBackend, HeldStartBackend, SignallingBackend, StumblingControlBackend
+from tests.core.doubles import (
+    GatedBackend,
+    HeldStartBackend,
+    SignallingBackend,
+    SlowLiveBackend,
+    StumblingControlBackend,
+)
 
 
 async def _stalled(hub: Hub, session: str, agent: str, runs: list[Run], started: asyncio.Event) -> None:
@@ -255,13 +261,16 @@ async def test_a_control_for_a_run_that_is_not_active_is_answered_ignored_at_onc
     assert (nothing.reason, unknown.reason) == ("no run is active", "run no-such-run is not active")
 
 
-async def test_a_cancel_applied_just_before_its_run_ended_is_answered_applied(hub: Hub, client_hub: Hub) -> None:
-    """The run is gone from the log by the time the client looks, but the agent's answer is there: it wins."""
-    task, run = await _start_stalled(hub)
-    handle = await client_hub.session("s").cancel()
-    await asyncio.wait_for(task, 5)  # applied, and the run-end is stored, before the client asks
-    await hub.flush()
-    assert run.cancelled and (await handle.ack(timeout=5)).outcome == "applied"
+async def test_a_cancel_applied_just_before_its_run_ended_is_answered_applied() -> None:
+    """The run is gone from the log by the time the client looks, but the agent's answer is there: it wins, even
+    when the client's live read is slower than its look at the log."""
+    backend = SlowLiveBackend()
+    async with Hub(backend) as hub, Hub(backend) as client_hub:
+        task, run = await _start_stalled(hub)
+        handle = await client_hub.session("s").cancel()
+        await asyncio.wait_for(task, 5)  # applied, and the run-end is stored, before the client asks
+        await hub.flush()
+        assert run.cancelled and (await handle.ack(timeout=5)).outcome == "applied"
 
 
 # -- strategies hold while a run is starting --------------------------------------------------------------------

@@ -25,7 +25,7 @@ from durable_ai import (
 from durable_ai.backends.memory import MemoryBackend
 from durable_ai.testing import RecordingBackend, stored_events
 from durable_ai.testing.scenarios import collect, text_of
-from tests.core.doubles import GatedBackend, RefusingBackend, StuckPresenceBackend
+from tests.core.doubles import GatedBackend, RefusingBackend, SlowSnapshotBackend, StuckPresenceBackend
 
 HOUR = Coalesce(max_delay=3600)
 SHUTDOWN = "the agent process is shutting down"
@@ -174,7 +174,8 @@ async def test_close_cancels_runs_in_flight_and_drains_their_events_and_snapshot
     assert (message.status, message.text) == ("cancelled", "buffered, never flushed by a timer")
 
 
-async def test_a_short_lived_hub_leaves_a_snapshot_of_what_it_wrote(backend: MemoryBackend) -> None:
+async def test_a_short_lived_hub_leaves_a_snapshot_of_what_it_wrote() -> None:
+    backend = SlowSnapshotBackend()
     async with Hub(backend) as hub, hub.session("s").run(agent="w") as run:  # a serverless function
         await run.text("answer")
     async with Hub(backend):
@@ -255,8 +256,8 @@ async def test_a_second_writer_of_an_active_run_id_gets_run_id_in_use(backend: M
     async with Hub(backend) as one, Hub(backend) as two:
         async with one.session("s").run(agent="first", run_id="x") as first:
             await first.text("first's text")
-            for hub in (one, two):
-                with pytest.raises(RunIdInUse) as caught:
+            for hub, where in ((one, "in this hub"), (two, "is active")):
+                with pytest.raises(RunIdInUse, match=where) as caught:
                     async with hub.session("s").run(agent="second", run_id="x") as second:
                         await second.text("second's text")
                 assert (caught.value.session, caught.value.run_id) == ("s", "x")
