@@ -33,7 +33,7 @@ class HubOptions(TypedDict, total=False):
         publish_timeout: seconds a write waits for the broker before :class:`PublishError` (default 30; the
             events stay buffered and are retried).
         reconnect_timeout: seconds a reader keeps reconnecting to a broker that is gone (default 300).
-        snapshots: save a snapshot of the session's view when runs start and end, so late joiners read little
+        snapshots: save a snapshot of the session's view after each run ends, so late joiners read little
             (default ``True``). A hub always uses the snapshots it finds; this only decides whether it saves them.
         close_timeout: seconds ``close()`` gives runs to end and buffered events and snapshots to be stored
             (default 5).
