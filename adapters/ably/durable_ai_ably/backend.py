@@ -44,6 +44,7 @@ from durable_ai.errors import (
     LogReset,
     PayloadTooLarge,
     PermissionDenied,
+    PublishError,
 )
 
 from ._common import (
@@ -435,7 +436,8 @@ class AblyBackend:
         result = await self._call(attempt)
         serials = getattr(result, "serials", None) or []
         if not serials or not serials[0]:
-            raise BackendError(f"Ably acknowledged a publish to {name!r} without a serial")
+            # The message may well be stored: PublishError makes the writer retry it under the same id.
+            raise PublishError(f"Ably acknowledged a publish to {name!r} without a serial")
         return str(serials[0])
 
     async def _append(self, name: str, serial: str, data: str | bytes) -> str:
@@ -449,7 +451,7 @@ class AblyBackend:
         result = await self._call(attempt)
         version = getattr(result, "version_serial", None)
         if not version:
-            raise BackendError(f"Ably acknowledged an append on {name!r} without a version serial")
+            raise PublishError(f"Ably acknowledged an append on {name!r} without a version serial")
         return str(version)
 
     async def _throttle(self, name: str) -> None:

@@ -47,7 +47,7 @@ from urllib.parse import quote
 import httpx
 
 from durable_ai.backend import BackendLimits, Channel, LogPosition, RateBudget, StoredMessage
-from durable_ai.errors import BackendError, BackendUnavailable, HubClosed, LogReset, PayloadTooLarge
+from durable_ai.errors import BackendError, BackendUnavailable, HubClosed, LogReset, PayloadTooLarge, PublishError
 
 from ._common import (
     PAGE,
@@ -144,13 +144,15 @@ def _batch_results(body: object, count: int) -> list[Mapping[str, Any]]:
         error = body.get("error")
         body = body.get("batchResponse", error.get("batchResponse") if isinstance(error, Mapping) else None)
     if not isinstance(body, list) or len(body) != count:
-        raise BackendError("Ably answered a batch publish without one result per message")
+        # Unreadable answers leave it open whether the messages landed: PublishError makes the writer retry them
+        # under the same ids, which Ably deduplicates.
+        raise PublishError("Ably answered a batch publish without one result per message")
     results: list[Mapping[str, Any]] = []
     for entry in body:
         if isinstance(entry, Mapping) and isinstance(entry.get("results"), list):
             entry = entry["results"][0] if len(entry["results"]) == 1 else None
         if not isinstance(entry, Mapping):
-            raise BackendError("Ably answered a batch publish with a malformed result")
+            raise PublishError("Ably answered a batch publish with a malformed result")
         results.append(entry)
     return results
 
@@ -355,7 +357,7 @@ class AblyRestBackend:
         for raw in _items(response):
             if raw.get("id") == message_id and isinstance(raw.get("serial"), str):
                 return str(raw["serial"])
-        raise BackendError(f"Ably acknowledged a publish to {name!r} without a serial, and history lacks it")
+        raise PublishError(f"Ably acknowledged a publish to {name!r} without a serial, and history lacks it")
 
     def _poke(self, session: str) -> None:
         """A publish to the session: its followers poll at once (so a cancel is seen between flushes)."""
