@@ -122,9 +122,14 @@ async def read_events(
                                 tombstone = LogPosition(message.epoch, message.position)
                                 break
                             continue
-                        event = await _event(backend, channel, message, index, item, partial)
-                        if event is None:
-                            continue
+                        if kind == "fragment":
+                            whole = await _fragment(backend, channel, message, item, partial)
+                            if whole is None:
+                                continue
+                            event = whole
+                        else:
+                            event = parse_event(item)
+                        set_cursor(event, f"{message.epoch}:{message.position}:{index}")
                         deleted = False
                         if event.id:
                             if event.id in seen:
@@ -183,25 +188,6 @@ def _records(channel: Channel, message: StoredMessage) -> list[dict[str, object]
     except ProtocolError as exc:
         logger.warning("skipping a message of session %r that is not durable-ai data: %s", channel.session, exc)
         return []
-
-
-async def _event(
-    backend: Backend,
-    channel: Channel,
-    message: StoredMessage,
-    index: int,
-    item: dict[str, object],
-    partial: dict[str, dict[int, bytes]],
-) -> Event | None:
-    """The event of line ``index`` of a broker message, with its cursor (``None`` for a fragment not yet whole)."""
-    if item.get("type") == "fragment":
-        event = await _fragment(backend, channel, message, item, partial)
-        if event is None:
-            return None
-    else:
-        event = parse_event(item)
-    set_cursor(event, f"{message.epoch}:{message.position}:{index}")
-    return event
 
 
 class _LostFragments(Exception):

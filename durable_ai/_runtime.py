@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from ._control import ControlLoop
 from ._reader import ReadOptions, fold
@@ -35,6 +35,7 @@ from .cursor import Cursor, LogPosition
 from .errors import ConfigurationError, HubClosed, PublishError, RunIdInUse
 from .events import (
     TOMBSTONE,
+    BaseEvent,
     Cancel,
     ControlAck,
     ControlRejected,
@@ -61,6 +62,7 @@ SHUTDOWN_REASON = "the agent process is shutting down"
 """The reason of the ``run-end`` of runs that a closing hub cancels."""
 
 Outcome = Literal["applied", "rejected", "ignored"]
+E = TypeVar("E", bound=BaseEvent)
 RunStatus = Literal["completed", "cancelled", "failed"]
 
 # Sessions whose folded view a hub keeps between snapshots (the most recently snapshotted ones).
@@ -438,16 +440,19 @@ class SessionRuntime:
         return writer
 
     def _start_event(self, run: LocalRun, event_id: str) -> RunStart:
-        return RunStart(
-            id=event_id,
-            session=self.session,
-            run_id=run.id,
-            agent=run.agent,
-            ts=now_ms(),
+        return self._run_event(
+            RunStart,
+            run,
+            event_id,
             parent_run_id=run.parent_run_id,
             message_id=run.message_id,
             input_message_id=run.input_message_id,
         )
+
+    def _run_event(self, cls: type[E], run: LocalRun, event_id: str | None = None, **fields: Any) -> E:
+        """An event of ``run``, stamped with its session, run, agent and the time."""
+        event_id = event_id or self.hub.new_id()
+        return cls(id=event_id, session=self.session, run_id=run.id, agent=run.agent, ts=now_ms(), **fields)
 
     async def _check_run_id(self, run_id: str) -> str:
         """Raise :class:`RunIdInUse` if the log already has a run with this id; return the log's epoch."""
@@ -505,15 +510,7 @@ class SessionRuntime:
         self.hub.supervisor.spawn(end_once_ours(), f"durable-ai end {run.id}")
 
     def _end_event(self, run: LocalRun, status: RunStatus, reason: str | None) -> RunEnd:
-        return RunEnd(
-            id=self.hub.new_id(),
-            session=self.session,
-            run_id=run.id,
-            agent=run.agent,
-            ts=now_ms(),
-            status=status,
-            reason=reason,
-        )
+        return self._run_event(RunEnd, run, status=status, reason=reason)
 
     async def exit_run(self, run: LocalRun, status: RunStatus, reason: str | None, error: str | None) -> None:
         """Write a run's ``error`` (if it failed) and ``run-end``, let go of it, and leave its presence.
@@ -524,14 +521,7 @@ class SessionRuntime:
         try:
             writer = self.writer()
             if error is not None:
-                event = ErrorEvent(
-                    id=self.hub.new_id(),
-                    session=self.session,
-                    run_id=run.id,
-                    agent=run.agent,
-                    ts=now_ms(),
-                    message=error,
-                )
+                event = self._run_event(ErrorEvent, run, message=error)
                 writer.add_encoded(id=event.id, run_id=run.id, data=encode(event))
             end = self._end_event(run, status, reason)
             seq = writer.add_encoded(id=end.id, run_id=run.id, data=encode(end))

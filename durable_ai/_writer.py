@@ -430,8 +430,6 @@ class SessionWriter:
 
     async def _opening(self) -> bytes | None:
         """The ``log-start`` record to put before the next message, if the log is empty; else ``None``."""
-        if self._log_started:
-            return None
         if await self._backend.head(self._channel) is not None:
             self._log_started = True
             self._on_log_started()
@@ -439,7 +437,7 @@ class SessionWriter:
         return record(LOG_START, id=self._new_id(), session=self._session, ts=now_ms())
 
     async def _publish(self, message: _Message) -> None:
-        opening = await self._opening()
+        opening = None if self._log_started else await self._opening()
         if message.fragments is None:
             data = message.data if opening is None else opening + b"\n" + message.data
             position = await self._backend.publish(self._channel, data, message_id=message.message_id)
