@@ -178,9 +178,14 @@ async def test_cluster_keeps_an_r3_stream_writable_when_a_node_dies() -> None:
             await _publish_eventually(js, "r3.a", b"after")
             assert (await js.stream_info("R3")).state.messages == 2
 
-            await leader.restart()  # rejoins, and is healthy once its replica has caught up
+            await leader.restart()  # rejoins: healthy once it knows the leader, then its replica catches up
             assert leader.pid is not None
-            jsz = await leader.monitor("/jsz?streams=true")
-            assert [s["state"]["messages"] for a in jsz["account_details"] for s in a["stream_detail"]] == [2]
+            counts: list[int] = []
+            async with asyncio.timeout(20):
+                while counts != [2]:
+                    jsz = await leader.monitor("/jsz?streams=true")
+                    counts = [s["state"]["messages"] for a in jsz["account_details"] for s in a["stream_detail"]]
+                    await asyncio.sleep(0.05)
+            assert counts == [2]
         finally:
             await nc.close()
