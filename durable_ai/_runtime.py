@@ -54,12 +54,14 @@ from .options import Settings
 from .presence import PresenceMember
 from .view import ViewBuilder
 
-__all__ = ["SHUTDOWN_REASON", "HubRuntime", "LocalRun", "PromptSink", "SessionRuntime", "Supervisor"]
+__all__ = ["MAX_REASON", "SHUTDOWN_REASON", "HubRuntime", "LocalRun", "PromptSink", "SessionRuntime", "Supervisor"]
 
 logger = logging.getLogger("durable_ai")
 
 SHUTDOWN_REASON = "the agent process is shutting down"
 """The reason of the ``run-end`` of runs that a closing hub cancels."""
+MAX_REASON = 4000
+"""The longest reason (or error message) a failed run's events carry."""
 
 Outcome = Literal["applied", "rejected", "ignored"]
 E = TypeVar("E", bound=BaseEvent)
@@ -72,7 +74,6 @@ _STARTED_KEPT = 10_000
 _ENDED_KEPT = 1_000
 # How often a session's dropped controls are reported.
 _DROP_REPORT_SECONDS = 10.0
-_MAX_REASON = 4000
 
 
 class LocalRun(Protocol):
@@ -375,7 +376,7 @@ class SessionRuntime:
         anything this hub writes to the session later lands after it."""
         writer = self.writer()
         try:
-            _, landed = writer.add_standalone(id=message_id, data=data)
+            landed = writer.add_standalone(id=message_id, data=data)
             if not wait:
                 return None
             return await self._landed(landed)
@@ -423,7 +424,7 @@ class SessionRuntime:
             if check_id:
                 epoch = await self._check_run_id(run.id)
                 start = self._start_event(run, derived_id("run-start", f"{self.session}:{epoch}:{run.id}"))
-                _, landed = writer.add_standalone(id=start.id, data=encode(start))
+                landed = writer.add_standalone(id=start.id, data=encode(start))
                 position = await self._landed(landed)
                 if not await self._stored_is(position, start):
                     start = None  # the broker kept another writer's run-start: nothing of ours is in the log
@@ -489,7 +490,7 @@ class SessionRuntime:
             status: RunStatus = "cancelled"
             reason = SHUTDOWN_REASON if self.hub.closed else "the agent task was cancelled"
         else:
-            status, reason = "failed", f"{type(exc).__name__}: {exc}"[:_MAX_REASON]
+            status, reason = "failed", f"{type(exc).__name__}: {exc}"[:MAX_REASON]
         end = self._end_event(run, status, reason)
         if landed is None:
             # Queued behind the run-start in the same writer: it lands after it, whenever that is.

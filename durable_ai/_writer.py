@@ -198,10 +198,10 @@ class SessionWriter:
         self._schedule(True)
         return self._seq
 
-    def add_standalone(self, *, id: str, data: bytes) -> tuple[int, asyncio.Future[LogPosition]]:
+    def add_standalone(self, *, id: str, data: bytes) -> asyncio.Future[LogPosition]:
         """Queue an event in a broker message of its own, whose id is the event's id, so that the broker
-        deduplicates it against the same event written by another process. Returns its sequence and a future
-        of the position it landed at (the first copy's, if the broker had it already)."""
+        deduplicates it against the same event written by another process. Returns a future of the position it
+        landed at (the first copy's, if the broker had it already)."""
         self._check()
         self._seq += 1
         landed: asyncio.Future[LogPosition] = asyncio.get_running_loop().create_future()
@@ -209,7 +209,7 @@ class SessionWriter:
         self._items.append(_Encoded(self._seq, id, data, standalone=True, landed=landed))
         self._pending_bytes += len(data)
         self._schedule(True)
-        return self._seq, landed
+        return landed
 
     def _check(self) -> None:
         if self._stopped:

@@ -313,17 +313,6 @@ def encode(model: BaseModel) -> bytes:
         raise ConfigurationError(f"cannot encode {getattr(model, 'type', 'it')} as UTF-8 JSON: {exc}") from None
 
 
-def encodable(text: str) -> bool:
-    """Whether ``text`` can go on the wire: valid UTF-8 once encoded (no lone surrogates)."""
-    if text.isascii():
-        return True
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def record(kind: str, *, id: str, session: str, ts: int) -> bytes:
     """A ``log-start`` or ``tombstone`` record."""
     return json.dumps({"v": PROTOCOL_VERSION, "type": kind, "id": id, "session": session, "ts": ts}).encode()

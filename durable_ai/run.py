@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from ._runtime import HubRuntime, SessionRuntime
+from ._runtime import MAX_REASON, HubRuntime, SessionRuntime
 from ._util import now_ms, validate_name
 from ._writer import SessionWriter
 from .errors import ConfigurationError, EventTooLarge, RunClosed
@@ -37,7 +37,6 @@ __all__ = ["Run"]
 logger = logging.getLogger("durable_ai")
 
 _State = Literal["new", "starting", "active", "ending", "ended"]
-_MAX_ERROR_CHARS = 4000
 
 
 class Run:
@@ -157,7 +156,7 @@ class Run:
         elif cancelled_by_exc:
             status, reason = "cancelled", "the agent task was cancelled"
         elif exc is not None:
-            status, reason = "failed", f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS]
+            status, reason = "failed", f"{type(exc).__name__}: {exc}"[:MAX_REASON]
             error = reason
         else:
             status, reason = "completed", None
