@@ -583,7 +583,7 @@ class SessionRuntime:
         try:
             try:
                 async with asyncio.timeout(settings.publish_timeout):
-                    await backend.enter_presence(self.session, member_id, data)
+                    await backend.enter_presence(self.session, member_id, data, role="agent")
             except asyncio.CancelledError:
                 if not state.left.is_set():
                     raise
@@ -596,7 +596,7 @@ class SessionRuntime:
             timeout = settings.close_timeout if self.hub.closed else settings.publish_timeout
             try:
                 async with asyncio.timeout(timeout):
-                    await backend.leave_presence(self.session, member_id)
+                    await backend.leave_presence(self.session, member_id, role="agent")
             except Exception as exc:
                 logger.warning("could not leave presence for run %s: %s", member_id, exc)
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
+import os
 import re
-import secrets
 import time
 
 from .errors import ConfigurationError, InvalidSessionId
@@ -47,14 +46,24 @@ def now_ms() -> int:
 
 
 class IdFactory:
-    """Unique ids without a system call per id: a random 64-bit prefix and a counter."""
+    """Unique, unguessable ids: 96 random bits each, drawn from a pool so an id costs no system call.
+
+    Ids become broker dedupe keys and appear in every event a client reads: knowing some must not tell anyone
+    the next ones.
+    """
+
+    _BATCH = 512
 
     def __init__(self) -> None:
-        self._prefix = secrets.token_hex(8)
-        self._counter = itertools.count(1)
+        self._pool = b""
+        self._offset = 0
 
     def __call__(self) -> str:
-        return f"{self._prefix}{next(self._counter):x}"
+        offset = self._offset
+        if offset >= len(self._pool):
+            self._pool, offset = os.urandom(12 * self._BATCH), 0
+        self._offset = offset + 12
+        return self._pool[offset : offset + 12].hex()
 
 
 class RateBudget:

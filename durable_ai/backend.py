@@ -5,6 +5,10 @@ Application code never needs this module: it calls :func:`durable_ai.connect`. A
 under a URL scheme in the ``durable_ai.backends`` entry-point group (a callable taking the URL and returning the
 backend), and passes the conformance suite in :mod:`durable_ai.testing`. The memory backend,
 :class:`durable_ai.backends.memory.MemoryBackend`, is the reference implementation.
+
+A networked backend builds on the adapter kit re-exported here (:mod:`durable_ai.backends.kit`): bounded live
+fan-out (:class:`Tap`, :class:`Fanout`), the read loop (:func:`follow_log`), shared open/close
+(:class:`OpenCount`), presence upkeep (:class:`PresenceKeeper`), the snapshot codec and :func:`retry_call`.
 """
 
 from __future__ import annotations
@@ -14,8 +18,20 @@ from importlib.metadata import entry_points
 from typing import TypeAlias
 from urllib.parse import urlsplit
 
-from ._util import RateBudget, validate_session_id
-from .backends.base import Backend, BackendLimits, Channel, ChannelKind, StoredMessage
+from ._util import RateBudget, validate_name, validate_session_id
+from .backends.base import Backend, BackendLimits, Channel, ChannelKind, PresenceEntry, PresenceRole, StoredMessage
+from .backends.kit import (
+    Fanout,
+    OpenCount,
+    PresenceKeeper,
+    Tap,
+    follow_log,
+    pack_snapshot,
+    raise_if_cancelling,
+    retry_call,
+    snapshot_chunk_count,
+    unpack_snapshot,
+)
 from .backends.memory import from_url as memory_from_url
 from .cursor import Cursor, LogPosition
 from .errors import ConfigurationError, UnknownBackend
@@ -28,10 +44,23 @@ __all__ = [
     "Channel",
     "ChannelKind",
     "Cursor",
+    "Fanout",
     "LogPosition",
+    "OpenCount",
+    "PresenceEntry",
+    "PresenceKeeper",
+    "PresenceRole",
     "RateBudget",
     "StoredMessage",
+    "Tap",
     "backend_from_url",
+    "follow_log",
+    "pack_snapshot",
+    "raise_if_cancelling",
+    "retry_call",
+    "snapshot_chunk_count",
+    "unpack_snapshot",
+    "validate_name",
     "validate_session_id",
 ]
 

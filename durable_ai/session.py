@@ -424,13 +424,21 @@ class Session:
     async def presence(self) -> list[PresenceMember]:
         """Who is here now: agent runs that are working and clients that are present."""
         self._runtime.check_open()
-        members = await self._runtime.backend.presence(self.id)
+        entries = await self._runtime.backend.presence(self.id)
         result: list[PresenceMember] = []
-        for member_id, data in sorted(members.items()):
+        for entry in sorted(entries, key=lambda e: (e.role, e.member_id)):
+            # Who and what a member is comes from the broker (the entry), never from the data it wrote.
             try:
-                result.append(PresenceMember.model_validate_json(data))
+                member = PresenceMember.model_validate_json(entry.data)
             except ValidationError:
-                result.append(PresenceMember(member_id=member_id, role="client"))
+                member = PresenceMember(member_id=entry.member_id, role=entry.role)
+            if entry.role == "agent":
+                member = member.model_copy(update={"member_id": entry.member_id, "role": "agent"})
+            else:
+                member = member.model_copy(
+                    update={"member_id": entry.member_id, "role": "client", "agent": None, "run_id": None}
+                )
+            result.append(member)
         return result
 
     @contextlib.asynccontextmanager
@@ -445,9 +453,9 @@ class Session:
         payload = encode(member)
         if len(payload) > runtime.settings.max_control_bytes:
             raise PayloadTooLarge(len(payload), runtime.settings.max_control_bytes)
-        await runtime.backend.enter_presence(self.id, member_id, payload)
+        await runtime.backend.enter_presence(self.id, member_id, payload, role=role)
         try:
             yield member
         finally:
             with contextlib.suppress(Exception):
-                await runtime.backend.leave_presence(self.id, member_id)
+                await runtime.backend.leave_presence(self.id, member_id, role=role)

@@ -19,10 +19,13 @@ __all__ = [
     "BackendLimits",
     "Channel",
     "ChannelKind",
+    "PresenceEntry",
+    "PresenceRole",
     "StoredMessage",
 ]
 
 ChannelKind: TypeAlias = Literal["events", "control"]
+PresenceRole: TypeAlias = Literal["agent", "client"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +42,20 @@ class StoredMessage:
 
     epoch: str
     position: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceEntry:
+    """A member present on a session, as the broker identifies it.
+
+    ``member_id`` and ``role`` come from where the member was entered (the key, channel or client id the broker
+    gave it), never from ``data``: a client can only appear as a client, under the identity its credential
+    allows, and cannot remove or replace an agent.
+    """
+
+    member_id: str
+    role: PresenceRole
     data: bytes
 
 
@@ -109,12 +126,16 @@ class Backend(Protocol):
     async def save_snapshot(self, session: str, data: bytes) -> None:
         """Store the session's snapshot, replacing the previous one."""
 
-    async def enter_presence(self, session: str, member_id: str, data: bytes) -> None:
-        """Mark a member (an agent run, a watching client) present on the session, or update its data."""
+    async def enter_presence(self, session: str, member_id: str, data: bytes, *, role: PresenceRole) -> None:
+        """Mark a member present on the session, or update its data.
 
-    async def leave_presence(self, session: str, member_id: str) -> None:
-        """Remove a member from the session's presence set."""
+        ``role="agent"`` is for trusted writers (agent runs); a backend holding a client credential must refuse it
+        (:class:`~durable_ai.errors.PermissionDenied`) rather than enter the member as a client.
+        """
 
-    async def presence(self, session: str) -> dict[str, bytes]:
-        """The members present on the session now, with their data."""
+    async def leave_presence(self, session: str, member_id: str, *, role: PresenceRole) -> None:
+        """Remove a member (entered with this role) from the session's presence set."""
+
+    async def presence(self, session: str) -> list[PresenceEntry]:
+        """The members present on the session now. Entries that do not decode are skipped, never raised."""
         ...

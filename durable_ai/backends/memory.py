@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from ..cursor import LogPosition
 from ..errors import BackendUnavailable, ConfigurationError, LogReset
-from .base import BackendLimits, Channel, StoredMessage
+from .base import BackendLimits, Channel, PresenceEntry, PresenceRole, StoredMessage
 
 __all__ = ["MemoryBackend", "from_url"]
 
@@ -84,7 +84,7 @@ class MemoryBackend:
         self._limits = BackendLimits(max_message_bytes=max_message_bytes, max_messages_per_second=rate_limit)
         self._logs: dict[Channel, _Log] = {}
         self._snapshots: dict[str, bytes] = {}
-        self._presence: dict[str, dict[str, bytes]] = {}
+        self._presence: dict[str, dict[tuple[PresenceRole, str], bytes]] = {}
         self._users = 0
         self._offline = False
         self.published = 0
@@ -228,19 +228,20 @@ class MemoryBackend:
         self._check()
         self._snapshots[session] = data
 
-    async def enter_presence(self, session: str, member_id: str, data: bytes) -> None:
+    async def enter_presence(self, session: str, member_id: str, data: bytes, *, role: PresenceRole) -> None:
         self._check()
-        self._presence.setdefault(session, {})[member_id] = data
+        self._presence.setdefault(session, {})[(role, member_id)] = data
 
-    async def leave_presence(self, session: str, member_id: str) -> None:
+    async def leave_presence(self, session: str, member_id: str, *, role: PresenceRole) -> None:
         self._check()
         members = self._presence.get(session)
         if members is not None:
-            members.pop(member_id, None)
+            members.pop((role, member_id), None)
 
-    async def presence(self, session: str) -> dict[str, bytes]:
+    async def presence(self, session: str) -> list[PresenceEntry]:
         self._check()
-        return dict(self._presence.get(session, {}))
+        members = self._presence.get(session, {})
+        return [PresenceEntry(member, role, data) for (role, member), data in members.items()]
 
 
 def from_url(url: str) -> MemoryBackend:

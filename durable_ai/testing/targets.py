@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..backend import Backend, BackendLimits, Channel, StoredMessage, backend_from_url
+from ..backend import Backend, BackendLimits, Channel, PresenceEntry, PresenceRole, StoredMessage, backend_from_url
 from ..backends.memory import MemoryBackend, from_url
 from ..cursor import LogPosition
 from ..hub import Hub
@@ -138,13 +138,13 @@ class RecordingBackend:
     async def save_snapshot(self, session: str, data: bytes) -> None:
         await self.inner.save_snapshot(session, data)
 
-    async def enter_presence(self, session: str, member_id: str, data: bytes) -> None:
-        await self.inner.enter_presence(session, member_id, data)
+    async def enter_presence(self, session: str, member_id: str, data: bytes, *, role: PresenceRole) -> None:
+        await self.inner.enter_presence(session, member_id, data, role=role)
 
-    async def leave_presence(self, session: str, member_id: str) -> None:
-        await self.inner.leave_presence(session, member_id)
+    async def leave_presence(self, session: str, member_id: str, *, role: PresenceRole) -> None:
+        await self.inner.leave_presence(session, member_id, role=role)
 
-    async def presence(self, session: str) -> dict[str, bytes]:
+    async def presence(self, session: str) -> list[PresenceEntry]:
         return await self.inner.presence(session)
 
     def events_published(self, session: str | None = None) -> int:

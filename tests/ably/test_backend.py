@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from durable_ai.backend import Channel, LogPosition, StoredMessage
+from durable_ai.backend import Channel, LogPosition, PresenceEntry, StoredMessage
 from durable_ai.errors import BackendUnavailable, ConfigurationError, LogReset
 from durable_ai_ably import AblyBackend, from_url, options_from_url
 from durable_ai_ably.testing import AblyEmulator
@@ -126,8 +126,11 @@ async def test_large_snapshots_are_chunked(backend: AblyBackend) -> None:
 
 
 async def test_presence(backend: AblyBackend, emulator: AblyEmulator) -> None:
-    await backend.enter_presence("s1", "agent-1", b'{"role":"agent"}')
-    await backend.enter_presence("s1", "tab-1", b"\xff\x00")
-    assert await backend.presence("s1") == {"agent-1": b'{"role":"agent"}', "tab-1": b"\xff\x00"}
-    await backend.leave_presence("s1", "agent-1")
-    assert await backend.presence("s1") == {"tab-1": b"\xff\x00"}
+    await backend.enter_presence("s1", "agent-1", b'{"role":"agent"}', role="agent")
+    await backend.enter_presence("s1", "tab-1", b"\xff\x00", role="client")
+    assert sorted(await backend.presence("s1"), key=lambda e: e.member_id) == [
+        PresenceEntry("agent-1", "agent", b'{"role":"agent"}'),
+        PresenceEntry("tab-1", "client", b"\xff\x00"),
+    ]
+    await backend.leave_presence("s1", "agent-1", role="agent")
+    assert await backend.presence("s1") == [PresenceEntry("tab-1", "client", b"\xff\x00")]

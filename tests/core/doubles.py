@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from durable_ai import BackendError, BackendUnavailable, LogReset
-from durable_ai.backend import Channel, LogPosition, StoredMessage
+from durable_ai.backend import Channel, LogPosition, PresenceRole, StoredMessage
 from durable_ai.backends.memory import MemoryBackend
 
 
@@ -70,13 +70,13 @@ class StuckPresenceBackend(MemoryBackend):
         self.entering = asyncio.Event()
         self.left: list[str] = []
 
-    async def enter_presence(self, session: str, member_id: str, data: bytes) -> None:
+    async def enter_presence(self, session: str, member_id: str, data: bytes, *, role: PresenceRole) -> None:
         self.entering.set()
         await asyncio.Event().wait()
 
-    async def leave_presence(self, session: str, member_id: str) -> None:
+    async def leave_presence(self, session: str, member_id: str, *, role: PresenceRole) -> None:
         self.left.append(member_id)
-        await super().leave_presence(session, member_id)
+        await super().leave_presence(session, member_id, role=role)
 
 
 class RefusingBackend(MemoryBackend):

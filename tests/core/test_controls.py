@@ -7,11 +7,11 @@ from collections.abc import Callable
 
 import pytest
 
-from durable_ai import AckTimeout, ControlAck, Event, Hub, Run, RunEnd, Strategy, UserMessage
+from durable_ai import AckTimeout, ControlAck, Event, Hub, PresenceMember, Run, RunEnd, Strategy, UserMessage
 from durable_ai.backend import Channel
 from durable_ai.backends.memory import MemoryBackend
 from durable_ai.testing import stored_events
-from durable_ai.testing.scenarios import collect, text_of
+from durable_ai.testing.scenarios import collect, eventually, text_of
 from tests.core.doubles import (
     GatedBackend,
     HeldStartBackend,
@@ -156,6 +156,20 @@ async def test_presence_members_carry_their_data(hub: Hub, client_hub: Hub) -> N
     async with client_hub.session("s").present("phone", data={"app": "ios"}):
         members = await hub.session("s").presence()
     assert [(m.member_id, m.role, m.data) for m in members] == [("phone", "client", {"app": "ios"})]
+
+
+async def test_presence_identity_comes_from_the_entry_not_the_data(hub: Hub, client_hub: Hub) -> None:
+    """A client that writes an agent's presence payload under its own entry is still a client, under its own id."""
+    forged = PresenceMember(member_id="run-real", role="agent", agent="writer", run_id="run-real", data="x")
+    await client_hub.backend.enter_presence("s", "tab-1", forged.model_dump_json().encode(), role="client")
+    async with hub.session("s").run(agent="writer") as run:
+        members = await eventually(hub.session("s").presence, lambda m: len(m) == 2, "the agent's presence")
+    assert [(m.member_id, m.role, m.agent, m.run_id) for m in members] == [
+        (run.id, "agent", "writer", run.id),
+        ("tab-1", "client", None, None),
+    ]
+    # The agent's entry, which the client cannot write, stays the agent's.
+    assert next(m for m in members if m.role == "agent").member_id == run.id
 
 
 async def test_a_cancel_that_arrives_while_the_run_starts_stops_it_cleanly() -> None:

@@ -10,8 +10,8 @@ import pytest
 
 import durable_ai
 from durable_ai import Coalesce, Reset
-from durable_ai.backend import Channel
-from durable_ai.errors import ConfigurationError
+from durable_ai.backend import Channel, PresenceEntry
+from durable_ai.errors import ConfigurationError, LogReset
 from durable_ai.testing.scenarios import collect, text_of
 from durable_ai_nats import NatsBackend, NatsOptions, PendingBufferFull, from_url, names
 from durable_ai_nats.testing import NatsServer, free_ports
@@ -34,15 +34,22 @@ async def test_stream_is_created_with_the_options(nats_server: NatsServer, prefi
     url = _url(nats_server, prefix, "&max_messages=500&max_age=3600&duplicate_window=30&storage=memory")
     async with durable_ai.connect(url) as hub, hub.session("s").run(agent="writer") as run:
         await run.status("hello")
+        await hub.session("s").cancel()  # the control stream too
     nc = await nats.connect(nats_server.url)
     try:
         config = (await nc.jsm().stream_info(names(prefix).stream)).config
+        control = (await nc.jsm().stream_info(names(prefix).control_stream)).config
     finally:
         await nc.close()
-    assert config.subjects == [f"{prefix}.*.events", f"{prefix}.*.control"]
-    assert (config.max_msgs_per_subject, config.max_age, config.duplicate_window) == (500, 3600, 30)
-    assert config.storage == "memory"
-    assert config.allow_msg_ttl and config.allow_direct
+    # Events and controls in streams of their own: no shared duplicate window or id space.
+    assert config.subjects == [f"{prefix}.*.events", f"{prefix}._epoch"]
+    assert control.subjects == [f"{prefix}.*.control", f"{prefix}._epoch_control"]
+    for each in (config, control):
+        assert (each.max_msgs_per_subject, each.max_age, each.duplicate_window) == (500, 3600, 30)
+        assert each.storage == "memory"
+        assert each.allow_msg_ttl and each.allow_direct and not each.allow_rollup_hdrs
+        assert each.max_consumers == 10_000
+        assert each.consumer_limits is not None and each.consumer_limits.inactive_threshold == 30
 
 
 async def test_one_live_consumer_per_session_and_none_left_after_close(nats_server: NatsServer, prefix: str) -> None:
@@ -105,12 +112,16 @@ async def test_presence_leaves_when_the_backend_closes(nats_server: NatsServer, 
     await first.open()
     await other.open()
     try:
-        await first.enter_presence("s", "tab/1 é", b'{"role":"client"}')
-        await first.enter_presence("t", "tab-2", b"{}")
-        assert await other.presence("s") == {"tab/1 é": b'{"role":"client"}'}
+        await first.enter_presence("s", "tab/1 é", b'{"role":"client"}', role="client")
+        await first.enter_presence("s", "run-1", b"{}", role="agent")
+        await first.enter_presence("t", "tab-2", b"{}", role="client")
+        assert sorted(await other.presence("s"), key=lambda e: e.role) == [
+            PresenceEntry("run-1", "agent", b"{}"),
+            PresenceEntry("tab/1 é", "client", b'{"role":"client"}'),
+        ]
         await first.close()
-        assert await other.presence("s") == {}
-        assert await other.presence("t") == {}
+        assert await other.presence("s") == []
+        assert await other.presence("t") == []
     finally:
         await other.close()
 
@@ -179,6 +190,9 @@ async def test_a_full_reconnect_buffer_is_a_typed_error_and_loses_nothing(prefix
             channel = Channel("s", "events")
             await backend.publish(channel, b'{"n":0}', message_id="m0")
             await server.kill()
+            async with asyncio.timeout(10):
+                while backend.connection.is_connected:  # noqa: ASYNC110 - nats-py offers no awaitable for it
+                    await asyncio.sleep(0.01)
             blob = b'{"blob":"' + b"x" * 40_000 + b'"}'
             with pytest.raises(durable_ai.BackendUnavailable):
                 await backend.publish(channel, blob, message_id="m1")  # buffered, unconfirmed: may still land
@@ -203,12 +217,10 @@ async def test_presence_of_a_crashed_member_expires(nats_server: NatsServer, pre
     await crashed.open()
     await watcher.open()
     try:
-        await crashed.enter_presence("s", "agent-1", b"{}")
-        assert set(await watcher.presence("s")) == {"agent-1"}
+        await crashed.enter_presence("s", "agent-1", b"{}", role="agent")
+        assert [e.member_id for e in await watcher.presence("s")] == ["agent-1"]
         # A process that dies neither leaves nor refreshes its entry: stop the refresher, forget the entry.
-        assert crashed._heartbeat_task is not None
-        crashed._heartbeat_task.cancel()
-        crashed._present.clear()
+        await crashed._presence.close(None)
         async with asyncio.timeout(10):
             while await watcher.presence("s"):  # noqa: ASYNC110 - the state is on the server: poll it
                 await asyncio.sleep(0.1)
@@ -247,3 +259,27 @@ async def test_hubs_sharing_a_backend_open_one_connection(nats_server: NatsServe
     assert text_of(await collect(hubs[2].session("s").events(follow=False))) == "shared"
     await hubs[2].__aexit__(None, None, None)
     assert connection.is_closed
+
+
+async def test_retention_during_a_catch_up_read_is_a_reset_never_a_gap(nats_server: NatsServer, prefix: str) -> None:
+    """Messages that retention removes while a reader goes through them end the read with LogReset."""
+    backend = NatsBackend(nats_server.url, NatsOptions(prefix=prefix, max_messages=20))
+    await backend.open()
+    try:
+        channel = Channel("s", "events")
+        blob = b"x" * 100_000
+        first = await backend.publish(channel, blob, message_id="m0")
+        for n in range(1, 20):
+            await backend.publish(channel, blob, message_id=f"m{n}")
+        reader = backend.read(channel, start=first, follow=False)
+        seen = [(await anext(reader)).position]
+        for n in range(20, 40):  # the log keeps 20: every message the reader has not read yet goes
+            await backend.publish(channel, blob, message_id=f"m{n}")
+        with pytest.raises(LogReset):
+            async for message in reader:
+                seen.append(message.position)
+        await reader.aclose()  # type: ignore[attr-defined]
+    finally:
+        await backend.close()
+    # Whatever it read before the reset, it read in order and without a hole it did not report.
+    assert [int(p) for p in seen] == sorted(int(p) for p in seen)

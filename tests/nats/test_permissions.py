@@ -24,7 +24,7 @@ OTHER = "chat-2"
 def auth_config() -> str:
     users = [
         '{ user: "agent", password: "agent-secret" }',
-        permissions_config("client", "client-secret", client_permissions(SESSION)),
+        permissions_config("client", "client-secret", client_permissions(SESSION, client_id="tab-1")),
     ]
     return "authorization {\n  users = [\n    " + "\n    ".join(users) + "\n  ]\n}\n"
 

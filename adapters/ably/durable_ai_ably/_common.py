@@ -9,12 +9,13 @@ import base64
 import hashlib
 import hmac
 import json
-import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from durable_ai.backend import PresenceEntry, PresenceRole
+from durable_ai.backend import pack_snapshot as kit_pack_snapshot
 from durable_ai.errors import ConfigurationError
 
 __all__ = ["AblyOptions", "options_from_url"]
@@ -224,31 +225,23 @@ def history_params(*, backwards: bool, limit: int, from_serial: str | None) -> d
 
 
 def pack_snapshot(data: bytes, max_message_bytes: int) -> tuple[list[bytes], bytes]:
-    """The messages that store a snapshot: chunks (possibly none) and then the head message.
-
-    The head is ``z`` + zlib data, ``r`` + raw data, or ``c<count>`` when the compressed data is split over the
-    ``count`` chunks published just before it.
-    """
-    packed = zlib.compress(data, 1)
-    payload = b"z" + packed if len(packed) < len(data) else b"r" + data
-    room = max_message_bytes * 3 // 4 - 64  # binary data travels base64 in JSON
-    if len(payload) <= room:
-        return [], payload
-    chunks = [packed[i : i + room] for i in range(0, len(packed), room)]
-    return chunks, b"c" + str(len(chunks)).encode()
+    """The messages that store a snapshot (the kit's codec), sized for binary data that travels base64 in JSON."""
+    return kit_pack_snapshot(data, max_message_bytes * 3 // 4 - 64)
 
 
-def snapshot_chunk_count(head: bytes) -> int:
-    """How many chunk messages precede this head message (0 for a whole snapshot)."""
-    return int(head[1:]) if head[:1] == b"c" else 0
-
-
-def unpack_snapshot(head: bytes, chunks: list[bytes]) -> bytes:
-    """The snapshot from its head message and its chunks, oldest first."""
-    kind, rest = head[:1], head[1:]
-    if kind == b"c":
-        kind, rest = b"z", b"".join(chunks)
-    return zlib.decompress(rest) if kind == b"z" else rest
+def presence_entries(members: Mapping[str, bytes]) -> list[PresenceEntry]:
+    """Presence entries from members by clientId. The role is read from the member's data: Ably's presence does
+    not yet tell an agent's connection from a client's here."""
+    entries = []
+    for member_id, data in members.items():
+        role: PresenceRole = "client"
+        try:
+            if json.loads(data).get("role") == "agent":
+                role = "agent"
+        except (ValueError, AttributeError):
+            pass
+        entries.append(PresenceEntry(member_id, role, data))
+    return entries
 
 
 # -- presence published as messages (REST) ----------------------------------------------------------------------

@@ -35,7 +35,17 @@ from ably.util.exceptions import AblyException  # type: ignore[import-untyped]
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 from websockets.exceptions import ConnectionClosed
 
-from durable_ai.backend import BackendLimits, Channel, LogPosition, RateBudget, StoredMessage
+from durable_ai.backend import (
+    BackendLimits,
+    Channel,
+    LogPosition,
+    PresenceEntry,
+    PresenceRole,
+    RateBudget,
+    StoredMessage,
+    snapshot_chunk_count,
+    unpack_snapshot,
+)
 from durable_ai.errors import (
     BackendError,
     BackendUnavailable,
@@ -58,10 +68,9 @@ from ._common import (
     history_params,
     options_from_url,
     pack_snapshot,
-    snapshot_chunk_count,
+    presence_entries,
     to_bytes,
     to_wire,
-    unpack_snapshot,
 )
 from ._log import (
     APPENDABLE_NAME,
@@ -692,20 +701,20 @@ class AblyBackend:
 
     # -- presence ------------------------------------------------------------------------------------------
 
-    async def enter_presence(self, session: str, member_id: str, data: bytes) -> None:
+    async def enter_presence(self, session: str, member_id: str, data: bytes, *, role: PresenceRole = "client") -> None:
         realtime, _ = self._parts()
         presence = realtime.channels.get(self.channel_name(session)).presence
         await self._call(lambda: presence.enter_client(member_id, to_wire(data)))
         self._present[(session, member_id)] = data
 
-    async def leave_presence(self, session: str, member_id: str) -> None:
+    async def leave_presence(self, session: str, member_id: str, *, role: PresenceRole = "client") -> None:
         realtime, _ = self._parts()
         if self._present.pop((session, member_id), None) is None:
             return
         presence = realtime.channels.get(self.channel_name(session)).presence
         await self._call(lambda: presence.leave_client(member_id))
 
-    async def presence(self, session: str) -> dict[str, bytes]:
+    async def presence(self, session: str) -> list[PresenceEntry]:
         name = self.channel_name(session)
         page = await self._call(lambda: self._get(f"/channels/{quote(name, safe='')}/presence", {"limit": "1000"}))
         members: dict[str, bytes] = {}
@@ -718,7 +727,7 @@ class AblyBackend:
                 break
             page = await self._call(partial(self._next, page))
         members.update(await self._presence_log(session))
-        return members
+        return presence_entries(members)
 
     async def _presence_log(self, session: str) -> dict[str, bytes]:
         """Members entered by REST backends, which publish them to the session's presence log (see ``.rest``)."""

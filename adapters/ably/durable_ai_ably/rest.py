@@ -46,7 +46,17 @@ from urllib.parse import quote
 
 import httpx
 
-from durable_ai.backend import BackendLimits, Channel, LogPosition, RateBudget, StoredMessage
+from durable_ai.backend import (
+    BackendLimits,
+    Channel,
+    LogPosition,
+    PresenceEntry,
+    PresenceRole,
+    RateBudget,
+    StoredMessage,
+    snapshot_chunk_count,
+    unpack_snapshot,
+)
 from durable_ai.errors import BackendError, BackendUnavailable, HubClosed, LogReset, PayloadTooLarge, PublishError
 
 from ._common import (
@@ -62,10 +72,9 @@ from ._common import (
     history_params,
     options_from_url,
     pack_snapshot,
+    presence_entries,
     presence_record,
-    snapshot_chunk_count,
     to_wire,
-    unpack_snapshot,
 )
 from ._http import AblyHttp, AblyHttpError, json_of
 from ._log import PLAIN_NAME, HistoryPass, NewestScan, format_position, read_bounds
@@ -514,7 +523,7 @@ class AblyRestBackend:
             self.channel_name(session, PRESENCE_KIND), record, f"presence:{secrets.token_hex(12)}", action
         )
 
-    async def enter_presence(self, session: str, member_id: str, data: bytes) -> None:
+    async def enter_presence(self, session: str, member_id: str, data: bytes, *, role: PresenceRole = "client") -> None:
         """Publish an enter to the session's presence log, refreshed until the member leaves (see the module)."""
         await self._publish_presence(session, PRESENCE_ENTER, member_id, data)
         key = (session, member_id)
@@ -536,7 +545,7 @@ class AblyRestBackend:
             except (BackendError, HubClosed) as exc:
                 logger.debug("could not refresh presence of %r on session %r: %s", member_id, session, exc)
 
-    async def leave_presence(self, session: str, member_id: str) -> None:
+    async def leave_presence(self, session: str, member_id: str, *, role: PresenceRole = "client") -> None:
         self._check_open()
         key = (session, member_id)
         if self._present.pop(key, None) is None:
@@ -548,7 +557,7 @@ class AblyRestBackend:
                 await keeper
         await self._publish_presence(session, PRESENCE_LEAVE, member_id, None)
 
-    async def presence(self, session: str) -> dict[str, bytes]:
+    async def presence(self, session: str) -> list[PresenceEntry]:
         state = await self._session(session, refresh=True)
         members: dict[str, bytes] = {}
         # Members entered over realtime connections.
@@ -579,7 +588,7 @@ class AblyRestBackend:
                 break
             response = await self._api.request("GET", next_path)
         members.update(log.members)
-        return members
+        return presence_entries(members)
 
 
 def _settle(item: _Outgoing, outcome: str | BaseException) -> None:

@@ -1,16 +1,19 @@
 """Ephemeral push consumers: the one way this backend reads a log.
 
-Every read goes through a consumer created with the extended ``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>``
-subject, so that NATS permissions can confine a client to the subjects of its own session, and delivers to an
-inbox of the connection's inbox prefix. Consumers are ``AckNone``, in memory, with idle heartbeats and flow
-control. Delivery gaps (a consumer sequence that jumps, a heartbeat that reports more than was received, a
-consumer that went silent or was deleted) end the read with :class:`~durable_ai.errors.BackendUnavailable`; the
-caller reads again from its last position, so a gap is never silent.
+Every consumer delivers to an inbox of the connection's inbox prefix and is ``AckNone``, in memory, with idle
+heartbeats and flow control; it expires on the server once nobody listens (the stream's consumer limits set
+how soon). A delivery is a stored message only if its reply subject is a JetStream ack subject
+(``$JS.ACK.<stream>...``): a header a client wrote (``Status: 503``, say) never makes a stored message look
+like a server status, since clients cannot choose the reply subject of what the server delivers. Delivery gaps
+(a consumer sequence that jumps, a heartbeat that reports more than was received, a consumer that went silent
+or was deleted) end the read with :class:`~durable_ai.errors.BackendUnavailable`; the caller reads again from
+its last position, so a gap is never silent.
 
-:class:`Backlog` reads what a log holds, at the reader's pace (flow control is answered only when the reader has
-consumed up to it). :class:`Feed` is the live tail of one subject, shared by every local reader of it: one
-consumer per subject per connection, fanned out to bounded per-reader queues; a reader whose queue overflows
-goes back to reading the backlog instead of slowing the feed.
+:class:`Backlog` reads what a log holds, at the reader's pace (flow control is answered only when the reader
+has consumed up to it), with the extended ``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`` subject, so that
+permissions can confine a client to its own session. :class:`FeedGroup` is the live tail of up to a fixed
+number of subjects of one stream, for every local reader of them: one consumer whose filter subjects grow and
+shrink as readers come and go, fanned out to bounded per-reader taps (see :mod:`durable_ai.backend`).
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import contextlib
 import logging
 import secrets
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -30,26 +34,17 @@ from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.manager import JetStreamManager
 
+from durable_ai.backend import Fanout, StoredMessage, Tap, raise_if_cancelling
 from durable_ai.errors import BackendUnavailable
 
 logger = logging.getLogger("durable_ai_nats")
+Call = Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
 
 _STATUS = "Status"
 _DESCRIPTION = "Description"
 _LAST_CONSUMER = "Nats-Last-Consumer"
 _STALLED = "Nats-Consumer-Stalled"
-
-
-def raise_if_cancelling() -> None:
-    """Re-raise a cancellation that something below swallowed.
-
-    Before Python 3.12, ``asyncio.wait_for`` (which nats-py's requests use) can return a result and drop a
-    ``cancel()`` that arrived in the same loop iteration; the task then goes on with ``cancelling() > 0``. Waiting
-    loops call this so such a task still stops, instead of following a live tail forever.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
+_ACK_PREFIX = "$JS.ACK."
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +68,10 @@ def parse_ack_subject(reply: str) -> tuple[int, int, int]:
 
 @dataclass(frozen=True, slots=True)
 class ConsumerSpec:
-    """What to consume: a subject of a stream, from where."""
+    """What to consume: subjects of a stream, from where."""
 
     stream: str
-    subject: str
+    subjects: tuple[str, ...]
     deliver: DeliverPolicy
     start_seq: int | None = None
 
@@ -96,6 +91,24 @@ class _PushConsumer:
         self.broken: BaseException | None = None
         self.created = False
 
+    def config(self, inbox: str) -> ConsumerConfig:
+        subjects = self.spec.subjects
+        return ConsumerConfig(
+            name=self.name,
+            deliver_subject=inbox,
+            # One subject goes in the request subject too, where permissions can check it.
+            filter_subject=subjects[0] if len(subjects) == 1 else None,
+            filter_subjects=list(subjects) if len(subjects) > 1 else None,
+            deliver_policy=self.spec.deliver,
+            opt_start_seq=self.spec.start_seq,
+            ack_policy=AckPolicy.NONE,
+            flow_control=True,
+            idle_heartbeat=self.heartbeat,
+            mem_storage=True,
+            num_replicas=1,
+            # No inactive_threshold: the stream's consumer limits give it (and refuse a longer one).
+        )
+
     async def create(self, cb: Callable[[Msg], Awaitable[None]] | None) -> int:
         """Subscribe to a new inbox and create the consumer; returns how many messages it has to deliver.
 
@@ -109,44 +122,39 @@ class _PushConsumer:
             self.cseq = 0
         inbox = self.nc.new_inbox()
         self.sub = await self.nc.subscribe(inbox, cb=cb, pending_msgs_limit=-1, pending_bytes_limit=-1)
-        config = ConsumerConfig(
-            name=self.name,
-            deliver_subject=inbox,
-            filter_subject=self.spec.subject,
-            deliver_policy=self.spec.deliver,
-            opt_start_seq=self.spec.start_seq,
-            ack_policy=AckPolicy.NONE,
-            flow_control=True,
-            idle_heartbeat=self.heartbeat,
-            mem_storage=True,
-            num_replicas=1,
-            inactive_threshold=max(10.0, self.heartbeat * 5),
-        )
-        info = await self.jsm.add_consumer(self.spec.stream, config)
+        info = await self.jsm.add_consumer(self.spec.stream, self.config(inbox))
         self.created = True
         self.last_activity = time.monotonic()
         return int(info.num_pending or 0)
 
+    async def update(self, subjects: tuple[str, ...]) -> None:
+        """Change the subjects of a created consumer (an idempotent request: safe to retry)."""
+        assert self.sub is not None
+        self.spec = ConsumerSpec(self.spec.stream, subjects, self.spec.deliver, self.spec.start_seq)
+        await self.jsm.add_consumer(self.spec.stream, self.config(self.sub.subject))
+
     def check(self, msg: Msg) -> Delivered | str | None:
         """Classify one delivery: a message, a flow-control reply subject to answer (``str``), or ``None``."""
         self.last_activity = time.monotonic()
-        headers = msg.headers
-        if headers is not None and _STATUS in headers:
-            status = headers[_STATUS]
-            if status == "100":
-                if msg.reply:
-                    return msg.reply  # flow control request
-                last = headers.get(_LAST_CONSUMER)
-                if last is not None and int(last) > self.cseq:
-                    self.fail(f"the consumer delivered {last} messages, {self.cseq} arrived")
-                return headers.get(_STALLED)
-            self.fail(f"the consumer ended: {status} {headers.get(_DESCRIPTION, '')}".strip())
-            return None
-        seq, cseq, _ = parse_ack_subject(msg.reply)
-        if cseq != self.cseq + 1:
-            self.fail(f"delivery gap: consumer sequence {cseq} after {self.cseq}")
-        self.cseq = cseq
-        return Delivered(seq, msg.subject, msg.data, headers)
+        reply = msg.reply
+        if reply.startswith(_ACK_PREFIX):
+            # A stored message, whatever headers its publisher gave it.
+            seq, cseq, _ = parse_ack_subject(reply)
+            if cseq != self.cseq + 1:
+                self.fail(f"delivery gap: consumer sequence {cseq} after {self.cseq}")
+            self.cseq = cseq
+            return Delivered(seq, msg.subject, msg.data, msg.headers)
+        headers = msg.headers or {}
+        status = headers.get(_STATUS)
+        if status == "100":
+            if reply:
+                return reply  # flow control request
+            last = headers.get(_LAST_CONSUMER)
+            if last is not None and last.isdigit() and int(last) > self.cseq:
+                self.fail(f"the consumer delivered {last} messages, {self.cseq} arrived")
+            return headers.get(_STALLED)
+        self.fail(f"the consumer ended: {status} {headers.get(_DESCRIPTION, '')}".strip())
+        return None
 
     def fail(self, reason: str) -> None:
         if self.broken is None:
@@ -220,69 +228,113 @@ class Backlog:
         await self._consumer.close()
 
 
-class Tap:
-    """One local reader's view of a :class:`Feed`: a bounded queue of the feed's deliveries."""
+class FeedGroup:
+    """The live tail of up to ``capacity`` subjects of one stream: one consumer, one tap per local reader.
 
-    def __init__(self, feed: Feed, limit: int) -> None:
-        self.feed = feed
-        self.limit = limit
-        self.items: deque[Delivered] = deque()
-        self.ready = asyncio.Event()
-        self.overflowed = False
+    Readers :meth:`attach` to a subject; the consumer's filter subjects follow the set of subjects that have
+    readers (one request per change, batched while a change is in flight), and the consumer is deleted when the
+    last reader leaves. A delivery gap, a silent consumer or a lost connection fails every tap of the group:
+    its readers read their backlogs again and attach to a new group.
+    """
 
-    def offer(self, item: Delivered) -> None:
-        if self.overflowed:
-            return
-        if len(self.items) >= self.limit:
-            self.overflowed = True
-            self.items.clear()
-        else:
-            self.items.append(item)
-        self.ready.set()
+    def __init__(
+        self,
+        nc: NATS,
+        jsm: JetStreamManager,
+        stream: str,
+        epoch: str,
+        *,
+        heartbeat: float,
+        capacity: int,
+        tap_messages: int,
+        tap_bytes: int,
+        call: Call,
+        on_done: Callable[[FeedGroup], None],
+        on_quiet: Callable[[], None],
+    ) -> None:
+        self.consumer = _PushConsumer(nc, jsm, ConsumerSpec(stream, (), DeliverPolicy.NEW), heartbeat)
+        self.epoch = epoch
+        self.capacity = capacity
+        self.fanout: Fanout[str] = Fanout()
+        self._tap_messages = tap_messages
+        self._tap_bytes = tap_bytes
+        self._call = call
+        self._on_done = on_done
+        self._on_quiet = on_quiet
+        self._applied: frozenset[str] = frozenset()
+        self._changed = asyncio.Event()
+        self._synced = asyncio.Event()
+        self._sync_task: asyncio.Task[None] | None = None
+        self._closed = False
 
-    async def next(self) -> Delivered | None:
-        """The next live message; ``None`` when this reader fell too far behind and must read the backlog."""
-        consumer = self.feed.consumer
-        while not self.items:
-            if self.overflowed:
-                return None
-            if consumer.broken is not None:
-                raise consumer.broken
-            self.ready.clear()
-            raise_if_cancelling()
-            try:
-                async with asyncio.timeout(consumer.heartbeat):
-                    await self.ready.wait()
-            except TimeoutError:
-                if consumer.stale() or not consumer.nc.is_connected:
-                    self.feed.fail("the live consumer went silent")
-        if self.overflowed:
-            return None
-        return self.items.popleft()
+    @property
+    def broken(self) -> bool:
+        return self.consumer.failed() or self._closed
 
+    def has_room(self) -> bool:
+        return not self.broken and len(self.fanout) < self.capacity
 
-class Feed:
-    """The live tail of one subject for every local reader of it."""
+    async def attach(self, subject: str) -> Tap:
+        """A tap on ``subject``, once the consumer delivers it."""
+        tap = Tap(
+            max_messages=self._tap_messages,
+            max_bytes=self._tap_bytes,
+            watchdog=self._watch,
+            interval=self.consumer.heartbeat / 2,
+        )
+        self.fanout.add(subject, tap)
+        try:
+            while subject not in self._applied or not self.consumer.created:
+                if self.consumer.broken is not None:
+                    raise self.consumer.broken
+                if self._closed:
+                    raise BackendUnavailable("the live feed closed")
+                self._kick()
+                await self._synced.wait()
+        except BaseException:
+            self.detach(subject, tap)
+            raise
+        return tap
 
-    def __init__(self, nc: NATS, jsm: JetStreamManager, stream: str, subject: str, heartbeat: float) -> None:
-        self.consumer = _PushConsumer(nc, jsm, ConsumerSpec(stream, subject, DeliverPolicy.NEW), heartbeat)
-        self.taps: set[Tap] = set()
-        self._ready: asyncio.Future[None] | None = None
+    def detach(self, subject: str, tap: Tap) -> None:
+        if self.fanout.remove(subject, tap):
+            self._kick()
 
-    async def start(self) -> None:
-        """Create the consumer once; concurrent callers wait for the same creation."""
-        if self._ready is None:
-            self._ready = asyncio.get_running_loop().create_future()
-            try:
-                await self.consumer.create(self._deliver)
-            except BaseException as exc:
-                self.consumer.fail(f"could not create the live consumer: {exc}")
-                self._ready.set_exception(BackendUnavailable(str(exc)))
-                self._ready.exception()  # mark retrieved: callers re-raise their own copy
-                raise
-            self._ready.set_result(None)
-        else:
-            await asyncio.shield(self._ready)
+    def _kick(self) -> None:
+        self._synced.clear()
+        self._changed.set()
+        if self._sync_task is None and not self._closed:
+            self._sync_task = asyncio.get_running_loop().create_task(self._sync(), name="durable-ai-nats feed")
+
+    async def _sync(self) -> None:
+        """Bring the consumer's subjects to the subjects that have readers, until they agree."""
+        try:
+            while self._changed.is_set() and not self.broken:
+                self._changed.clear()
+                wanted = frozenset(self.fanout.taps)
+                if not wanted:
+                    break
+                if wanted != self._applied or not self.consumer.created:
+                    subjects = tuple(sorted(wanted))
+                    if not self.consumer.created:
+                        self.consumer.spec = ConsumerSpec(self.consumer.spec.stream, subjects, DeliverPolicy.NEW)
+                        await self._call(partial(self.consumer.create, self._deliver))
+                    else:
+                        await self._call(partial(self.consumer.update, subjects))
+                    self._applied = wanted
+                self._synced.set()  # waiters check whether their subject is in; if not, they kick again
+        except Exception as exc:
+            self.fail(f"could not set up the live consumer: {exc}", exc)
+        finally:
+            self._sync_task = None
+            self._synced.set()
+            if not self.fanout.taps or self.broken:
+                self._finish()
+
+    def _finish(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._on_done(self)
 
     async def _deliver(self, msg: Msg) -> None:
         consumer = self.consumer
@@ -290,27 +342,46 @@ class Feed:
             return  # after a gap nothing more may reach the readers: they read the backlog again
         got = consumer.check(msg)
         if consumer.failed():
-            self._wake_all()
+            self._fail_taps()
         elif isinstance(got, Delivered):
-            for tap in self.taps:
-                tap.offer(got)
+            self.fanout.deliver(got.subject, StoredMessage(self.epoch, str(got.seq), got.data))
         elif got:
             # The feed never waits for a reader: slow readers overflow to the backlog instead.
             with contextlib.suppress(Exception):
                 await consumer.nc.publish(got, b"")
 
-    def fail(self, reason: str) -> None:
-        self.consumer.fail(reason)
-        self._wake_all()
+    def _watch(self) -> None:
+        consumer = self.consumer
+        if not consumer.created:
+            return
+        if consumer.stale() or not consumer.nc.is_connected:
+            self.fail("the live consumer went silent")
+        elif time.monotonic() - consumer.last_activity > consumer.heartbeat * 1.5:
+            self._on_quiet()  # a heartbeat is late: check the connection before the consumer counts as lost
 
-    def _wake_all(self) -> None:
-        for tap in self.taps:
-            tap.ready.set()
+    def fail(self, reason: str, error: BaseException | None = None) -> None:
+        """Fail every reader of the group (they read again, on a new group)."""
+        if self.consumer.broken is None:
+            self.consumer.broken = error if error is not None else BackendUnavailable(reason)
+        self._fail_taps()
+        if self._sync_task is None:
+            self._finish()
 
-    @property
-    def broken(self) -> bool:
-        return self.consumer.failed()
+    def fail_subject(self, subject: str, reason: str) -> None:
+        self.fanout.fail(subject, BackendUnavailable(reason))
+
+    def _fail_taps(self) -> None:
+        assert self.consumer.broken is not None
+        self.fanout.fail_all(self.consumer.broken)
 
     async def close(self) -> None:
-        self.fail("the feed closed")
+        self._closed = True
+        task, self._sync_task = self._sync_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.consumer.broken is None:
+            self.consumer.broken = BackendUnavailable("the feed closed")
+        self._fail_taps()
         await self.consumer.close()

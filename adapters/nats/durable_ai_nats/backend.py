@@ -1,23 +1,30 @@
 """The NATS JetStream backend.
 
-Layout: one stream per prefix (default ``DURABLE_AI`` for the prefix ``durable_ai``) with the subjects
-``<prefix>.<session>.events`` and ``<prefix>.<session>.control``; a position is the stream sequence, and the
-epoch is the stream's creation time, so a recreated stream invalidates every cursor. Snapshots live in the KV
-bucket ``<prefix>_snapshots``, presence in ``<prefix>_presence`` whose entries expire unless refreshed.
+Layout (for the prefix ``durable_ai``): the stream ``DURABLE_AI`` holds every session's events
+(``durable_ai.<session>.events``) and the stream ``DURABLE_AI_CONTROL`` every session's controls
+(``durable_ai.<session>.control``). What clients write never shares a duplicate window, a message id space or
+stream-wide header rules with what agents write. A position is the stream sequence, and a log's epoch is its
+stream's creation time, which each stream records in a marker message (``durable_ai._epoch``,
+``durable_ai._epoch_control``) that clients read without stream info; a recreated stream invalidates every
+cursor. Snapshots live in the KV bucket ``durable_ai_snapshots``; presence in ``durable_ai_presence``, whose
+entries expire unless refreshed: agents under ``<session>.a.<member>``, clients under ``<session>.c.<member>``,
+so the key, which permissions confine, says who a member is.
 
-Publishes carry the message id as ``Nats-Msg-Id``, so a retry (after a timeout, a reconnect or a server
-restart) inside the stream's duplicate window stores nothing new. Reads go through ephemeral push consumers
-(see :mod:`durable_ai_nats._consumer`).
+Publishes carry ``<session>:<message id>`` as ``Nats-Msg-Id``, so a retry (after a timeout, a reconnect or a
+server restart) inside the duplicate window stores nothing new, and an id can never collide across sessions.
+Reads go through ephemeral push consumers (see :mod:`durable_ai_nats._consumer`): a process has one live
+consumer per stream for up to ``feed_subjects`` followed sessions, whatever the number of readers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
+import json
 import logging
 import time
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -30,12 +37,27 @@ import nats.js.errors
 from nats.aio.client import DEFAULT_PENDING_SIZE
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy, StorageType, StreamConfig, StreamInfo
+from nats.js.api import DeliverPolicy, StorageType, StreamConfig, StreamConsumerLimits, StreamInfo
 from nats.js.kv import KeyValue
 from nats.js.manager import JetStreamManager
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from durable_ai.backend import BackendLimits, Channel, LogPosition, StoredMessage
+from durable_ai.backend import (
+    BackendLimits,
+    Channel,
+    ChannelKind,
+    LogPosition,
+    OpenCount,
+    PresenceEntry,
+    PresenceKeeper,
+    PresenceRole,
+    StoredMessage,
+    Tap,
+    follow_log,
+    pack_snapshot,
+    retry_call,
+    snapshot_chunk_count,
+    unpack_snapshot,
+)
 from durable_ai.errors import (
     BackendError,
     BackendUnavailable,
@@ -46,7 +68,7 @@ from durable_ai.errors import (
     PermissionDenied,
 )
 
-from ._consumer import Backlog, ConsumerSpec, Delivered, Feed, Tap, raise_if_cancelling
+from ._consumer import Backlog, ConsumerSpec, Delivered, FeedGroup
 
 __all__ = ["NatsBackend", "NatsOptions", "PendingBufferFull", "from_url", "names"]
 
@@ -56,6 +78,10 @@ T = TypeVar("T")
 _HEADER_ROOM = 1024
 _MAX_PENDING_ACKS = 4000
 _KV_OPERATION = "KV-Operation"
+_MSG_ID = "Nats-Msg-Id"
+_ROLE_TOKEN: dict[PresenceRole, str] = {"agent": "a", "client": "c"}
+_TOKEN_ROLE: dict[str, PresenceRole] = {"a": "agent", "c": "client"}
+_MAX_CONSUMERS_CODE = 10026
 
 
 class _BufferFull(Exception):
@@ -73,6 +99,7 @@ _RETRYABLE = (
     nats.js.errors.ServiceUnavailableError,
     nats.errors.NoRespondersError,
 )
+_TIMEOUTS = (TimeoutError, nats.errors.TimeoutError)
 
 
 class PendingBufferFull(BackendUnavailable):
@@ -88,12 +115,12 @@ class NatsOptions:
     """What the backend creates on first use, and how it talks to the server.
 
     Attributes:
-        prefix: the first subject token; names the stream (upper-cased) and the KV buckets.
-        replicas: replicas of the stream and buckets (3 in a 3-node cluster).
+        prefix: the first subject token; names the streams (upper-cased) and the KV buckets.
+        replicas: replicas of the streams and buckets (3 in a 3-node cluster).
         storage: ``file`` or ``memory``.
         max_age: seconds a message is kept (``None``: forever).
         max_messages: messages kept per session log; older ones are dropped (``None``: no limit).
-        max_bytes: bytes kept by the whole stream (``None``: no limit).
+        max_bytes: bytes kept by each stream (``None``: no limit).
         max_message_bytes: the largest message written; larger events are fragmented by the hub.
         duplicate_window: seconds during which a re-published message id is recognised.
         control_ttl: seconds a control message is kept, with a per-message TTL (NATS 2.11+; ``None``: as events).
@@ -101,7 +128,15 @@ class NatsOptions:
         publish_timeout: seconds one publish is retried before :class:`~durable_ai.errors.BackendUnavailable`.
         connect_timeout: seconds ``open`` tries to reach a server before ``BackendUnavailable``.
         heartbeat: idle heartbeat of consumers, seconds; a consumer silent for three is read again.
+        ping_interval: seconds between the connection's pings; ``max_outstanding_pings`` unanswered ones
+            mark it dead and reconnect (a request that times out checks the connection at once too).
+        max_outstanding_pings: see ``ping_interval``.
         tap_limit: messages a live reader may fall behind before it goes back to reading the backlog.
+        tap_bytes: bytes a live reader may fall behind before it goes back to reading the backlog.
+        feed_subjects: sessions one live consumer follows (a process following more has more consumers).
+        max_consumers: the consumer limit of each stream this backend creates.
+        consumer_idle: seconds a consumer nobody listens to stays on the server (the streams' limit for every
+            consumer, including any a client creates).
         connect: extra keyword arguments for ``nats.connect`` (credentials, TLS, inbox prefix, ...).
     """
 
@@ -118,7 +153,13 @@ class NatsOptions:
     publish_timeout: float = 10.0
     connect_timeout: float = 5.0
     heartbeat: float = 2.0
+    ping_interval: float = 5.0
+    max_outstanding_pings: int = 2
     tap_limit: int = 10_000
+    tap_bytes: int = 8 * 1024 * 1024
+    feed_subjects: int = 100
+    max_consumers: int = 10_000
+    consumer_idle: float = 30.0
     connect: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -134,25 +175,48 @@ class NatsOptions:
                 raise ConfigurationError(f"{name} must be positive or None")
         if self.max_message_bytes < 4096:
             raise ConfigurationError("max_message_bytes must be at least 4096")
-        for name in ("duplicate_window", "presence_ttl", "publish_timeout", "connect_timeout", "heartbeat"):
+        for name in (
+            "duplicate_window",
+            "presence_ttl",
+            "publish_timeout",
+            "connect_timeout",
+            "heartbeat",
+            "ping_interval",
+        ):
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be positive")
-        if self.tap_limit < 1:
-            raise ConfigurationError("tap_limit must be at least 1")
+        for name in ("tap_limit", "tap_bytes", "feed_subjects", "max_consumers", "max_outstanding_pings"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"{name} must be at least 1")
+        if self.consumer_idle < self.heartbeat * 3:
+            raise ConfigurationError("consumer_idle must be at least three heartbeats")
 
 
 @dataclass(frozen=True, slots=True)
 class Names:
-    """The subjects, stream and buckets a prefix uses."""
+    """The subjects, streams and buckets a prefix uses."""
 
     prefix: str
 
     @property
     def stream(self) -> str:
+        """The stream of every session's events."""
         return self.prefix.upper().replace("-", "_")
+
+    @property
+    def control_stream(self) -> str:
+        """The stream of every session's controls (what clients write)."""
+        return f"{self.stream}_CONTROL"
+
+    def stream_of(self, kind: ChannelKind) -> str:
+        return self.stream if kind == "events" else self.control_stream
 
     def subject(self, session: str, kind: str) -> str:
         return f"{self.prefix}.{session}.{kind}"
+
+    def epoch_subject(self, kind: ChannelKind) -> str:
+        """The subject of a stream's epoch marker (two tokens: never a session's subject)."""
+        return f"{self.prefix}._epoch" if kind == "events" else f"{self.prefix}._epoch_control"
 
     @property
     def snapshots(self) -> str:
@@ -162,10 +226,40 @@ class Names:
     def presence(self) -> str:
         return f"{self.prefix}_presence"
 
+    def presence_subject(self, session: str, member_id: str, role: PresenceRole) -> str:
+        """The KV subject of a member's presence entry: the key says its role and who it is."""
+        return f"$KV.{self.presence}.{session}.{_ROLE_TOKEN[role]}.{member_token(member_id)}"
+
+
+def member_token(member_id: str) -> str:
+    """A member id as one subject token (base64url without padding; ``_`` for the empty id)."""
+    return base64.urlsafe_b64encode(member_id.encode()).decode().rstrip("=") or "_"
+
+
+def _member_of(token: str) -> str | None:
+    if token == "_":
+        return ""
+    try:
+        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (binascii.Error, ValueError):
+        return None
+
 
 def names(prefix: str = "durable_ai") -> Names:
-    """The stream, subjects and buckets used for ``prefix``."""
+    """The streams, subjects and buckets used for ``prefix``."""
     return Names(NatsOptions(prefix=prefix).prefix)
+
+
+@dataclass(slots=True)
+class _Log:
+    """What this process knows of one stream."""
+
+    kind: ChannelKind
+    stream: str
+    epoch: str | None = None
+    msg_ttl: bool = False
+    highest_seq: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class NatsBackend:
@@ -185,20 +279,23 @@ class NatsBackend:
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._jsm: JetStreamManager | None = None
-        self._users = 0
+        self._usage = OpenCount()
         self._closed = False
-        self._epoch: str | None = None
-        self._highest_seq = 0
-        self._msg_ttl = False
-        self._stream_lock = asyncio.Lock()
+        self._logs: dict[ChannelKind, _Log] = {
+            kind: _Log(kind, self.names.stream_of(kind)) for kind in ("events", "control")
+        }
         self._kv: dict[str, KeyValue] = {}
+        self._buckets: set[str] = set()
         self._kv_lock = asyncio.Lock()
-        self._feeds: dict[str, Feed] = {}
+        self._presence_seen = False
+        self._groups: dict[ChannelKind, list[FeedGroup]] = {"events": [], "control": []}
+        self._feed_of: dict[str, FeedGroup] = {}
         self._denied: tuple[float, str] | None = None
-        self._present: dict[tuple[str, str], bytes] = {}
-        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._presence = PresenceKeeper[tuple[str, str, PresenceRole]](
+            self._refresh_presence, self.options.presence_ttl / 3
+        )
         self._closing: set[asyncio.Task[None]] = set()
-        self._open_lock = asyncio.Lock()
+        self._probe: asyncio.Task[None] | None = None
         self._limits = BackendLimits(self.options.max_message_bytes, None)
         self._ack_timeout = min(2.0, self.options.publish_timeout)
         self._pending_limit = int(self.options.connect.get("pending_size", DEFAULT_PENDING_SIZE))
@@ -217,14 +314,7 @@ class NatsBackend:
         return self._nc
 
     async def open(self) -> None:
-        self._users += 1
-        async with self._open_lock:  # hubs sharing this backend may open it concurrently: connect once
-            if self._nc is None:
-                try:
-                    await self._connect()
-                except BaseException:
-                    self._users -= 1
-                    raise
+        await self._usage.open(self._connect)
 
     async def _connect(self) -> None:
         options: dict[str, Any] = {
@@ -233,6 +323,8 @@ class NatsBackend:
             "reconnect_time_wait": 0.25,
             "max_reconnect_attempts": -1,
             "allow_reconnect": True,
+            "ping_interval": self.options.ping_interval,
+            "max_outstanding_pings": self.options.max_outstanding_pings,
             "disconnected_cb": self._on_disconnected,
             "reconnected_cb": self._on_reconnected,
             "error_cb": self._on_error,
@@ -257,33 +349,36 @@ class NatsBackend:
         self._limits = BackendLimits(min(self.options.max_message_bytes, headroom), None)
 
     async def close(self) -> None:
-        self._users -= 1
-        if self._users > 0 or self._nc is None or self._closed:
+        if not self._usage.release() or self._nc is None or self._closed:
             return
-        task, self._heartbeat_task = self._heartbeat_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._present and self._nc.is_connected:
-            # Leave at once rather than linger until presence_ttl: best effort, bounded.
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):
-                    for session, member in list(self._present):
-                        await self.leave_presence(session, member)
+        nc = self._nc
+        # Leave at once rather than linger until presence_ttl: best effort, bounded.
+        await self._presence.close(self._leave_entry if nc.is_connected else None)
         self._closed = True
-        for feed in list(self._feeds.values()):
-            await feed.close()
-        self._feeds.clear()
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.cancel()
+        for groups in self._groups.values():
+            for group in list(groups):
+                await group.close()
+            groups.clear()
+        self._feed_of.clear()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
-        await self._nc.close()
+        if probe is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await probe
+        try:
+            await nc.close()
+        except OSError as exc:  # flushing what was buffered for a server that went away
+            logger.info("NATS connection closed with unsent data: %s", exc)
 
     async def _on_disconnected(self) -> None:
         if not self._closed:
             logger.info("disconnected from NATS; reconnecting")
-        for feed in list(self._feeds.values()):
-            feed.fail("disconnected from the server")
+        for groups in self._groups.values():
+            for group in list(groups):
+                group.fail("disconnected from the server")
 
     async def _on_reconnected(self) -> None:
         logger.info("reconnected to NATS at %s", self._nc.connected_url if self._nc else "?")
@@ -305,15 +400,37 @@ class NatsBackend:
             raise HubClosed("the NATS backend is not open")
         return self._nc, self._js, self._jsm
 
-    # -- the stream ----------------------------------------------------------------------------------------
+    def _check_alive(self) -> None:
+        """A request timed out on a connection that claims to be up: ping it now, and reconnect if it is dead.
 
-    def stream_config(self) -> StreamConfig:
-        """The stream created on first use (the options decide its limits)."""
+        A peer that vanished without a reset (a half-open connection) is otherwise only noticed after
+        ``max_outstanding_pings`` ping intervals.
+        """
+        nc = self._nc
+        if nc is None or self._closed or not nc.is_connected or (self._probe is not None and not self._probe.done()):
+            return
+        self._probe = asyncio.get_running_loop().create_task(self._ping(nc), name="durable-ai-nats ping")
+
+    async def _ping(self, nc: NATS) -> None:
+        try:
+            await nc.flush(timeout=1)
+        except (nats.errors.TimeoutError, TimeoutError):
+            if nc.is_connected and not self._closed:
+                logger.warning("NATS connection to %s does not answer; reconnecting", nc.connected_url)
+                await nc.force_reconnect()
+        except Exception as exc:
+            logger.debug("connection check failed: %s", exc)
+
+    # -- the streams ---------------------------------------------------------------------------------------
+
+    def stream_config(self, kind: ChannelKind = "events") -> StreamConfig:
+        """The stream of a channel kind, as it is created on first use (the options decide its limits)."""
         o = self.options
+        subject = "events" if kind == "events" else "control"
         config = StreamConfig(
-            name=self.names.stream,
-            description="durable-ai sessions",
-            subjects=[f"{o.prefix}.*.events", f"{o.prefix}.*.control"],
+            name=self.names.stream_of(kind),
+            description=f"durable-ai session {subject}",
+            subjects=[f"{o.prefix}.*.{subject}", self.names.epoch_subject(kind)],
             max_age=o.max_age,
             max_msgs_per_subject=o.max_messages or -1,
             max_bytes=o.max_bytes or -1,
@@ -322,74 +439,112 @@ class NatsBackend:
             num_replicas=o.replicas,
             duplicate_window=o.duplicate_window,
             allow_direct=True,
+            deny_delete=True,
+            max_consumers=o.max_consumers,
+            consumer_limits=StreamConsumerLimits(inactive_threshold=o.consumer_idle),
         )
-        if o.control_ttl is not None and self._server_at_least(2, 11):
-            config = replace(config, allow_msg_ttl=True)
+        if self._server_at_least(2, 11):
+            config = replace(config, allow_msg_ttl=True)  # control TTLs, and an epoch marker that never expires
         return config
 
     def _server_at_least(self, major: int, minor: int) -> bool:
         version = self._nc.connected_server_version if self._nc is not None else None
         return version is not None and (version.major, version.minor) >= (major, minor)
 
-    async def _stream(self, *, refresh: bool = False) -> str:
-        """Make sure the stream exists; return its epoch."""
-        if self._epoch is not None and not refresh:
-            return self._epoch
-        _, _, jsm = self._parts()
-        async with self._stream_lock:
-            if self._epoch is not None and not refresh:
-                return self._epoch
-            info = await self._call(lambda: self._stream_info(jsm))
-            self._use(info)
-            assert self._epoch is not None
-            return self._epoch
+    async def _epoch(self, kind: ChannelKind, *, refresh: bool = False) -> str:
+        """The epoch of a stream, from its marker; a trusted process creates the stream and marker if missing."""
+        log = self._logs[kind]
+        if log.epoch is not None and not refresh:
+            return log.epoch
+        async with log.lock:
+            if log.epoch is not None and not refresh:
+                return log.epoch
+            _, _, jsm = self._parts()
+            marker = await self._call(partial(self._read_marker, jsm, kind))
+            if marker is None:
+                # No marker: a new stream (or none yet). Reading the stream's info needs a trusted credential.
+                info = await self._call(partial(self._stream_info, jsm, kind))
+                self._use(log, info)
+                await self._call(partial(self._write_marker, kind))
+            else:
+                epoch, log.msg_ttl = marker
+                if log.epoch is not None and epoch != log.epoch:
+                    logger.warning("stream %s was recreated; cursors of the old one get a reset", log.stream)
+                    log.highest_seq = 0
+                log.epoch = epoch
+            assert log.epoch is not None
+            return log.epoch
 
-    async def _stream_info(self, jsm: JetStreamManager) -> StreamInfo:
+    async def _read_marker(self, jsm: JetStreamManager, kind: ChannelKind) -> tuple[str, bool] | None:
         try:
-            return await jsm.stream_info(self.names.stream)
+            message = await jsm.get_last_msg(self.names.stream_of(kind), self.names.epoch_subject(kind), direct=True)
+        except (nats.js.errors.NotFoundError, nats.errors.NoRespondersError):
+            return None  # no marker, or no stream (direct gets have no responder)
+        try:
+            marker = json.loads(message.data or b"")
+            return str(marker["epoch"]), bool(marker.get("msg_ttl"))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    async def _write_marker(self, kind: ChannelKind) -> None:
+        _, js, _ = self._parts()
+        log = self._logs[kind]
+        assert log.epoch is not None
+        data = json.dumps({"epoch": log.epoch, "msg_ttl": log.msg_ttl}).encode()
+        headers = {_MSG_ID: f"epoch:{log.epoch}", "Nats-Expected-Last-Subject-Sequence": "0"}
+        if log.msg_ttl:
+            headers["Nats-TTL"] = "never"  # kept past max_age
+        try:
+            await js.publish(self.names.epoch_subject(kind), data, headers=headers)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != 10071:  # wrong last sequence: another process wrote the marker first
+                raise
+
+    async def _stream_info(self, jsm: JetStreamManager, kind: ChannelKind) -> StreamInfo:
+        stream = self.names.stream_of(kind)
+        try:
+            return await jsm.stream_info(stream)
         except nats.js.errors.NotFoundError:
             pass
         try:
-            info = await jsm.add_stream(self.stream_config())
-            logger.info("created stream %s", self.names.stream)
+            info = await jsm.add_stream(self.stream_config(kind))
+            logger.info("created stream %s", stream)
             return info
         except nats.js.errors.BadRequestError:
-            return await jsm.stream_info(self.names.stream)  # created by another process meanwhile
+            return await jsm.stream_info(stream)  # created by another process meanwhile
 
-    def _use(self, info: StreamInfo) -> None:
+    def _use(self, log: _Log, info: StreamInfo) -> None:
         created = info.created
         epoch = format(int(created.timestamp() * 1_000_000), "x") if created is not None else "0"
-        if self._epoch is not None and epoch != self._epoch:
-            logger.warning("stream %s was recreated; cursors of the old one get a reset", self.names.stream)
-            self._highest_seq = 0
-        self._epoch = epoch
-        self._msg_ttl = bool(info.config.allow_msg_ttl)
-        wanted = self.stream_config()
-        for attr in ("num_replicas", "max_msgs_per_subject", "max_age", "storage"):
+        if log.epoch is not None and epoch != log.epoch:
+            logger.warning("stream %s was recreated; cursors of the old one get a reset", log.stream)
+            log.highest_seq = 0
+        log.epoch = epoch
+        log.msg_ttl = bool(info.config.allow_msg_ttl)
+        wanted = self.stream_config(log.kind)
+        for attr in ("num_replicas", "max_msgs_per_subject", "max_age", "storage", "max_consumers"):
             have, want = getattr(info.config, attr), getattr(wanted, attr)
             if have != want and not (attr == "max_age" and not have and not want):
-                logger.warning(
-                    "stream %s exists with %s=%s, not %s; using it as it is", self.names.stream, attr, have, want
-                )
+                logger.warning("stream %s exists with %s=%s, not %s; using it as it is", log.stream, attr, have, want)
 
     async def _call(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """Run one request with retries on timeouts and disconnects, for up to ``publish_timeout``.
 
-        The first attempt runs bare (most requests succeed at once, and a retry loop per publish costs more
-        than the publish); a retryable failure hands over to tenacity. A request the server refused for lack of
-        permission is not retried: the server answers it with an asynchronous error and no reply, so the timeout
-        that follows is turned into ``PermissionDenied``.
+        A request the server refused for lack of permission is not retried: the server answers it with an
+        asynchronous error and no reply, so the timeout that follows is turned into ``PermissionDenied``. A
+        timeout on a connection that claims to be up checks the connection at once (see :meth:`_check_alive`).
         """
         started = time.monotonic()
+
+        def retryable(exc: BaseException) -> bool:
+            if not isinstance(exc, _RETRYABLE) or self._denied_since(started) is not None:
+                return False
+            if isinstance(exc, _TIMEOUTS):
+                self._check_alive()
+            return True
+
         try:
-            try:
-                result = await attempt()
-            except _RETRYABLE:
-                if self._denied_since(started) is not None:
-                    raise
-                result = await self._retry(attempt, started)
-            raise_if_cancelling()
-            return result
+            return await retry_call(attempt, retryable=retryable, within=self.options.publish_timeout)
         except _RETRYABLE as exc:
             if (denied := self._denied_since(started)) is not None:
                 raise PermissionDenied(denied) from exc
@@ -403,21 +558,12 @@ class NatsBackend:
         except nats.js.errors.APIError as exc:
             if exc.code == 403 or "permission" in str(exc).lower():
                 raise PermissionDenied(str(exc)) from exc
+            if exc.err_code == _MAX_CONSUMERS_CODE:
+                raise BackendError(
+                    f"JetStream refused a consumer: {exc.description} (raise max_consumers of the streams, or "
+                    "follow fewer sessions per process)"
+                ) from exc
             raise BackendError(f"JetStream refused the request: {exc}") from exc
-
-    async def _retry(self, attempt: Callable[[], Awaitable[T]], started: float) -> T:
-        def retryable(exc: BaseException) -> bool:
-            return isinstance(exc, _RETRYABLE) and self._denied_since(started) is None
-
-        async for trying in AsyncRetrying(
-            stop=stop_after_delay(max(0.0, self.options.publish_timeout - (time.monotonic() - started))),
-            wait=wait_exponential(multiplier=0.05, max=1.0),
-            retry=retry_if_exception(retryable),
-            reraise=True,
-        ):
-            with trying:
-                return await attempt()
-        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- publish -------------------------------------------------------------------------------------------
 
@@ -425,17 +571,18 @@ class NatsBackend:
         nc, js, jsm = self._parts()
         if len(data) > self._limits.max_message_bytes:
             raise PayloadTooLarge(len(data), self._limits.max_message_bytes)
-        if self._epoch is None:
-            await self._stream()
+        log = self._logs[channel.kind]
+        if log.epoch is None:
+            await self._epoch(channel.kind)
         subject = self.names.subject(channel.session, channel.kind)
+        # Scoped to the session: the same id in two sessions is two messages.
+        headers = {_MSG_ID: f"{channel.session}:{message_id}"}
 
         async def attempt() -> Any:
-            if self._epoch is None:
+            if log.epoch is None:
                 # The stream went away (deleted by an operator): create it again, as on first use.
-                async with self._stream_lock:
-                    if self._epoch is None:
-                        self._use(await self._stream_info(jsm))
-            ttl = self.options.control_ttl if channel.kind == "control" and self._msg_ttl else None
+                await self._epoch(channel.kind)
+            ttl = self.options.control_ttl if channel.kind == "control" and log.msg_ttl else None
             if not nc.is_connected and nc.pending_data_size + len(data) + _HEADER_ROOM > self._pending_limit:
                 # nats-py would raise after registering the ack future, which then never resolves: refuse first,
                 # and retry (for up to publish_timeout) in case the connection comes back.
@@ -443,175 +590,268 @@ class NatsBackend:
             if js.publish_async_pending() >= _MAX_PENDING_ACKS:
                 # Checked here rather than with publish_async's wait_stall, which costs a task per publish.
                 raise PendingBufferFull(f"{_MAX_PENDING_ACKS} publishes are waiting for their acknowledgement")
-            future = await js.publish_async(subject, data, headers={"Nats-Msg-Id": message_id}, msg_ttl=ttl)
+            future = await js.publish_async(subject, data, headers=headers, msg_ttl=ttl)
             # A lost ack would leave the future pending forever: expire it (cheaper than asyncio.timeout).
             expiry = asyncio.get_running_loop().call_later(self._ack_timeout, _expire, future)
             try:
                 return await future
             except nats.js.errors.NoStreamResponseError:
-                self._epoch = None
+                log.epoch = None
                 raise
             finally:
                 expiry.cancel()
 
         ack = await self._call(attempt)
-        epoch = self._epoch
-        if ack.seq < self._highest_seq or epoch is None:
-            epoch = await self._stream(refresh=True)
-        self._highest_seq = max(self._highest_seq, ack.seq)
+        if ack.duplicate and channel.kind == "events":
+            await self._check_duplicate(jsm, log.stream, ack.seq, subject, message_id)
+        epoch = log.epoch
+        if ack.seq < log.highest_seq or epoch is None:
+            epoch = await self._epoch(channel.kind, refresh=True)
+        log.highest_seq = max(log.highest_seq, ack.seq)
         return LogPosition(epoch, str(ack.seq))
+
+    async def _check_duplicate(self, jsm: JetStreamManager, stream: str, seq: int, subject: str, mid: str) -> None:
+        """A duplicate ack names the message stored first under the id: it must be on the same subject."""
+        try:
+            stored = await self._call(lambda: jsm.get_msg(stream, seq, direct=True))
+        except nats.js.errors.NotFoundError:
+            return  # gone since (retention): nothing to compare with
+        if stored.subject != subject:
+            raise BackendError(f"message id {mid!r} is already used by another subject; the message was not stored")
 
     # -- read ----------------------------------------------------------------------------------------------
 
     async def read(self, channel: Channel, *, start: LogPosition | None, follow: bool) -> AsyncIterator[StoredMessage]:
-        nc, _, jsm = self._parts()
-        subject = self.names.subject(channel.session, channel.kind)
-        # One stream-info request per read, not per message: a stream recreated by another process since this
-        # one last looked must reset old cursors, and only the server knows.
-        epoch = await self._stream(refresh=True)
+        self._parts()
+        kind = channel.kind
+        subject = self.names.subject(channel.session, kind)
+        # One marker request per read, not per message: a stream recreated by another process since this one
+        # last looked must reset old cursors, and only the server knows.
+        epoch = await self._epoch(kind, refresh=True)
         if start is not None and start.epoch != epoch:
             raise LogReset("the session's log was recreated (the NATS stream is a new one)")
-        first: int | None = None
-        if start is not None and start.position is not None:
-            try:
-                first = int(start.position)
-            except ValueError:
-                raise LogReset(f"{start.position!r} is not a position of this log") from None
-        tap: Tap | None = None
-        last: int | None = None
+        if start is not None and start.position is not None and not start.position.isdigit():
+            raise LogReset(f"{start.position!r} is not a position of this log")
+        groups: dict[Tap, FeedGroup] = {}
+
+        async def attach() -> Tap:
+            group = await self._group_for(kind, subject, epoch)
+            tap = await group.attach(subject)
+            groups[tap] = group
+            return tap
+
+        def detach(tap: Tap) -> None:
+            group = groups.pop(tap, None)
+            if group is not None:
+                group.detach(subject, tap)
+
+        messages = follow_log(
+            start=start,
+            follow=follow,
+            backlog=partial(self._backlog, kind, subject, epoch),
+            attach=attach,
+            detach=detach,
+            order=int,
+        )
         try:
-            while True:
-                if follow and tap is None:
-                    tap = await self._attach(nc, jsm, subject)
-                spec = (
-                    ConsumerSpec(self.names.stream, subject, DeliverPolicy.BY_START_SEQUENCE, first)
-                    if first is not None
-                    else ConsumerSpec(self.names.stream, subject, DeliverPolicy.ALL)
-                )
-                backlog = Backlog(nc, jsm, spec, self.options.heartbeat)
-                expected = first  # reading from a position: the message there must still be the first one
-                try:
-                    count = await self._call(backlog.open)
-                    if expected is not None and count == 0:
-                        raise LogReset("the message at the cursor is no longer retained")
-                    while (item := await backlog.next()) is not None:
-                        if expected is not None:
-                            if item.seq != expected:
-                                raise LogReset("the message at the cursor is no longer retained")
-                            expected = None
-                        if backlog.remaining == 0:
-                            await backlog.close()  # before the last yield: a reader that stops here holds none
-                        if last is not None and item.seq <= last:
-                            continue
-                        last = item.seq
-                        yield StoredMessage(epoch, str(item.seq), item.data)
-                finally:
-                    await backlog.close()
-                if tap is None:
-                    return
-                while (live := await tap.next()) is not None:
-                    if last is not None and live.seq <= last:
-                        continue
-                    last = live.seq
-                    yield StoredMessage(epoch, str(live.seq), live.data)
-                # Fell behind the feed: read the backlog again from the last message read (inclusive).
-                self._detach(tap)
-                tap = None
-                if last is not None:
-                    first = last
+            async for message in messages:
+                yield message
         finally:
-            if tap is not None:
-                self._detach(tap)
+            await messages.aclose()  # type: ignore[attr-defined]
 
-    async def _attach(self, nc: NATS, jsm: JetStreamManager, subject: str) -> Tap:
-        feed = self._feeds.get(subject)
-        if feed is None or feed.broken:
-            feed = Feed(nc, jsm, self.names.stream, subject, self.options.heartbeat)
-            self._feeds[subject] = feed
-        tap = Tap(feed, self.options.tap_limit)
-        feed.taps.add(tap)
+    async def _backlog(
+        self, kind: ChannelKind, subject: str, epoch: str, start: LogPosition | None
+    ) -> AsyncIterator[StoredMessage]:
+        """What the subject holds from ``start`` (inclusive), checking that nothing goes missing while it reads."""
+        nc, _, jsm = self._parts()
+        stream = self.names.stream_of(kind)
+        first = int(start.position) if start is not None and start.position is not None else None
+        spec = (
+            ConsumerSpec(stream, (subject,), DeliverPolicy.BY_START_SEQUENCE, first)
+            if first is not None
+            else ConsumerSpec(stream, (subject,), DeliverPolicy.ALL)
+        )
+        backlog = Backlog(nc, jsm, spec, self.options.heartbeat)
+        read_first: int | None = None
+        count = 0
         try:
-            await self._call(feed.start)
-        except BaseException:
-            self._detach(tap)
-            raise
-        return tap
+            total = await self._call(backlog.open)
+            if first is not None and total == 0:
+                raise LogReset("the message at the cursor is no longer retained")
+            while (item := await backlog.next()) is not None:
+                if read_first is None:
+                    if first is not None and item.seq != first:
+                        raise LogReset("the message at the cursor is no longer retained")
+                    read_first = item.seq
+                count += 1
+                if backlog.remaining == 0:
+                    await backlog.close()  # before the last yield: a reader that stops here holds none
+                    if count > 1 and not await self._still_first(stream, subject, read_first):
+                        raise LogReset("retention removed messages of the session while they were read")
+                yield StoredMessage(epoch, str(item.seq), item.data)
+        finally:
+            await backlog.close()
 
-    def _detach(self, tap: Tap) -> None:
-        feed = tap.feed
-        feed.taps.discard(tap)
-        if not feed.taps:
-            if self._feeds.get(feed.consumer.spec.subject) is feed:
-                del self._feeds[feed.consumer.spec.subject]
-            self._spawn_close(feed)
+    async def _still_first(self, stream: str, subject: str, seq: int) -> bool:
+        """Whether the message at ``seq`` is still retained (retention removes a subject's oldest messages first,
+        so if it is, no message after it was removed while a read went from it to the end)."""
+        nc, _, jsm = self._parts()
+        probe = Backlog(nc, jsm, ConsumerSpec(stream, (subject,), DeliverPolicy.BY_START_SEQUENCE, seq), 2.0)
+        try:
+            if await self._call(probe.open) == 0:
+                return False
+            item = await probe.next()
+            return item is not None and item.seq == seq
+        finally:
+            self._spawn(probe.close())
 
-    def _spawn_close(self, feed: Feed) -> None:
-        task = asyncio.get_running_loop().create_task(feed.close(), name="durable-ai-nats feed close")
+    async def _group_for(self, kind: ChannelKind, subject: str, epoch: str) -> FeedGroup:
+        """The live consumer group that serves ``subject`` (joining one with room, or starting one)."""
+        group = self._feed_of.get(subject)
+        if group is not None and not group.broken and group.epoch == epoch:
+            return group
+        nc, _, jsm = self._parts()
+        groups = self._groups[kind]
+        group = next((g for g in groups if g.has_room() and g.epoch == epoch), None)
+        if group is None:
+            group = FeedGroup(
+                nc,
+                jsm,
+                self.names.stream_of(kind),
+                epoch,
+                heartbeat=self.options.heartbeat,
+                capacity=self.options.feed_subjects,
+                tap_messages=self.options.tap_limit,
+                tap_bytes=self.options.tap_bytes,
+                call=self._call,
+                on_done=self._group_done,
+                on_quiet=self._check_alive,
+            )
+            groups.append(group)
+        self._feed_of[subject] = group
+        return group
+
+    def _group_done(self, group: FeedGroup) -> None:
+        for groups in self._groups.values():
+            if group in groups:
+                groups.remove(group)
+        for subject in [s for s, g in self._feed_of.items() if g is group]:
+            del self._feed_of[subject]
+        self._spawn(group.close())
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        async def run() -> None:
+            await work
+
+        task = asyncio.get_running_loop().create_task(run(), name="durable-ai-nats cleanup")
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
     async def head(self, channel: Channel) -> LogPosition | None:
         _, _, jsm = self._parts()
-        epoch = await self._stream()
-        subject = self.names.subject(channel.session, channel.kind)
+        kind = channel.kind
+        epoch = await self._epoch(kind)
+        subject = self.names.subject(channel.session, kind)
+        log = self._logs[kind]
 
         async def last() -> Any:
             try:
-                return await jsm.get_last_msg(self.names.stream, subject, direct=True)
+                # Controls are what clients write, headers included: read them through the stream API, whose
+                # answer wraps the message, never by direct get, whose answer is the message's own headers
+                # (nats-py would take a client's "Status: 503" for the server's).
+                return await jsm.get_last_msg(log.stream, subject, direct=kind == "events")
             except nats.js.errors.NotFoundError:
                 return None
             except nats.errors.NoRespondersError:
                 # Nobody serves direct gets for the stream: JetStream is starting, or the stream was deleted.
-                self._use(await self._stream_info(jsm))
+                log.epoch = None
+                await self._epoch(kind)
                 raise
 
         message = await self._call(last)
-        return None if message is None else LogPosition(self._epoch or epoch, str(message.seq))
+        return None if message is None else LogPosition(log.epoch or epoch, str(message.seq))
 
     async def delete(self, session: str) -> None:
         _, _, jsm = self._parts()
-        await self._stream()
-        for kind in ("events", "control"):
+        kinds: tuple[ChannelKind, ...] = ("events", "control")
+        for kind in kinds:
+            await self._epoch(kind)
             subject = self.names.subject(session, kind)
-            await self._call(partial(jsm.purge_stream, self.names.stream, subject=subject))
-            feed = self._feeds.get(subject)
-            if feed is not None:
-                feed.fail("the session was deleted")
+            await self._call(partial(jsm.purge_stream, self.names.stream_of(kind), subject=subject))
+            group = self._feed_of.get(subject)
+            if group is not None:
+                group.fail_subject(subject, "the session was deleted")
         for bucket in (self.names.snapshots, self.names.presence):
             await self._bucket(bucket)
             await self._call(partial(self._purge_prefix, bucket, session))
-        for key in [k for k in self._present if k[0] == session]:
-            del self._present[key]
+        self._presence.forget(lambda key: key[0] == session)
 
     # -- KV: snapshots and presence ------------------------------------------------------------------------
 
-    async def _bucket(self, name: str) -> KeyValue:
-        kv = self._kv.get(name)
-        if kv is not None:
-            return kv
-        _, js, _ = self._parts()
+    async def _bucket(self, name: str) -> None:
+        """Make sure a bucket exists (trusted processes create it on first use)."""
+        if name in self._buckets:
+            return
+        _, js, jsm = self._parts()
         async with self._kv_lock:
-            if name not in self._kv:
-                self._kv[name] = await self._call(lambda: self._open_bucket(js, name))
-            return self._kv[name]
+            if name not in self._buckets:
+                if name == self.names.presence:
+                    await self._call(partial(self._presence_stream, jsm))
+                else:
+                    self._kv[name] = await self._call(lambda: self._open_bucket(js, name))
+                self._buckets.add(name)
 
     async def _open_bucket(self, js: JetStreamContext, name: str) -> KeyValue:
         try:
             return await js.key_value(name)
         except nats.js.errors.BucketNotFoundError:
             pass
-        presence = name == self.names.presence
         try:
             return await js.create_key_value(
                 bucket=name,
                 history=1,
-                ttl=self.options.presence_ttl if presence else self.options.max_age,
+                ttl=self.options.max_age,
                 storage=StorageType.FILE if self.options.storage == "file" else StorageType.MEMORY,
                 replicas=self.options.replicas,
                 direct=True,
             )
         except nats.js.errors.BadRequestError:
             return await js.key_value(name)
+
+    def presence_config(self) -> StreamConfig:
+        """The presence bucket's stream: a KV bucket without rollups, so no client can wipe other entries."""
+        o, bucket = self.options, self.names.presence
+        return StreamConfig(
+            name=f"KV_{bucket}",
+            description="durable-ai presence",
+            subjects=[f"$KV.{bucket}.>"],
+            max_msgs_per_subject=1,
+            max_age=o.presence_ttl,
+            max_msg_size=16 * 1024,
+            storage=StorageType.FILE if o.storage == "file" else StorageType.MEMORY,
+            num_replicas=o.replicas,
+            allow_rollup_hdrs=False,
+            deny_delete=True,
+            allow_direct=True,
+            duplicate_window=min(o.duplicate_window, o.presence_ttl),
+            max_consumers=o.max_consumers,
+            consumer_limits=StreamConsumerLimits(inactive_threshold=o.consumer_idle),
+        )
+
+    async def _presence_stream(self, jsm: JetStreamManager) -> None:
+        config = self.presence_config()
+        try:
+            info = await jsm.stream_info(config.name or "")
+        except nats.js.errors.NotFoundError:
+            try:
+                await jsm.add_stream(config)
+                return
+            except nats.js.errors.BadRequestError:
+                info = await jsm.stream_info(config.name or "")  # created by another process meanwhile
+        if info.config.allow_rollup_hdrs:
+            # A bucket made as a plain KV bucket lets any writer roll up (wipe) the whole bucket: turn that off.
+            logger.warning("presence bucket %s allowed rollups; updating it", config.name)
+            await jsm.update_stream(replace(info.config, allow_rollup_hdrs=False))
 
     async def _purge_prefix(self, bucket: str, session: str) -> None:
         _, _, jsm = self._parts()
@@ -621,97 +861,121 @@ class NatsBackend:
     async def _latest(self, bucket: str, filter_subject: str) -> dict[str, Delivered]:
         """The newest value of every key under a subject filter, read through a consumer (not KV watch)."""
         nc, _, jsm = self._parts()
-        await self._bucket(bucket)
-        spec = ConsumerSpec(f"KV_{bucket}", filter_subject, DeliverPolicy.LAST_PER_SUBJECT)
+        spec = ConsumerSpec(f"KV_{bucket}", (filter_subject,), DeliverPolicy.LAST_PER_SUBJECT)
         backlog = Backlog(nc, jsm, spec, self.options.heartbeat)
         found: dict[str, Delivered] = {}
+
+        async def open_backlog() -> bool:
+            try:
+                await backlog.open()
+            except nats.js.errors.NotFoundError:
+                return False  # no bucket yet: nobody was ever present
+            return True
+
         try:
-            await self._call(backlog.open)
+            if not await self._call(open_backlog):
+                return found
             while (item := await backlog.next()) is not None:
                 found[item.subject] = item
         finally:
             await backlog.close()
         return found
 
+    async def _kv_get(self, bucket: str, key: str) -> bytes | None:
+        """A key's value by direct get (what a client credential may read), ``None`` if absent or deleted.
+
+        No responder means no bucket yet (or JetStream starting): a snapshot that cannot be read is only slower
+        (the reader replays the log), never wrong.
+        """
+        _, _, jsm = self._parts()
+        try:
+            message = await jsm.get_last_msg(f"KV_{bucket}", f"$KV.{bucket}.{key}", direct=True)
+        except (nats.js.errors.NotFoundError, nats.errors.NoRespondersError):
+            return None
+        if message.headers and message.headers.get(_KV_OPERATION) in ("DEL", "PURGE"):
+            return None
+        return message.data or b""
+
     async def load_snapshot(self, session: str) -> bytes | None:
-        kv = await self._bucket(self.names.snapshots)
-
-        async def get(key: str) -> bytes | None:
-            try:
-                entry = await kv.get(key)
-            except nats.js.errors.KeyNotFoundError:
-                return None
-            return entry.value
-
-        head = await self._call(lambda: get(session))
+        bucket = self.names.snapshots
+        head = await self._call(partial(self._kv_get, bucket, session))
         if head is None:
             return None
-        kind, body = head[:1], head[1:]
-        if kind == b"c":  # chunked: "c<count>"
-            chunks = []
-            for index in range(int(body)):
-                chunk = await self._call(partial(get, f"{session}.{index}"))
-                if chunk is None:
-                    return None  # a newer snapshot is being written; the caller replays instead
-                chunks.append(chunk)
-            kind, body = b"z", b"".join(chunks)
-        return zlib.decompress(body) if kind == b"z" else body
+        chunks = []
+        for index in range(snapshot_chunk_count(head)):
+            chunk = await self._call(partial(self._kv_get, bucket, f"{session}.{index}"))
+            if chunk is None:
+                return None  # a newer snapshot is being written; the caller replays instead
+            chunks.append(chunk)
+        return unpack_snapshot(head, chunks)
 
     async def save_snapshot(self, session: str, data: bytes) -> None:
-        kv = await self._bucket(self.names.snapshots)
-        packed = zlib.compress(data, 1)
-        payload = b"z" + packed if len(packed) < len(data) else b"r" + data
-        room = self._limits.max_message_bytes
-        if len(payload) <= room:
-            await self._call(lambda: kv.put(session, payload))
-            return
-        chunks = [packed[i : i + room] for i in range(0, len(packed), room)]
+        await self._bucket(self.names.snapshots)
+        kv = self._kv[self.names.snapshots]
+        chunks, head = pack_snapshot(data, self._limits.max_message_bytes)
         for index, chunk in enumerate(chunks):
             await self._call(partial(kv.put, f"{session}.{index}", chunk))
-        await self._call(lambda: kv.put(session, b"c" + str(len(chunks)).encode()))
+        await self._call(lambda: kv.put(session, head))
 
-    @staticmethod
-    def _member_key(session: str, member_id: str) -> str:
-        return f"{session}.{base64.urlsafe_b64encode(member_id.encode()).decode().rstrip('=') or '_'}"
+    async def enter_presence(self, session: str, member_id: str, data: bytes, *, role: PresenceRole) -> None:
+        await self._put_presence((session, member_id, role), data)
+        self._presence.entered((session, member_id, role), data)
 
-    async def enter_presence(self, session: str, member_id: str, data: bytes) -> None:
-        kv = await self._bucket(self.names.presence)
-        await self._call(lambda: kv.put(self._member_key(session, member_id), b"p" + data))
-        self._present[(session, member_id)] = data
-        if self._heartbeat_task is None:
-            self._heartbeat_task = asyncio.get_running_loop().create_task(
-                self._refresh_presence(), name="durable-ai-nats presence"
-            )
+    async def _put_presence(self, key: tuple[str, str, PresenceRole], data: bytes) -> None:
+        _, js, _ = self._parts()
+        subject = self.names.presence_subject(*key)
+        bucket = self.names.presence
 
-    async def leave_presence(self, session: str, member_id: str) -> None:
-        self._present.pop((session, member_id), None)
-        kv = await self._bucket(self.names.presence)
-        await self._call(lambda: kv.delete(self._member_key(session, member_id)))
+        async def attempt() -> None:
+            try:
+                await js.publish(subject, b"p" + data)
+            except nats.js.errors.NoStreamResponseError:
+                if bucket in self._buckets:
+                    raise
+                # No bucket yet: create it (a trusted credential; a client's attempt is PermissionDenied).
+                await self._bucket(bucket)
+                await js.publish(subject, b"p" + data)
+            self._presence_seen = True  # a later leave that finds no stream is JetStream being away
 
-    async def presence(self, session: str) -> dict[str, bytes]:
+        await self._call(attempt)
+
+    async def _refresh_presence(self, key: tuple[str, str, PresenceRole], data: bytes) -> None:
+        await self._put_presence(key, data)
+
+    async def _leave_entry(self, key: tuple[str, str, PresenceRole]) -> None:
+        _, js, _ = self._parts()
+        subject = self.names.presence_subject(*key)
+
+        async def attempt() -> None:
+            try:
+                await js.publish(subject, b"", headers={_KV_OPERATION: "DEL"})
+            except nats.js.errors.NoStreamResponseError:
+                if self._presence_seen or self.names.presence in self._buckets:
+                    raise  # the bucket exists: JetStream is away for now
+                # No bucket was ever seen here: nothing to leave (entering failed before it was made).
+
+        await self._call(attempt)
+
+    async def leave_presence(self, session: str, member_id: str, *, role: PresenceRole) -> None:
+        self._presence.left((session, member_id, role))
+        await self._leave_entry((session, member_id, role))
+
+    async def presence(self, session: str) -> list[PresenceEntry]:
         bucket = self.names.presence
         latest = await self._latest(bucket, f"$KV.{bucket}.{session}.>")
-        members: dict[str, bytes] = {}
+        entries: list[PresenceEntry] = []
         for subject, item in latest.items():
             if item.headers and item.headers.get(_KV_OPERATION) in ("DEL", "PURGE"):
                 continue
-            if not item.data.startswith(b"p"):
+            tokens = subject.split(".")
+            if len(tokens) != 5 or not item.data.startswith(b"p"):
+                continue  # not an entry this backend writes: skipped, never raised
+            role = _TOKEN_ROLE.get(tokens[3])
+            member = _member_of(tokens[4])
+            if role is None or member is None:
                 continue
-            token = subject.rsplit(".", 1)[-1]
-            member = "" if token == "_" else base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-            members[member] = item.data[1:]
-        return members
-
-    async def _refresh_presence(self) -> None:
-        interval = self.options.presence_ttl / 3
-        while True:
-            await asyncio.sleep(interval)
-            for (session, member), data in list(self._present.items()):
-                try:
-                    kv = await self._bucket(self.names.presence)
-                    await kv.put(self._member_key(session, member), b"p" + data)
-                except Exception as exc:
-                    logger.info("could not refresh presence of %r in %r: %s", member, session, exc)
+            entries.append(PresenceEntry(member, role, item.data[1:]))
+        return entries
 
 
 def _expire(future: asyncio.Future[Any]) -> None:
@@ -726,15 +990,39 @@ def _float(value: str, name: str) -> float:
         raise ConfigurationError(f"{name} must be a number, got {value!r}") from None
 
 
+_INT_OPTIONS = (
+    "replicas",
+    "max_messages",
+    "max_bytes",
+    "max_message_bytes",
+    "tap_limit",
+    "tap_bytes",
+    "feed_subjects",
+    "max_consumers",
+    "max_outstanding_pings",
+)
+#: integer options where 0 means "no limit" (the others must be positive)
+_UNLIMITED_AT_ZERO = ("max_messages", "max_bytes")
+_SECONDS_OPTIONS = (
+    "duplicate_window",
+    "presence_ttl",
+    "publish_timeout",
+    "connect_timeout",
+    "heartbeat",
+    "ping_interval",
+    "consumer_idle",
+)
+
+
 def from_url(url: str) -> NatsBackend:
     """A backend for ``nats://[user:password@]host:port[,host:port...][?option=value&...]``.
 
     Options: ``prefix``, ``replicas``, ``storage`` (file|memory), ``max_age`` (seconds, 0: forever),
     ``max_messages`` (per session log, 0: no limit), ``max_bytes``, ``max_message_bytes``, ``duplicate_window``,
     ``control_ttl`` (0: as events), ``presence_ttl``, ``publish_timeout``, ``connect_timeout``, ``heartbeat``,
-    ``tap_limit``,
-    and for the connection ``name``, ``token``, ``creds`` (a credentials file), ``nkey_seed`` (a seed file),
-    ``inbox_prefix``.
+    ``ping_interval``, ``max_outstanding_pings``, ``tap_limit``, ``tap_bytes``, ``feed_subjects``,
+    ``max_consumers``, ``consumer_idle``, and for the connection ``name``, ``token``, ``creds`` (a credentials
+    file), ``nkey_seed`` (a seed file), ``inbox_prefix``.
     """
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("nats", "tls"):
@@ -748,13 +1036,13 @@ def from_url(url: str) -> NatsBackend:
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
         if key in ("prefix", "storage"):
             kwargs[key] = value
-        elif key in ("replicas", "max_messages", "max_bytes", "max_message_bytes", "tap_limit"):
+        elif key in _INT_OPTIONS:
             number = int(_float(value, key))
-            kwargs[key] = number if number > 0 or key in ("replicas", "max_message_bytes", "tap_limit") else None
+            kwargs[key] = None if number <= 0 and key in _UNLIMITED_AT_ZERO else number
         elif key in ("max_age", "control_ttl"):
             seconds = _float(value, key)
             kwargs[key] = seconds if seconds > 0 else None
-        elif key in ("duplicate_window", "presence_ttl", "publish_timeout", "connect_timeout", "heartbeat"):
+        elif key in _SECONDS_OPTIONS:
             kwargs[key] = _float(value, key)
         elif key in ("name", "token", "inbox_prefix"):
             connect[key] = unquote(value)
