@@ -1,11 +1,12 @@
-"""A loopback TCP proxy for fault tests: reset every connection on demand, or refuse new ones."""
+"""A loopback TCP proxy for fault tests: reset every connection on demand, refuse new ones, or black-hole them."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 HOST = "127.0.0.1"
 
@@ -14,9 +15,12 @@ HOST = "127.0.0.1"
 class _Link:
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter | None = None
+    swallowed: bool = False  # a black hole: both sockets stay open, every byte is dropped, no FIN, no reset
+    aborted: asyncio.Event = field(default_factory=asyncio.Event)
 
     def abort(self) -> None:
         """Drop both sides at once with a TCP reset (SO_LINGER 0), not an orderly FIN."""
+        self.aborted.set()
         for writer in (self.client, self.upstream):
             if writer is None or writer.transport.is_closing():
                 continue
@@ -77,6 +81,22 @@ class TcpProxy:
         for link in self._links.values():
             link.abort()
 
+    def swallow(self) -> None:
+        """Black-hole every current connection: a half-open peer, as after a NAT or a host silently lost.
+
+        From now on the proxy reads and drops every byte either side sends; both sockets stay open and neither
+        side gets a FIN or a reset (an end of stream on one side is not passed on to the other either), so only
+        a timeout at either end can tell. Connections accepted afterwards are forwarded normally. ``sever()``
+        and ``close()`` still reset swallowed connections.
+        """
+        for link in self._links.values():
+            link.swallowed = True
+
+    @property
+    def swallowed(self) -> int:
+        """Current connections that are black-holed."""
+        return sum(1 for link in self._links.values() if link.swallowed)
+
     async def close(self) -> None:
         """Stop listening, reset every connection and wait for the proxy's tasks to finish."""
         if self._listening is not None:
@@ -134,12 +154,19 @@ class TcpProxy:
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Link) -> None:
-    """Copy ``reader`` to ``writer``; when either side ends or fails, tear the whole link down."""
+    """Copy ``reader`` to ``writer``; when either side ends or fails, tear the whole link down.
+
+    A swallowed link drops what it reads, and an end of stream from either side leaves it open, as a black hole
+    would: it ends only when the proxy resets it (``sever()``, ``close()``).
+    """
     try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                if link.swallowed:
+                    continue
+                writer.write(data)
+                await writer.drain()
+        if link.swallowed:
+            await link.aborted.wait()
     finally:
         link.abort()
