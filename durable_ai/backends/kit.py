@@ -41,6 +41,7 @@ __all__ = [
     "OpenCount",
     "PresenceKeeper",
     "Tap",
+    "cancel_and_wait",
     "follow_log",
     "pack_snapshot",
     "raise_if_cancelling",
@@ -70,6 +71,23 @@ def raise_if_cancelling() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel a task this code owns and wait until it has ended; the caller's own cancellation still propagates.
+
+    (``with suppress(CancelledError): await task`` would also swallow a cancel of the caller that arrives while
+    it waits, and a task that keeps running would hold the caller for good.)
+    """
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+    except Exception as exc:
+        logger.debug("task %s failed while it was cancelled: %r", task.get_name(), exc)
 
 
 class Tap:
@@ -298,20 +316,20 @@ class PresenceKeeper(Generic[K]):
     async def _keep(self) -> None:
         assert self._refresh is not None
         while True:
+            raise_if_cancelling()  # a close() whose cancel a client library swallowed must still end this loop
             await asyncio.sleep(self._interval)
             for key, data in list(self.entries.items()):
                 try:
                     await self._refresh(key, data)
                 except Exception as exc:
                     logger.info("could not refresh presence entry %r: %s", key, exc)
+                raise_if_cancelling()
 
     async def close(self, leave: Callable[[K], Awaitable[None]] | None, *, within: float = 2.0) -> None:
         """Stop refreshing, and leave every entry still held (best effort, within ``within`` seconds)."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         entries, self.entries = list(self.entries), {}
         if leave is None or not entries:
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 
@@ -200,3 +201,19 @@ async def test_retry_call_retries_what_is_retryable_until_the_deadline() -> None
 
     with pytest.raises(ConnectionError):
         await retry_call(down, retryable=lambda e: True, within=0.05, first_delay=0.01)
+
+
+async def test_presence_keeper_closes_when_a_refresh_swallows_the_cancel() -> None:
+    """Client libraries can swallow a cancel (asyncio.wait_for before 3.12): close() must still end the refresher."""
+    refreshing = asyncio.Event()
+
+    async def refresh(key: str, data: bytes) -> None:
+        refreshing.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(30)
+
+    keeper = PresenceKeeper[str](refresh, interval=0.001)
+    keeper.entered("a", b"1")
+    async with asyncio.timeout(5):
+        await refreshing.wait()
+        await keeper.close(None)

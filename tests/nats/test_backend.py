@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
 
 import nats
 import pytest
@@ -11,7 +12,7 @@ import pytest
 import durable_ai
 from durable_ai import Coalesce, Reset
 from durable_ai.backend import Channel, PresenceEntry
-from durable_ai.errors import ConfigurationError, LogReset
+from durable_ai.errors import BackendError, ConfigurationError, LogReset
 from durable_ai.testing.scenarios import collect, text_of
 from durable_ai_nats import NatsBackend, NatsOptions, PendingBufferFull, from_url, names
 from durable_ai_nats.testing import NatsServer, free_ports
@@ -283,3 +284,48 @@ async def test_retention_during_a_catch_up_read_is_a_reset_never_a_gap(nats_serv
         await backend.close()
     # Whatever it read before the reset, it read in order and without a hole it did not report.
     assert [int(p) for p in seen] == sorted(int(p) for p in seen)
+
+
+async def test_a_consumer_the_server_refuses_is_an_error_not_a_retry_loop(nats_server: NatsServer, prefix: str) -> None:
+    """Past the streams' max_consumers, following one more session raises at once, naming the limit."""
+    url = _url(nats_server, prefix, "&max_consumers=3&feed_subjects=1")
+    sessions = [f"s{n}" for n in range(5)]
+    async with durable_ai.connect(url) as hub:
+        for session in sessions:
+            await hub.session(session).user_message("hi")
+        followers: list[AsyncIterator[durable_ai.Event]] = []
+        refused: list[BaseException] = []
+        try:
+            async with asyncio.timeout(20):
+                for session in sessions:  # each follower holds one live consumer (one session per consumer)
+                    follower = hub.session(session).events()
+                    followers.append(follower)
+                    try:
+                        await anext(follower)
+                    except BackendError as exc:
+                        refused.append(exc)
+                        break
+        finally:
+            for follower in followers:
+                await follower.aclose()  # type: ignore[attr-defined]
+    assert refused, "every follower got a consumer past the limit"
+    assert "max_consumers" in str(refused[0])
+
+
+async def test_a_duplicate_ack_for_another_subject_is_an_error(nats_server: NatsServer, prefix: str) -> None:
+    """A dedupe key taken by a message on another subject is never taken for 'stored'."""
+    backend = NatsBackend(nats_server.url, NatsOptions(prefix=prefix))
+    await backend.open()
+    nc = await nats.connect(nats_server.url)
+    try:
+        await backend.publish(Channel("a", "events"), b"{}", message_id="first")  # creates the stream
+        # A writer outside the SDK stores a message under a's next key, on b's subject.
+        await nc.jetstream().publish(names(prefix).subject("b", "events"), b"{}", headers={"Nats-Msg-Id": "a:next"})
+        with pytest.raises(BackendError, match="another subject"):
+            await backend.publish(Channel("a", "events"), b'{"n":1}', message_id="next")
+        # The same id under its own subject is the idempotent retry it looks like.
+        position = await backend.publish(Channel("a", "events"), b'{"n":2}', message_id="again")
+        assert await backend.publish(Channel("a", "events"), b'{"n":2}', message_id="again") == position
+    finally:
+        await nc.close()
+        await backend.close()

@@ -34,8 +34,8 @@ from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.manager import JetStreamManager
 
-from durable_ai.backend import Fanout, StoredMessage, Tap, raise_if_cancelling
-from durable_ai.errors import BackendUnavailable
+from durable_ai.backend import Fanout, StoredMessage, Tap, cancel_and_wait, raise_if_cancelling
+from durable_ai.errors import BackendError, BackendUnavailable, PermissionDenied
 
 logger = logging.getLogger("durable_ai_nats")
 Call = Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
@@ -45,6 +45,10 @@ _DESCRIPTION = "Description"
 _LAST_CONSUMER = "Nats-Last-Consumer"
 _STALLED = "Nats-Consumer-Stalled"
 _ACK_PREFIX = "$JS.ACK."
+
+
+class ConsumerLimitReached(BackendError):
+    """JetStream refused a consumer: the stream's ``max_consumers`` is reached. Not retried: someone must see it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,7 +328,10 @@ class FeedGroup:
                     self._applied = wanted
                 self._synced.set()  # waiters check whether their subject is in; if not, they kick again
         except Exception as exc:
-            self.fail(f"could not set up the live consumer: {exc}", exc)
+            # Refusals that a retry cannot fix reach the readers as they are; anything else (a consumer deleted
+            # under us, a timeout) makes them read again, on a new group.
+            permanent = isinstance(exc, PermissionDenied | ConsumerLimitReached)
+            self.fail(f"could not set up the live consumer: {exc}", exc if permanent else None)
         finally:
             self._sync_task = None
             self._synced.set()
@@ -378,9 +385,7 @@ class FeedGroup:
         self._closed = True
         task, self._sync_task = self._sync_task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await cancel_and_wait(task)
         if self.consumer.broken is None:
             self.consumer.broken = BackendUnavailable("the feed closed")
         self._fail_taps()

@@ -52,6 +52,7 @@ from durable_ai.backend import (
     PresenceRole,
     StoredMessage,
     Tap,
+    cancel_and_wait,
     follow_log,
     pack_snapshot,
     retry_call,
@@ -68,7 +69,7 @@ from durable_ai.errors import (
     PermissionDenied,
 )
 
-from ._consumer import Backlog, ConsumerSpec, Delivered, FeedGroup
+from ._consumer import Backlog, ConsumerLimitReached, ConsumerSpec, Delivered, FeedGroup
 
 __all__ = ["NatsBackend", "NatsOptions", "PendingBufferFull", "from_url", "names"]
 
@@ -356,8 +357,6 @@ class NatsBackend:
         await self._presence.close(self._leave_entry if nc.is_connected else None)
         self._closed = True
         probe, self._probe = self._probe, None
-        if probe is not None:
-            probe.cancel()
         for groups in self._groups.values():
             for group in list(groups):
                 await group.close()
@@ -366,8 +365,7 @@ class NatsBackend:
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         if probe is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await probe
+            await cancel_and_wait(probe)
         try:
             await nc.close()
         except OSError as exc:  # flushing what was buffered for a server that went away
@@ -559,7 +557,7 @@ class NatsBackend:
             if exc.code == 403 or "permission" in str(exc).lower():
                 raise PermissionDenied(str(exc)) from exc
             if exc.err_code == _MAX_CONSUMERS_CODE:
-                raise BackendError(
+                raise ConsumerLimitReached(
                     f"JetStream refused a consumer: {exc.description} (raise max_consumers of the streams, or "
                     "follow fewer sessions per process)"
                 ) from exc
