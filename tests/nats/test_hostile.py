@@ -34,12 +34,13 @@ from durable_ai.errors import AckTimeout
 from durable_ai.events import UserMessage
 from durable_ai.testing import stored_events
 from durable_ai.testing.scenarios import collect, text_of
-from durable_ai_nats import client_inbox_prefix, client_permissions, names, permissions_config
+from durable_ai_nats import client_inbox_prefix, client_permissions, names
 from durable_ai_nats.testing import NatsServer
+from tests.nats.auth import AGENT, authorization, user_url
 
 SESSION = "victim-1"
 OTHER = "secret-9f27c1"  # another session: distinctive, so that any answer naming it is caught
-ADMIN = ("agent", "agent-secret")
+ADMIN = AGENT
 CLIENT = ("client", "client-secret")
 REQUEST_TIMEOUT = 1.0  # a denied request gets no reply: this long counts as refused
 ACK_TIMEOUT = 8.0
@@ -47,11 +48,7 @@ ACK_TIMEOUT = 8.0
 
 @pytest.fixture(scope="module")
 def auth_config() -> str:
-    users = [
-        f'{{ user: "{ADMIN[0]}", password: "{ADMIN[1]}" }}',
-        permissions_config(CLIENT[0], CLIENT[1], client_permissions(SESSION)),
-    ]
-    return "authorization {\n  users = [\n    " + "\n    ".join(users) + "\n  ]\n}\n"
+    return authorization({CLIENT: client_permissions(SESSION)})
 
 
 @pytest.fixture
@@ -60,13 +57,9 @@ async def server(auth_config: str) -> AsyncIterator[NatsServer]:
         yield server
 
 
-def _url(server: NatsServer, user: str, password: str, query: str = "") -> str:
-    return f"nats://{user}:{password}@127.0.0.1:{server.port}{query}"
-
-
 @pytest.fixture
 async def agent(server: NatsServer) -> AsyncIterator[Hub]:
-    async with durable_ai.connect(_url(server, *ADMIN)) as hub:
+    async with durable_ai.connect(user_url(server, *ADMIN)) as hub:
         # The agent side creates what it uses, and writes to both sessions.
         for session in (SESSION, OTHER):
             async with hub.session(session).run(agent="writer") as run:
@@ -77,7 +70,7 @@ async def agent(server: NatsServer) -> AsyncIterator[Hub]:
 
 @pytest.fixture
 def client_url(server: NatsServer) -> str:
-    return _url(server, *CLIENT, f"?inbox_prefix={client_inbox_prefix(SESSION)}")
+    return user_url(server, *CLIENT, f"?inbox_prefix={client_inbox_prefix(SESSION)}")
 
 
 @contextlib.asynccontextmanager
@@ -88,7 +81,7 @@ async def _raw_client(server: NatsServer) -> AsyncIterator[NATS]:
         pass
 
     nc = await nats.connect(
-        _url(server, *CLIENT),
+        user_url(server, *CLIENT),
         inbox_prefix=client_inbox_prefix(SESSION),
         error_cb=on_error,
         allow_reconnect=False,
@@ -101,7 +94,7 @@ async def _raw_client(server: NatsServer) -> AsyncIterator[NATS]:
 
 @contextlib.asynccontextmanager
 async def _admin(server: NatsServer) -> AsyncIterator[NATS]:
-    nc = await nats.connect(_url(server, *ADMIN), allow_reconnect=False)
+    nc = await nats.connect(user_url(server, *ADMIN), allow_reconnect=False)
     try:
         yield nc
     finally:

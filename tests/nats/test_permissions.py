@@ -13,8 +13,9 @@ from durable_ai import Hub, Run
 from durable_ai.backend import Channel
 from durable_ai.errors import InvalidSessionId, PermissionDenied
 from durable_ai.testing.scenarios import collect, run_end, text_of
-from durable_ai_nats import client_inbox_prefix, client_permissions, from_url, names, permissions_config
+from durable_ai_nats import client_inbox_prefix, client_permissions, from_url, names
 from durable_ai_nats.testing import NatsServer
+from tests.nats.auth import AGENT, authorization, user_url
 
 SESSION = "chat-1"
 OTHER = "chat-2"
@@ -22,11 +23,7 @@ OTHER = "chat-2"
 
 @pytest.fixture(scope="module")
 def auth_config() -> str:
-    users = [
-        '{ user: "agent", password: "agent-secret" }',
-        permissions_config("client", "client-secret", client_permissions(SESSION, client_id="tab-1")),
-    ]
-    return "authorization {\n  users = [\n    " + "\n    ".join(users) + "\n  ]\n}\n"
+    return authorization({("client", "client-secret"): client_permissions(SESSION, client_id="tab-1")})
 
 
 @pytest.fixture
@@ -35,13 +32,9 @@ async def server(auth_config: str) -> AsyncIterator[NatsServer]:
         yield server
 
 
-def _url(server: NatsServer, user: str, password: str, query: str = "") -> str:
-    return f"nats://{user}:{password}@127.0.0.1:{server.port}{query}"
-
-
 @pytest.fixture
 async def agent(server: NatsServer) -> AsyncIterator[Hub]:
-    async with durable_ai.connect(_url(server, "agent", "agent-secret")) as hub:
+    async with durable_ai.connect(user_url(server, *AGENT)) as hub:
         # The agent side creates the stream and buckets, and writes to both sessions.
         for session in (SESSION, OTHER):
             async with hub.session(session).run(agent="writer") as run:
@@ -52,7 +45,7 @@ async def agent(server: NatsServer) -> AsyncIterator[Hub]:
 
 @pytest.fixture
 def client_url(server: NatsServer) -> str:
-    return _url(server, "client", "client-secret", f"?inbox_prefix={client_inbox_prefix(SESSION)}")
+    return user_url(server, "client", "client-secret", f"?inbox_prefix={client_inbox_prefix(SESSION)}")
 
 
 async def test_client_reads_its_session_and_sends_controls(agent: Hub, client_url: str) -> None:
@@ -120,7 +113,7 @@ async def test_raw_nats_client_is_confined(agent: Hub, server: NatsServer) -> No
 
     subjects = names()
     nc = await nats.connect(
-        _url(server, "client", "client-secret"), inbox_prefix=client_inbox_prefix(SESSION), error_cb=on_error
+        user_url(server, "client", "client-secret"), inbox_prefix=client_inbox_prefix(SESSION), error_cb=on_error
     )
     try:
         await nc.subscribe(subjects.subject(OTHER, "events"))

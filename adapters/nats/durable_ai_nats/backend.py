@@ -176,14 +176,7 @@ class NatsOptions:
                 raise ConfigurationError(f"{name} must be positive or None")
         if self.max_message_bytes < 4096:
             raise ConfigurationError("max_message_bytes must be at least 4096")
-        for name in (
-            "duplicate_window",
-            "presence_ttl",
-            "publish_timeout",
-            "connect_timeout",
-            "heartbeat",
-            "ping_interval",
-        ):
+        for name in _SECONDS_OPTIONS:
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be positive")
         for name in ("tap_limit", "tap_bytes", "feed_subjects", "max_consumers", "max_outstanding_pings"):
