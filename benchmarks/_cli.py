@@ -8,9 +8,10 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import GROUPS, load_group
 from ._harness import (
@@ -32,8 +33,23 @@ class SelectionError(ValueError):
     """``--only`` names a benchmark that no selected group has."""
 
 
-# Size flags: (flag, field of Sizes, type).
-_SIZE_FLAGS: tuple[tuple[str, str, type[int] | type[float]], ...] = (
+def _counts(text: str) -> tuple[int, ...]:
+    """``250,500,1000`` as ``(250, 500, 1000)``."""
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
+    if not counts:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return counts
+
+
+def _shown(value: object) -> str:
+    return ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
+
+
+# Size flags: (flag, field of Sizes, parser of the value).
+_SIZE_FLAGS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("--repeats", "repeats", int),
     ("--tokens", "tokens", int),
     ("--runs", "runs", int),
@@ -43,6 +59,9 @@ _SIZE_FLAGS: tuple[tuple[str, str, type[int] | type[float]], ...] = (
     ("--catch-up-tokens", "catch_up_tokens", int),
     ("--view-runs", "view_runs", int),
     ("--view-run-tokens", "view_run_tokens", int),
+    ("--sessions", "sessions", _counts),
+    ("--session-seconds", "session_seconds", float),
+    ("--session-rounds", "session_rounds", int),
 )
 
 
@@ -83,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     defaults = Sizes.full()
     sizes = parser.add_argument_group("sizes (override --quick or the full defaults)")
     for flag, name, kind in _SIZE_FLAGS:
-        sizes.add_argument(flag, type=kind, default=None, help=f"full size: {getattr(defaults, name)}")
+        sizes.add_argument(flag, type=kind, default=None, help=f"full size: {_shown(getattr(defaults, name))}")
     return parser
 
 

@@ -8,14 +8,18 @@ the raw broker, or another SDK setting) and carry the ratio SDK/baseline.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import hashlib
+import logging
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -32,9 +36,15 @@ __all__ = [
     "Row",
     "Samples",
     "Sizes",
+    "Table",
+    "captured_logs",
     "machine_description",
+    "peak_rss",
+    "percentile",
+    "process_cpu_seconds",
     "render_json",
     "render_markdown",
+    "rss_bytes",
     "sample",
     "settle",
     "source_revision",
@@ -73,6 +83,12 @@ class Sizes:
     """Finished runs in the session of the view benchmark."""
     view_run_tokens: int = 2_000
     """Tokens of each of those runs."""
+    sessions: tuple[int, ...] = (250, 500, 1000)
+    """The steps of the sessions benchmark: so many concurrent sessions, each with a paced agent and a subscriber."""
+    session_seconds: float = 10.0
+    """Seconds of writing in each step of the sessions benchmark."""
+    session_rounds: int = 2
+    """Rounds of each step of the sessions benchmark, the SDK and the baseline alternating (SDK, raw, raw, SDK...)."""
 
     @classmethod
     def full(cls) -> Sizes:
@@ -89,12 +105,18 @@ class Sizes:
             catch_up_tokens=500,
             view_runs=5,
             view_run_tokens=100,
+            sessions=(3,),
+            session_seconds=1.0,
+            session_rounds=1,
         )
 
     def __post_init__(self) -> None:
         for item in fields(self):
             value = getattr(self, item.name)
-            if not value > 0:
+            if isinstance(value, tuple):
+                if not value or not all(isinstance(v, int) and v > 0 for v in value):
+                    raise ValueError(f"{item.name} must be one or more positive whole numbers, got {value!r}")
+            elif not value > 0:
                 raise ValueError(f"{item.name} must be positive, got {value!r}")
 
 
@@ -104,6 +126,8 @@ class Row:
 
     ``id`` is stable across sizes (tests and tools key on it); ``benchmark`` and ``configuration`` are for people.
     ``sdk`` and ``baseline`` are in ``unit``; ``extra`` holds further measured facts (medians, message counts).
+    A side that could not be measured (its set-up failed) has ``sdk_failure`` or ``baseline_failure``: the text
+    printed in its cell instead of the figure (the figure is then ``nan``) and no ratio.
     """
 
     id: str
@@ -115,11 +139,13 @@ class Row:
     baseline: float | None = None
     baseline_label: str | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    sdk_failure: str | None = None
+    baseline_failure: str | None = None
 
     @property
     def ratio(self) -> float | None:
-        """SDK / baseline, or ``None`` where no baseline applies."""
-        if self.baseline is None or self.baseline == 0:
+        """SDK / baseline, or ``None`` where no baseline applies (or a side failed)."""
+        if self.baseline is None or self.baseline == 0 or self.sdk_failure or self.baseline_failure:
             return None
         return self.sdk / self.baseline
 
@@ -127,6 +153,27 @@ class Row:
         data = asdict(self)
         data["ratio"] = self.ratio
         return data
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """A table of text cells that a benchmark adds to its group (printed after the group's table of rows).
+
+    For figures that do not fit one row each: several figures of one configuration side by side, say. The first
+    column is left-aligned, the others right-aligned.
+    """
+
+    title: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+
+    def __post_init__(self) -> None:
+        for row in self.rows:
+            if len(row) != len(self.columns):
+                raise ValueError(f"table {self.title!r}: row {row!r} does not have {len(self.columns)} cells")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"title": self.title, "columns": list(self.columns), "rows": [list(row) for row in self.rows]}
 
 
 @dataclass(slots=True)
@@ -137,12 +184,16 @@ class Report:
     title: str
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
 
     def add(self, row: Row) -> None:
         self.rows.append(row)
 
     def note(self, text: str) -> None:
         self.notes.append(text)
+
+    def table(self, table: Table) -> None:
+        self.tables.append(table)
 
 
 BenchmarkFunction = Callable[[Sizes, Report], Awaitable[None]]
@@ -197,6 +248,112 @@ def settle() -> None:
     gc.collect()
 
 
+def percentile(values: Sequence[float], percent: float) -> float:
+    """The ``percent``-th percentile of ``values`` (nearest rank on the sorted values); ``nan`` if empty."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(percent / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def rss_bytes() -> int:
+    """The resident set size of this process now, bytes (Linux ``/proc``; elsewhere the peak so far)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if platform.system() == "Darwin" else peak * 1024
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+class _RssPeak:
+    def __init__(self) -> None:
+        self.start = rss_bytes()
+        self.peak = self.start
+
+    def observe(self) -> None:
+        self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def growth(self) -> int:
+        """Bytes the peak reached above the resident size at the start."""
+        return self.peak - self.start
+
+
+@contextlib.asynccontextmanager
+async def peak_rss(interval: float = 0.1) -> AsyncIterator[_RssPeak]:
+    """Sample this process's resident size every ``interval`` seconds while the block runs.
+
+    (``ru_maxrss`` is the peak of the whole process: a block after a larger one would show no growth.) Memory
+    that earlier work freed but the allocator kept is reused first, so growth can be under-reported after it.
+    """
+    watch = _RssPeak()
+
+    async def sampling() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            watch.observe()
+
+    task = asyncio.get_running_loop().create_task(sampling())
+    try:
+        yield watch
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        watch.observe()
+
+
+def process_cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds process ``pid`` has used so far (Linux ``/proc``), or ``None``."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields_after_name = stat.rsplit(")", 1)[-1].split()
+    # Fields 14 and 15 of stat(5) (utime, stime); the first after the name is field 3.
+    ticks = int(fields_after_name[11]) + int(fields_after_name[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class _Captured(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def messages(self, level: int = logging.INFO) -> list[str]:
+        return [f"{r.levelname} {r.name}: {r.getMessage()}" for r in self.records if r.levelno >= level]
+
+
+@contextlib.contextmanager
+def captured_logs(*names: str) -> Iterator[_Captured]:
+    """Collect the records (INFO and above) of loggers ``names`` instead of printing them, while the block runs.
+
+    For a benchmark that must report what the library logged (a reader that keeps retrying, say) in its table.
+    """
+    handler = _Captured()
+    saved: list[tuple[logging.Logger, int, bool]] = []
+    for name in names:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.level, logger.propagate))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    try:
+        yield handler
+    finally:
+        for logger, level, propagate in saved:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
+
+
 # -- rendering ---------------------------------------------------------------------------------------------------
 
 
@@ -223,7 +380,7 @@ def _ratio(value: float | None) -> str:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def machine_description() -> dict[str, str]:
@@ -301,19 +458,30 @@ def render_markdown(reports: Sequence[Report], *, sizes: Sizes, command: str, ma
         ]
         for row in report.rows:
             baseline = "n/a"
-            if row.baseline is not None:
+            if row.baseline_failure:
+                baseline = row.baseline_failure
+            elif row.baseline is not None:
                 baseline = _number(row.baseline, row.unit)
-                if row.baseline_label:
-                    baseline += f" ({row.baseline_label})"
+            if row.baseline_label and (row.baseline is not None or row.baseline_failure):
+                baseline += f" ({row.baseline_label})"
             cells = [
                 row.benchmark,
                 row.configuration,
                 row.statistic,
-                _number(row.sdk, row.unit),
+                row.sdk_failure or _number(row.sdk, row.unit),
                 baseline,
                 _ratio(row.ratio),
             ]
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        for table in report.tables:
+            lines += [
+                "",
+                f"### {table.title}",
+                "",
+                "| " + " | ".join(_cell(c) for c in table.columns) + " |",
+                "| " + " | ".join(["---", *["---:"] * (len(table.columns) - 1)]) + " |",
+            ]
+            lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in table.rows]
         if report.notes:
             lines += ["", "Notes:", ""]
             lines += [f"- {note}" for note in report.notes]
@@ -331,6 +499,7 @@ def render_json(reports: Sequence[Report], *, sizes: Sizes, command: str, machin
                 "group": report.group,
                 "title": report.title,
                 "rows": [row.as_dict() for row in report.rows],
+                "tables": [table.as_dict() for table in report.tables],
                 "notes": list(report.notes),
             }
             for report in reports

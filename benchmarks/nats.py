@@ -32,15 +32,16 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import nats
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
 
@@ -50,7 +51,23 @@ from durable_ai.testing import RecordingBackend, UrlTarget
 from durable_ai_nats import NatsBackend, NatsOptions, names
 from durable_ai_nats.testing import NatsServer
 
-from ._harness import Benchmark, BenchmarkError, Better, Group, Report, Row, Samples, Sizes, sample, settle
+from ._harness import (
+    Benchmark,
+    BenchmarkError,
+    Better,
+    Group,
+    Report,
+    Row,
+    Samples,
+    Sizes,
+    Table,
+    captured_logs,
+    peak_rss,
+    percentile,
+    process_cpu_seconds,
+    sample,
+    settle,
+)
 from .core import TOKEN, _live_group, catch_up, produce, write_session
 
 __all__ = [
@@ -61,8 +78,11 @@ __all__ = [
     "raw_latency",
     "raw_publish",
     "raw_publish_pipelined",
+    "raw_sessions",
     "sdk_latency",
     "sdk_publish",
+    "sdk_sessions",
+    "session_schedules",
 ]
 
 LATENCY_INTERVAL = 0.002
@@ -130,7 +150,13 @@ async def _fresh_place() -> AsyncIterator[_Place]:
     finally:
         async with _raw_connection(place) as (nc, _):
             jsm = nc.jsm()
-            for stream in place.streams:
+            doomed = set(place.streams)
+            # Any other stream on the prefix's subjects too (the backend may split events and control).
+            with contextlib.suppress(Exception):
+                for info in await jsm.streams_info():
+                    if any(subject.startswith(f"{place.prefix}.") for subject in info.config.subjects or ()):
+                        doomed.add(info.config.name or "")
+            for stream in sorted(doomed - {""}):
                 with contextlib.suppress(nats.js.errors.NotFoundError):
                     await jsm.delete_stream(stream)
 
@@ -684,6 +710,863 @@ async def bench_catch_up(sizes: Sizes, report: Report) -> None:
                 )
 
 
+# -- d) many sessions at once -------------------------------------------------------------------------------------
+
+SESSION_LATENCY_LIMIT = 250.0
+"""Milliseconds: a step keeps up if the p99 delivery latency is at most this (and nothing is missing)."""
+
+SCHEDULE_TOLERANCE = 100.0
+"""Milliseconds: agents keep their schedule if the p99 of how late they write a token is at most this."""
+
+_SETUP_GATE = 64
+"""Sessions being set up at once (each creates consumers: a flood of JetStream API requests times out)."""
+
+_SETUP_STALL = 15.0
+"""Seconds without one more session becoming ready before a set-up is declared failed."""
+
+_DRAIN = 10.0
+"""Seconds after the last token's scheduled time for every token to reach its subscriber."""
+
+_TEARDOWN = 60.0
+"""Seconds closing the hubs or connections of one step may take."""
+
+_TEARDOWN_PATIENCE = 5.0
+"""Seconds a task asked to stop during a teardown may go on before it is cancelled again."""
+
+_RAW_ENVELOPE = 190
+"""Bytes of padding in each baseline message, about an SDK text-delta event without its text."""
+
+
+def _setup_limit(sessions: int) -> float:
+    return 30.0 + 0.1 * sessions
+
+
+@dataclass(frozen=True, slots=True)
+class _Schedule:
+    """When one session's agent writes its tokens: ``rate`` tokens/s, the first ``offset`` s after the start."""
+
+    rate: int
+    offset: float
+    tokens: int
+
+
+def session_schedules(sessions: int, seconds: float) -> list[_Schedule]:
+    """Agent ``i`` writes 20 + (i % 31) tokens/s (20 to 50), its first token ``(i * 37 % 100) / 100`` of a token
+    interval after the start, for ``seconds``: deterministic, and spread so that no two agents tick together."""
+    schedules = []
+    for i in range(sessions):
+        rate = 20 + i % 31
+        offset = (i * 37 % 100) / 100 / rate
+        schedules.append(_Schedule(rate, offset, max(1, math.ceil((seconds - offset) * rate))))
+    return schedules
+
+
+@dataclass(slots=True)
+class _Tally:
+    """What one side wrote and received, token by token (``nan``: not written / not received)."""
+
+    schedules: list[_Schedule]
+    width: int
+    sent: list[list[float]]
+    received: list[list[float]]
+    lag: list[list[float]]
+    duplicates: int = 0
+
+    @classmethod
+    def new(cls, schedules: list[_Schedule]) -> _Tally:
+        width = max(4, len(str(max(s.tokens for s in schedules))))
+        return cls(
+            schedules,
+            width,
+            [[math.nan] * s.tokens for s in schedules],
+            [[math.nan] * s.tokens for s in schedules],
+            [[math.nan] * s.tokens for s in schedules],
+        )
+
+    def token(self, index: int) -> str:
+        """The text of token ``index``: its index, so that the subscriber can match it to its send time."""
+        return f"{index:0{self.width}d}"
+
+    def receive(self, session: int, text: str, now: float) -> None:
+        """Record the tokens of ``text`` (concatenated by coalescing) as received by session ``session`` now."""
+        received = self.received[session]
+        width = self.width
+        for start in range(0, len(text), width):
+            index = int(text[start : start + width])
+            if math.isnan(received[index]):
+                received[index] = now
+            else:
+                self.duplicates += 1
+
+
+async def _model(tally: _Tally, session: int, t0: float, write: Callable[[str], Awaitable[object]]) -> None:
+    """The simulated model of session ``session``: each token at its scheduled time (late if the loop is busy)."""
+    schedule = tally.schedules[session]
+    sent, lag = tally.sent[session], tally.lag[session]
+    clock = time.perf_counter
+    start = t0 + schedule.offset
+    for index in range(schedule.tokens):
+        at = start + index / schedule.rate
+        delay = at - clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        else:
+            await asyncio.sleep(0)  # behind schedule: still let the rest of the loop run
+        now = clock()
+        lag[index] = now - at
+        sent[index] = now
+        await write(tally.token(index))
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """One side of one round of a step."""
+
+    tally: _Tally
+    setup_seconds: float = math.nan
+    window_seconds: float = math.nan
+    cpu_seconds: float = math.nan
+    server_cpu_seconds: float | None = None
+    rss_growth: int = 0
+    messages: int = 0
+    teardown_seconds: float = math.nan
+    teardown_note: str | None = None
+    setup_failure: str | None = None
+    run_failure: str | None = None
+    logs: list[str] = field(default_factory=list)
+
+
+class _Tasks:
+    """Tasks that all end when the block ends: cancelled if still running, and awaited."""
+
+    def __init__(self) -> None:
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self.tasks.append(task)
+        return task
+
+    def failure(self) -> BaseException | None:
+        """The first exception a finished task raised (not counting cancellations)."""
+        for task in self.tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                return task.exception()
+        return None
+
+    async def __aenter__(self) -> _Tasks:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for task in self.tasks:
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+class _Teardown:
+    """Bounds the closing of one side: re-cancels tasks that ignored their cancellation, and says which.
+
+    On Python 3.11 ``asyncio.wait_for`` (under nats-py's requests) can swallow a ``cancel()``; a library loop that
+    does not check ``Task.cancelling()`` then goes on, and whoever awaits it (``close()``) waits with it. Once
+    :meth:`arm` is called, any task still running ``_TEARDOWN_PATIENCE`` s after it was asked to stop is cancelled
+    again, once a second. The block it wraps is bounded by ``_TEARDOWN`` as a whole.
+    """
+
+    def __init__(self) -> None:
+        self.armed_at: float | None = None
+        self.recancelled: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def arm(self) -> None:
+        if self._task is None:
+            self.armed_at = time.perf_counter()
+            self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        me = asyncio.current_task()
+        await asyncio.sleep(_TEARDOWN_PATIENCE)
+        while True:
+            for task in asyncio.all_tasks():
+                if task is not me and not task.done() and task.cancelling() > 0:
+                    self.recancelled.add(task.get_name())
+                    task.cancel()
+            await asyncio.sleep(1.0)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.armed_at if self.armed_at is not None else math.nan
+
+    def describe(self) -> str | None:
+        if not self.recancelled:
+            return None
+        names = ", ".join(sorted(self.recancelled))
+        return f"re-cancelled task(s) that ignored cancel() for {_TEARDOWN_PATIENCE:g} s: {names}"
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def _describe(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    if isinstance(exc, nats.js.errors.APIError):
+        return f"{type(exc).__name__}: {exc.description or exc} (code {exc.code}, err_code {exc.err_code})"
+    text = str(exc) or repr(exc)
+    return f"{type(exc).__name__}: {text}"
+
+
+async def _await_ready(
+    tasks: _Tasks, counted: Callable[[], int], total: int, limit: float, what: str, logs: Callable[[], list[str]]
+) -> None:
+    """Until ``counted()`` reaches ``total``; raise :class:`BenchmarkError` describing why it did not."""
+    began = time.perf_counter()
+    last, progressed = -1, began
+    while (count := counted()) < total:
+        now = time.perf_counter()
+        if count != last:
+            last, progressed = count, now
+        failed = tasks.failure()
+        reason = None
+        if failed is not None:
+            reason = _describe(failed)
+        elif now - progressed > _SETUP_STALL:
+            reason = f"no progress for {_SETUP_STALL:g} s"
+        elif now - began > limit:
+            reason = f"not done within {limit:g} s"
+        if reason is not None:
+            seen = logs()
+            hint = f"; library log: {seen[0]}" if seen and failed is None else ""
+            raise BenchmarkError(f"{count} of {total} {what} ready after {now - began:.1f} s: {reason}{hint}")
+        await asyncio.sleep(0.05)
+
+
+async def _stored_events(place: _Place, stream: str) -> int:
+    """Messages the stream holds on the events subjects of ``place``."""
+    async with _raw_connection(place) as (_, js):
+        info = await js.stream_info(stream, subjects_filter=place.subject("*"))
+    return sum((info.state.subjects or {}).values())
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """Whether NATS subject ``subject`` matches ``pattern`` (with ``*`` and ``>`` wildcards)."""
+    want, have = pattern.split("."), subject.split(".")
+    for index, token in enumerate(want):
+        if token == ">":
+            return len(have) > index
+        if index >= len(have) or token not in ("*", have[index]):
+            return False
+    return len(want) == len(have)
+
+
+async def _events_stream_config(place: _Place) -> StreamConfig:
+    """The configuration the backend gives the stream that holds the events subjects of ``place``.
+
+    ``stream_config()`` may return one configuration or several (events and control in streams of their own):
+    the one whose subjects match an events subject is used, as it is.
+    """
+    backend = NatsBackend(place.server, NatsOptions(prefix=place.prefix))
+    await backend.open()
+    try:
+        made: object = backend.stream_config()
+    finally:
+        await backend.close()
+    candidates: list[object] = (
+        [made] if isinstance(made, StreamConfig) else list(made) if isinstance(made, Iterable) else []
+    )
+    probe = place.subject("probe")
+    for config in candidates:
+        if isinstance(config, StreamConfig) and any(_matches(s, probe) for s in config.subjects or ()):
+            return config
+    raise BenchmarkError(f"NatsBackend.stream_config() has no stream for {probe!r}: {made!r}")
+
+
+class _Round:
+    """One side of one round of a step: the shared set-up, window and teardown of :func:`sdk_sessions` and
+    :func:`raw_sessions`, which bring their connections and their per-session set-up."""
+
+    def __init__(self, schedules: list[_Schedule], server_pid: int | None) -> None:
+        self.schedules = schedules
+        self.n = len(schedules)
+        self.server_pid = server_pid
+        self.tally = _Tally.new(schedules)
+        self.outcome = _Outcome(self.tally)
+        self.ids = [f"s{i:04d}-{secrets.token_hex(4)}" for i in range(self.n)]
+        self.finished = [asyncio.Event() for _ in range(self.n)]
+        self.go = asyncio.Event()
+        self.t0 = 0.0
+        self.ready = 0
+
+    async def model(self, session: int, write: Callable[[str], Awaitable[object]]) -> None:
+        """Wait for the start of writing, then write session ``session``'s tokens on its schedule."""
+        await self.go.wait()
+        await _model(self.tally, session, self.t0, write)
+
+    async def run(
+        self,
+        resources: contextlib.AbstractAsyncContextManager[object],
+        set_up: Callable[[int, _Tasks], Awaitable[None]],
+        logs: Callable[[], list[str]] = list,
+    ) -> _Outcome:
+        """Open ``resources``; ``set_up(i, tasks)`` each session (returning once its subscriber follows it), a few
+        at a time; start writing; wait for every end; close everything. Failures are recorded, not raised."""
+        n, outcome = self.n, self.outcome
+        gate = asyncio.Semaphore(_SETUP_GATE)
+        writing = max(s.offset + s.tokens / s.rate for s in self.schedules)
+        teardown = _Teardown()
+
+        async def one(i: int, tasks: _Tasks) -> None:
+            async with gate:
+                await set_up(i, tasks)
+            self.ready += 1
+
+        settle()
+        async with peak_rss() as rss:
+            began = time.perf_counter()
+            try:
+                async with asyncio.timeout(_setup_limit(n) + writing + _DRAIN + _TEARDOWN):
+                    try:
+                        async with resources, _Tasks() as tasks:
+                            try:
+                                for i in range(n):
+                                    tasks.start(one(i, tasks))
+                                try:
+                                    await _await_ready(tasks, lambda: self.ready, n, _setup_limit(n), "sessions", logs)
+                                finally:
+                                    outcome.setup_seconds = time.perf_counter() - began
+                                rss.observe()
+                                self.t0 = time.perf_counter() + 0.05
+                                cpu, server = time.process_time(), process_cpu_seconds(self.server_pid)
+                                self.go.set()
+                                try:
+                                    await _await_done(tasks, self.finished, self.t0 + writing + _DRAIN)
+                                except BenchmarkError as exc:
+                                    outcome.run_failure = str(exc)
+                                outcome.window_seconds = time.perf_counter() - self.t0
+                                outcome.cpu_seconds = time.process_time() - cpu
+                                after = process_cpu_seconds(self.server_pid)
+                                if after is not None and server is not None:
+                                    outcome.server_cpu_seconds = after - server
+                                rss.observe()
+                            finally:
+                                teardown.arm()
+                    finally:
+                        outcome.teardown_seconds = teardown.seconds
+                        outcome.teardown_note = teardown.describe()
+                        await teardown.stop()
+            except Exception as exc:  # any failure is reported in the table, then the next step runs
+                text = str(exc) if isinstance(exc, BenchmarkError) else _describe(exc)
+                if math.isnan(outcome.window_seconds):
+                    outcome.setup_failure = (
+                        text if isinstance(exc, BenchmarkError) else f"{text} after {outcome.setup_seconds:.1f} s"
+                    )
+                elif isinstance(exc, TimeoutError):
+                    outcome.teardown_note = (
+                        f"teardown not done within the step's time limit; {outcome.teardown_note or ''}"
+                    )
+                elif outcome.run_failure is None:
+                    outcome.run_failure = text
+        outcome.rss_growth = rss.growth
+        return outcome
+
+
+async def sdk_sessions(place: _Place, schedules: list[_Schedule], server_pid: int | None) -> _Outcome:
+    """N sessions through the SDK: an agent per session writing on its schedule in one hub, a subscriber per
+    session following it with ``session.events()`` in a second hub (a second connection), in this process.
+
+    Set-up: each agent enters its run (``run-start`` stored) and each subscriber has received that
+    ``run-start``; then every agent writes its tokens with ``run.text()`` (default ``Coalesce()``) and leaves the
+    run. The window runs from the start of writing until the last subscriber has received its ``run-end``.
+    """
+    round_ = _Round(schedules, server_pid)
+    tally, ids = round_.tally, round_.ids
+    agents, clients = connect(place.url, snapshots=False), connect(place.url)
+
+    @contextlib.asynccontextmanager
+    async def hubs() -> AsyncIterator[None]:
+        async with agents, clients:
+            yield
+
+    async def set_up(i: int, tasks: _Tasks) -> None:
+        entered, following = asyncio.Event(), asyncio.Event()
+
+        async def subscriber() -> None:
+            async with clients.session(ids[i]).events() as stream:
+                async for event in stream:
+                    now = time.perf_counter()
+                    if isinstance(event, TextDelta):
+                        tally.receive(i, event.delta, now)
+                    elif isinstance(event, RunStart):
+                        following.set()
+                    elif isinstance(event, RunEnd):
+                        break
+            round_.finished[i].set()
+
+        async def agent() -> None:
+            async with agents.session(ids[i]).run(agent="bench") as run:
+                entered.set()
+                await round_.model(i, run.text)
+
+        tasks.start(subscriber())
+        tasks.start(agent())
+        await entered.wait()
+        await following.wait()
+
+    with captured_logs("durable_ai", "durable_ai_nats") as logs:
+        outcome = await round_.run(hubs(), set_up, logs.messages)
+        outcome.logs = logs.messages()
+    if outcome.setup_failure is None:
+        with contextlib.suppress(Exception):
+            stream = (await _events_stream_config(place)).name
+            outcome.messages = await _stored_events(place, stream or place.stream)
+    return outcome
+
+
+async def _await_done(tasks: _Tasks, finished: list[asyncio.Event], end: float) -> None:
+    """Until every subscriber received its end; raise :class:`BenchmarkError` at ``end`` or on a failed task."""
+    while not all(event.is_set() for event in finished):
+        failed = tasks.failure()
+        if failed is not None:
+            raise BenchmarkError(_describe(failed))
+        if time.perf_counter() > end:
+            done = sum(event.is_set() for event in finished)
+            raise BenchmarkError(f"{len(finished) - done} of {len(finished)} subscribers had not received the end")
+        await asyncio.sleep(0.02)
+
+
+class _RawWriter:
+    """The baseline's writer for one subject: the SDK's coalescing by hand, on nats-py.
+
+    As ``Coalesce()``: the first token is published at once, later ones are buffered and published together 40 ms
+    after the first of them was buffered; one publish in flight (``js.publish_async`` and its future awaited),
+    tokens arriving meanwhile join the next message; the end marker carries what is still buffered. Messages are
+    ``tag + padding + tokens`` (``S`` start, ``T`` tokens, ``E`` end).
+    """
+
+    def __init__(self, subject: str, window: float) -> None:
+        self.js: JetStreamContext | None = None  # the publishing connection's, once it is open
+        self.subject = subject
+        self.window = window
+        self.buffer: list[str] = []
+        self.first = True
+        self.urgent = False
+        self.ending = False
+        self.deadline: float | None = None
+        self.wake = asyncio.Event()
+        self.published = 0
+
+    async def publish(self, tag: bytes, text: str = "") -> None:
+        self.published += 1
+        data = tag + b"x" * _RAW_ENVELOPE + text.encode()
+        assert self.js is not None
+        future = await self.js.publish_async(
+            self.subject, data, headers={"Nats-Msg-Id": f"{self.subject}-{self.published}"}
+        )
+        await future
+
+    async def text(self, token: str) -> None:
+        self.buffer.append(token)
+        if self.first:
+            self.first = False
+            self.urgent = True
+            self.wake.set()
+        elif self.deadline is None:
+            self.deadline = time.perf_counter() + self.window
+            self.wake.set()
+
+    def end(self) -> None:
+        self.ending = True
+        self.wake.set()
+
+    async def run(self) -> None:
+        """The flush loop: until the end marker is published."""
+        while True:
+            if self.ending:
+                tokens, self.buffer = self.buffer, []
+                await self.publish(b"E", "".join(tokens))
+                return
+            if not self.buffer:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            if not self.urgent and self.deadline is not None:
+                delay = self.deadline - time.perf_counter()
+                if delay > 0:
+                    self.wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(delay):
+                            await self.wake.wait()
+                    continue
+            tokens, self.buffer = self.buffer, []
+            self.urgent, self.deadline = False, None
+            await self.publish(b"T", "".join(tokens))
+
+
+async def raw_sessions(place: _Place, schedules: list[_Schedule], server_pid: int | None) -> _Outcome:
+    """The baseline of :func:`sdk_sessions`: the same broker work with nats-py, in this process.
+
+    One stream with the backend's configuration; per session an events subject, a :class:`_RawWriter` on one
+    connection and an ordered push consumer (``js.subscribe(..., ordered_consumer=True)``, new messages only, a
+    callback) on a second connection. Set-up: the subscriber exists and has received the writer's start marker.
+    """
+    round_ = _Round(schedules, server_pid)
+    tally = round_.tally
+    config = await _events_stream_config(place)
+    stream = config.name or place.stream
+    skip = 1 + _RAW_ENVELOPE
+    window = Coalesce().max_delay
+    writers = [_RawWriter(place.subject(session_id), window) for session_id in round_.ids]
+    subscriptions: list[Subscription] = []
+    readers: list[JetStreamContext] = []
+
+    @contextlib.asynccontextmanager
+    async def connections() -> AsyncIterator[None]:
+        async with _raw_connection(place) as (_, publisher), _raw_connection(place) as (_, reader):
+            await publisher.add_stream(config)
+            for writer in writers:
+                writer.js = publisher
+            readers.append(reader)
+            try:
+                yield
+            finally:
+                for subscription in subscriptions:
+                    with contextlib.suppress(Exception):
+                        await subscription.unsubscribe()
+
+    async def set_up(i: int, tasks: _Tasks) -> None:
+        following = asyncio.Event()
+        writer = writers[i]
+
+        async def deliver(msg: Msg) -> None:
+            now = time.perf_counter()
+            data = msg.data
+            tag = data[:1]
+            if len(data) > skip:
+                tally.receive(i, data[skip:].decode(), now)
+            if tag == b"S":
+                following.set()
+            elif tag == b"E":
+                round_.finished[i].set()
+
+        async def agent() -> None:
+            flushing = tasks.start(writer.run())
+            await round_.model(i, writer.text)
+            writer.end()
+            await flushing
+
+        subscriptions.append(
+            await readers[0].subscribe(
+                writer.subject, stream=stream, cb=deliver, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW
+            )
+        )
+        await writer.publish(b"S")
+        await following.wait()
+        tasks.start(agent())
+
+    outcome = await round_.run(connections(), set_up)
+    if outcome.setup_failure is None:
+        outcome.messages = sum(w.published for w in writers)
+        with contextlib.suppress(Exception):
+            stored = await _stored_events(place, stream)
+            if stored != outcome.messages:
+                outcome.run_failure = outcome.run_failure or f"{outcome.messages} published, {stored} stored"
+    return outcome
+
+
+@dataclass(frozen=True, slots=True)
+class _Summary:
+    """One side of one step, over its rounds (latencies and lags pooled over every token of every round)."""
+
+    rounds: int
+    failure: str | None
+    run_failures: tuple[str, ...]
+    planned: int
+    written: int
+    delivered: int
+    duplicates: int
+    messages: int
+    setup_seconds: float
+    window_seconds: float
+    teardown_seconds: float
+    teardown_notes: tuple[str, ...]
+    latencies: list[float]
+    lags: list[float]
+    cpu_seconds: float
+    server_cpu_seconds: float | None
+    rss_growth: int
+    logs: tuple[str, ...]
+
+    @property
+    def missing(self) -> int:
+        return self.written - self.delivered
+
+    def latency(self, percent: float) -> float:
+        return percentile(self.latencies, percent)
+
+    def lag(self, percent: float) -> float:
+        return percentile(self.lags, percent)
+
+    @property
+    def cpu_per_thousand(self) -> float:
+        """Milliseconds of this process's CPU per 1,000 tokens written."""
+        return self.cpu_seconds / self.written * 1e6 if self.written else math.nan
+
+    @property
+    def server_cpu_per_thousand(self) -> float:
+        if self.server_cpu_seconds is None or not self.written:
+            return math.nan
+        return self.server_cpu_seconds / self.written * 1e6
+
+    @property
+    def load(self) -> float:
+        """This process's CPU seconds per second of the window: 1.0 is one core busy all the time."""
+        return self.cpu_seconds / self.window_seconds if self.window_seconds > 0 else math.nan
+
+    def shortfall(self) -> list[str]:
+        """Why this side does not keep up (empty if it does)."""
+        if self.failure is not None:
+            return ["set-up failed"]
+        why = [f"run failed: {text}" for text in self.run_failures]
+        if self.written < self.planned:
+            why.append(f"{self.planned - self.written:,} tokens not written")
+        if self.missing:
+            why.append(f"{self.missing:,} tokens missing")
+        if not self.latency(99) <= SESSION_LATENCY_LIMIT:
+            why.append(f"p99 latency {self.latency(99):,.0f} ms > {SESSION_LATENCY_LIMIT:g} ms")
+        if not self.lag(99) * 1000 <= SCHEDULE_TOLERANCE:
+            why.append(f"p99 schedule lag {self.lag(99) * 1000:,.0f} ms > {SCHEDULE_TOLERANCE:g} ms")
+        return why
+
+
+def _summarise(outcomes: list[_Outcome]) -> _Summary:
+    done = [o for o in outcomes if o.setup_failure is None]
+    failure = next((o.setup_failure for o in outcomes if o.setup_failure is not None), None)
+    latencies: list[float] = []
+    lags: list[float] = []
+    planned = written = delivered = 0
+    for outcome in done:
+        tally = outcome.tally
+        for schedule, sent, received, lag in zip(tally.schedules, tally.sent, tally.received, tally.lag, strict=True):
+            planned += schedule.tokens
+            for put, got, late in zip(sent, received, lag, strict=True):
+                if math.isnan(put):
+                    continue
+                written += 1
+                lags.append(late)
+                if not math.isnan(got):
+                    delivered += 1
+                    latencies.append((got - put) * 1000)
+    servers = [o.server_cpu_seconds for o in done]
+    return _Summary(
+        rounds=len(outcomes),
+        failure=failure,
+        run_failures=tuple(o.run_failure for o in done if o.run_failure is not None),
+        planned=planned,
+        written=written,
+        delivered=delivered,
+        duplicates=sum(o.tally.duplicates for o in done),
+        messages=sum(o.messages for o in done),
+        setup_seconds=statistics.median([o.setup_seconds for o in done]) if done else math.nan,
+        window_seconds=sum(o.window_seconds for o in done),
+        teardown_seconds=max((o.teardown_seconds for o in outcomes), default=math.nan),
+        teardown_notes=tuple(sorted({o.teardown_note for o in outcomes if o.teardown_note})),
+        latencies=latencies,
+        lags=lags,
+        cpu_seconds=sum(o.cpu_seconds for o in done),
+        server_cpu_seconds=None if not servers or None in servers else sum(s for s in servers if s is not None),
+        rss_growth=max((o.rss_growth for o in outcomes), default=0),
+        logs=tuple(line for o in outcomes for line in o.logs),
+    )
+
+
+def _ms(value: float) -> str:
+    if math.isnan(value):
+        return "—"
+    return f"{value:,.1f} ms" if value < 100 else f"{value:,.0f} ms"
+
+
+def _x(sdk: float, raw: float) -> str:
+    if math.isnan(sdk) or math.isnan(raw) or raw == 0:
+        return "—"
+    return f"{sdk / raw:.2f}"
+
+
+def _session_table(n: int, seconds: float, sdk: _Summary, raw: _Summary) -> Table:
+    shown: set[int] = set()
+
+    def both(figure: Callable[[_Summary], str]) -> tuple[str, str]:
+        """Each side's cell: the figure, or its set-up failure (in full in the first row, then a dash)."""
+        cells = []
+        for side, summary in enumerate((sdk, raw)):
+            if summary.failure is None:
+                cells.append(figure(summary))
+            elif side in shown:
+                cells.append("—")
+            else:
+                shown.add(side)
+                cells.append(f"set-up failed: {summary.failure}")
+        return cells[0], cells[1]
+
+    def ratio(figure: Callable[[_Summary], float]) -> str:
+        if sdk.failure is not None or raw.failure is not None:
+            return "—"
+        return _x(figure(sdk), figure(raw))
+
+    def row(
+        name: str, text: Callable[[_Summary], str], value: Callable[[_Summary], float] | None = None
+    ) -> tuple[str, ...]:
+        return (name, *both(text), ratio(value) if value is not None else "")
+
+    def verdict(s: _Summary) -> str:
+        why = s.shortfall()
+        return "yes" if not why else "no: " + "; ".join(why)
+
+    def teardown(s: _Summary) -> str:
+        return f"{s.teardown_seconds:.1f} s" + "".join(f"; {note}" for note in s.teardown_notes)
+
+    def len_done(s: _Summary) -> int:
+        return s.rounds - (1 if s.failure is not None else 0)
+
+    def logged(s: _Summary) -> str:
+        if not s.logs:
+            return "none"
+        kinds = sorted({line.split(":", 1)[0] for line in s.logs})
+        serious = [line for line in s.logs if not line.startswith(("INFO", "DEBUG"))]
+        return f"{len(s.logs):,} ({', '.join(kinds)}); first: {(serious or list(s.logs))[0][:200]}"
+
+    rounds = f"{sdk.rounds} round(s)" if sdk.rounds == raw.rounds else f"{sdk.rounds}/{raw.rounds} rounds"
+    rows = (
+        row("set-up (every agent in its run, every subscriber following)", lambda s: f"{s.setup_seconds:.1f} s"),
+        row(
+            "writing until the last subscriber got its end", lambda s: f"{s.window_seconds / max(1, len_done(s)):.1f} s"
+        ),
+        row("teardown (tasks ended, hubs or connections closed), slowest", teardown),
+        row("tokens written (of planned)", lambda s: f"{s.written:,} (of {s.planned:,})", lambda s: s.written),
+        row(
+            "tokens delivered (missing, duplicates)",
+            lambda s: f"{s.delivered:,} ({s.missing:,} missing, {s.duplicates:,} dup.)",
+            lambda s: s.delivered,
+        ),
+        row("broker messages stored (events subjects)", lambda s: f"{s.messages:,}", lambda s: s.messages),
+        row("delivery latency p50", lambda s: _ms(s.latency(50)), lambda s: s.latency(50)),
+        row("delivery latency p99", lambda s: _ms(s.latency(99)), lambda s: s.latency(99)),
+        row("delivery latency max", lambda s: _ms(max(s.latencies, default=math.nan)), None),
+        row(
+            "schedule lag p99 / max",
+            lambda s: f"{_ms(s.lag(99) * 1000)} / {_ms(max(s.lags, default=math.nan) * 1000)}",
+            lambda s: s.lag(99),
+        ),
+        row("CPU per 1,000 tokens (this process)", lambda s: _ms(s.cpu_per_thousand), lambda s: s.cpu_per_thousand),
+        row("this process's load (CPU s per s)", lambda s: f"{s.load:.2f}", lambda s: s.load),
+        row(
+            "nats-server CPU per 1,000 tokens",
+            lambda s: _ms(s.server_cpu_per_thousand),
+            lambda s: s.server_cpu_per_thousand,
+        ),
+        row(
+            "peak RSS growth",
+            lambda s: f"{s.rss_growth / 2**20:,.1f} MiB ({s.rss_growth / 1024 / n:,.1f} KiB/session)",
+            lambda s: s.rss_growth,
+        ),
+        row("library log records", logged),
+        row("keeps up", verdict),
+    )
+    return Table(
+        f"nats sessions: {n:,} concurrent sessions, {seconds:g} s of writing, {rounds}",
+        (f"{n:,} sessions", "SDK", "nats-py", "SDK / nats-py"),
+        rows,
+    )
+
+
+async def bench_sessions(sizes: Sizes, report: Report) -> None:
+    """N concurrent paced sessions with a live subscriber each, SDK vs nats-py doing the same broker work."""
+    server = await nats_server()
+    seconds = sizes.session_seconds
+    sides: dict[str, Callable[[_Place, list[_Schedule], int | None], Awaitable[_Outcome]]] = {
+        "sdk": sdk_sessions,
+        "raw": raw_sessions,
+    }
+    for run in sides.values():  # warm-up: first connections, stream creation, imports
+        async with _fresh_place() as place:
+            await run(place, session_schedules(2, 0.3), server.pid)
+    keeps_up: dict[str, list[int]] = {"sdk": [], "raw": []}
+    for step, n in enumerate(sizes.sessions):
+        schedules = session_schedules(n, seconds)
+        outcomes: dict[str, list[_Outcome]] = {"sdk": [], "raw": []}
+        for round_ in range(sizes.session_rounds):
+            order = ("sdk", "raw") if (round_ + step) % 2 == 0 else ("raw", "sdk")
+            for side in order:
+                if any(o.setup_failure is not None for o in outcomes[side]):
+                    continue  # one failed set-up per side and step is enough
+                async with _fresh_place() as place:
+                    outcomes[side].append(await sides[side](place, schedules, server.pid))
+        sdk, raw = _summarise(outcomes["sdk"]), _summarise(outcomes["raw"])
+        for side, summary in (("sdk", sdk), ("raw", raw)):
+            if not summary.shortfall():
+                keeps_up[side].append(n)
+        report.table(_session_table(n, seconds, sdk, raw))
+        configuration = (
+            f"{n:,} sessions x 1 run at 20-50 tokens/s for {seconds:g} s, Coalesce(), "
+            "1 live subscriber each on a second connection, one process"
+        )
+        figures: list[tuple[str, str, str, Callable[[_Summary], float]]] = [
+            ("delivered", "Concurrent sessions: tokens delivered", "tokens", lambda s: float(s.delivered)),
+            ("p99", "Concurrent sessions: delivery latency p99", "ms", lambda s: s.latency(99)),
+            ("cpu", "Concurrent sessions: CPU per 1,000 tokens", "ms", lambda s: s.cpu_per_thousand),
+        ]
+        for key, benchmark, unit, figure in figures:
+            report.add(
+                Row(
+                    id=f"nats.sessions.{key}.n{n}",
+                    benchmark=benchmark,
+                    configuration=configuration,
+                    statistic=f"{sdk.rounds} round(s)" if sdk.rounds > 1 else "1 round",
+                    unit=unit,
+                    sdk=figure(sdk) if sdk.failure is None else math.nan,
+                    baseline=figure(raw) if raw.failure is None else math.nan,
+                    baseline_label="nats-py",
+                    sdk_failure=f"set-up failed: {sdk.failure}" if sdk.failure is not None else None,
+                    baseline_failure=f"set-up failed: {raw.failure}" if raw.failure is not None else None,
+                    extra={
+                        "sessions": float(n),
+                        "planned": float(sdk.planned),
+                        "sdk_written": float(sdk.written),
+                        "sdk_missing": float(sdk.missing),
+                        "sdk_messages": float(sdk.messages),
+                        "sdk_keeps_up": float(not sdk.shortfall()),
+                        "baseline_written": float(raw.written),
+                        "baseline_missing": float(raw.missing),
+                        "baseline_messages": float(raw.messages),
+                        "baseline_keeps_up": float(not raw.shortfall()),
+                    },
+                )
+            )
+
+    def largest(side: str) -> str:
+        return f"{max(keeps_up[side]):,}" if keeps_up[side] else "none of the steps"
+
+    report.note(
+        f"nats sessions: agent i writes 20 + (i % 31) tokens/s with run.text() (one token per call, its index as "
+        f"its text), from a deterministic offset, for {seconds:g} s; each session's subscriber follows it live "
+        "(session.events() in a second hub) in the same process. The baseline does the same broker work with "
+        "nats-py: the SDK's 40 ms coalescing by hand, js.publish_async + await of its future, one in flight per "
+        "subject, on a stream with NatsBackend.stream_config(); one ordered push consumer per subject on a "
+        "second connection (the SDK shares one live consumer per stream among up to 100 followed sessions). "
+        "Latency: from the run.text() "
+        "call to the subscriber receiving the token; schedule lag: how late the agent called it. Agents run with "
+        "snapshots=False. Rounds alternate SDK and baseline."
+    )
+    report.note(
+        f"nats sessions: largest N that keeps up (every token delivered, p99 schedule lag <= "
+        f"{SCHEDULE_TOLERANCE:g} ms, p99 delivery latency <= {SESSION_LATENCY_LIMIT:g} ms): SDK {largest('sdk')}, "
+        f"nats-py {largest('raw')} (steps: {', '.join(f'{n:,}' for n in sizes.sessions)})."
+    )
+
+
 GROUP = Group(
     name="nats",
     title="the NATS JetStream backend against raw nats-py",
@@ -695,6 +1578,11 @@ GROUP = Group(
         ),
         Benchmark("latency", "p50/p99 run.text() → subscriber, vs nats-py publish → ordered consumer", bench_latency),
         Benchmark("catch-up", "a new subscriber reads a finished run, vs a nats-py ordered consumer", bench_catch_up),
+        Benchmark(
+            "sessions",
+            "N concurrent paced sessions with a live subscriber each, vs nats-py doing the same broker work",
+            bench_sessions,
+        ),
     ),
 )
 """The benchmarks of the NATS JetStream backend (see the module docstring)."""

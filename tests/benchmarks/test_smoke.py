@@ -48,6 +48,8 @@ EXPECTED_ROWS = {
     "nats.catch-up.start",
     "nats.catch-up.middle",
 }
+QUICK_SESSIONS = 3  # Sizes.quick().sessions: one step of 3 sessions
+EXPECTED_ROWS |= {f"nats.sessions.{figure}.n{QUICK_SESSIONS}" for figure in ("delivered", "p99", "cpu")}
 EXPECTED_ROWS |= {
     f"ably.{figure}.{mode}.{rate}tps-{runs}x"
     for figure in ("messages", "peak", "cpu")
@@ -81,9 +83,17 @@ def run_command(*args: str, json_path: Path | None = None) -> subprocess.Complet
 
 
 def table_lines(stdout: str) -> list[str]:
-    """The data lines of the markdown table(s): no header, no separator."""
-    lines = [line for line in stdout.splitlines() if line.startswith("| ")]
-    return [line for line in lines if not line.startswith(("| Benchmark |", "| --- |"))]
+    """The data lines of the groups' tables of rows: no header, no separator, none of the extra tables."""
+    lines: list[str] = []
+    in_rows = False
+    for line in stdout.splitlines():
+        if not line.startswith("| "):
+            in_rows = False
+        elif line.startswith("| Benchmark |"):
+            in_rows = True
+        elif in_rows and not line.startswith("| --- |"):
+            lines.append(line)
+    return lines
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +218,28 @@ def test_ably_counts(quick: Output) -> None:
                 assert rows[f"ably.cpu.{mode}.{case}"]["extra"]["cpu_seconds"] > 0
 
 
+def test_nats_sessions_counts(quick: Output) -> None:
+    rows = quick.rows
+    sizes = quick.sizes
+    assert sizes["sessions"] == [QUICK_SESSIONS]
+    delivered = rows[f"nats.sessions.delivered.n{QUICK_SESSIONS}"]
+    extra = delivered["extra"]
+    # Agent i writes 20 + (i % 31) tokens/s for session_seconds: every planned token is written and delivered.
+    planned = sum(math.ceil((sizes["session_seconds"] - (i * 37 % 100) / 100 / (20 + i)) * (20 + i)) for i in range(3))
+    assert extra["planned"] == planned
+    for side in ("sdk", "baseline"):
+        assert extra[f"{side}_written"] == planned
+        assert extra[f"{side}_missing"] == 0
+        # At least a run-start and an end per session, at most one message per token besides them.
+        assert 2 * QUICK_SESSIONS <= extra[f"{side}_messages"] <= planned + 2 * QUICK_SESSIONS
+    assert delivered["sdk"] == delivered["baseline"] == planned
+    assert f"### nats sessions: {QUICK_SESSIONS} concurrent sessions" in quick.stdout
+    (table,) = [t for group in quick.data["groups"] for t in group["tables"] if t["title"].startswith("nats sessions")]
+    assert table["columns"][1:] == ["SDK", "nats-py", "SDK / nats-py"]
+    assert all(len(row) == 4 for row in table["rows"])
+    assert "set-up failed" not in quick.stdout
+
+
 def test_only_runs_the_selected_benchmark(tmp_path: Path) -> None:
     json_path = tmp_path / "view.json"
     result = run_command("--quick", "--quiet", "--only", "memory.view", json_path=json_path)
@@ -230,5 +262,5 @@ def test_unknown_names_and_sizes_are_refused() -> None:
 def test_list_names_every_benchmark() -> None:
     result = run_command("--list")
     assert result.returncode == 0, result.stderr
-    for name in ("memory.throughput", "memory.coalescing", "memory.catch-up", "memory.view"):
+    for name in ("memory.throughput", "memory.coalescing", "memory.catch-up", "memory.view", "nats.sessions"):
         assert name in result.stdout
