@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 
 import nats
 import pytest
+from nats.js.api import StreamConfig
 
 import durable_ai
-from durable_ai import Coalesce, Reset
+from durable_ai import Coalesce, Reset, Run
 from durable_ai.backend import Channel, PresenceEntry
 from durable_ai.errors import BackendError, ConfigurationError, LogReset
 from durable_ai.testing.scenarios import collect, text_of
@@ -329,3 +330,32 @@ async def test_a_duplicate_ack_for_another_subject_is_an_error(nats_server: Nats
     finally:
         await nc.close()
         await backend.close()
+
+
+async def test_a_stream_of_the_older_layout_is_brought_to_this_one(nats_server: NatsServer, prefix: str) -> None:
+    """A stream that also holds controls, without direct gets or consumer limits, is changed where needed."""
+    stream = names(prefix).stream
+    nc = await nats.connect(nats_server.url)
+    try:
+        await nc.jsm().add_stream(StreamConfig(name=stream, subjects=[f"{prefix}.*.events", f"{prefix}.*.control"]))
+        async with durable_ai.connect(_url(nats_server, prefix)) as hub:
+
+            async def work() -> Run:
+                async with hub.session("s").run(agent="writer") as run:
+                    await run.text("hi")
+                    await asyncio.Event().wait()
+                return run
+
+            async with asyncio.timeout(20), asyncio.TaskGroup() as group:
+                task = group.create_task(work())
+                follower = hub.session("s").events()
+                first = await anext(follower)
+                ack = await (await hub.session("s").cancel(first.run_id)).ack(timeout=10)
+                await follower.aclose()  # type: ignore[attr-defined]
+            assert ack.outcome == "applied" and task.result().cancelled
+        config = (await nc.jsm().stream_info(stream)).config
+    finally:
+        await nc.close()
+    assert config.subjects == [f"{prefix}.*.events", f"{prefix}._epoch"]
+    assert config.allow_direct and config.max_consumers == 10_000
+    assert config.consumer_limits is not None and config.consumer_limits.inactive_threshold == 30

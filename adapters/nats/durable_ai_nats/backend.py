@@ -493,16 +493,45 @@ class NatsBackend:
 
     async def _stream_info(self, jsm: JetStreamManager, kind: ChannelKind) -> StreamInfo:
         stream = self.names.stream_of(kind)
+        if kind == "control":
+            # The events stream first: one made before controls had a stream of their own still claims them.
+            await self._stream_info(jsm, "events")
         try:
-            return await jsm.stream_info(stream)
+            info = await jsm.stream_info(stream)
         except nats.js.errors.NotFoundError:
-            pass
-        try:
-            info = await jsm.add_stream(self.stream_config(kind))
-            logger.info("created stream %s", stream)
+            try:
+                info = await jsm.add_stream(self.stream_config(kind))
+                logger.info("created stream %s", stream)
+                return info
+            except nats.js.errors.BadRequestError:
+                info = await jsm.stream_info(stream)  # created by another process meanwhile
+        return await self._fit(jsm, info, self.stream_config(kind))
+
+    async def _fit(self, jsm: JetStreamManager, info: StreamInfo, wanted: StreamConfig) -> StreamInfo:
+        """Bring what the backend relies on in an existing stream to what it needs, and leave the rest alone.
+
+        Subjects, direct gets, message TTLs, no rollups and the consumer limits are needed for correctness and
+        for what clients may do; retention, replicas and storage are the operator's (a warning names any
+        difference, see :meth:`_use`).
+        """
+        have = info.config
+        changes: dict[str, Any] = {}
+        if sorted(have.subjects or []) != sorted(wanted.subjects or []):
+            changes["subjects"] = wanted.subjects
+        if not have.allow_direct:
+            changes["allow_direct"] = True
+        if wanted.allow_msg_ttl and not have.allow_msg_ttl:
+            changes["allow_msg_ttl"] = True
+        if have.allow_rollup_hdrs:
+            changes["allow_rollup_hdrs"] = False
+        if have.max_consumers in (None, -1):
+            changes["max_consumers"] = wanted.max_consumers
+        if have.consumer_limits is None or not have.consumer_limits.inactive_threshold:
+            changes["consumer_limits"] = wanted.consumer_limits
+        if not changes:
             return info
-        except nats.js.errors.BadRequestError:
-            return await jsm.stream_info(stream)  # created by another process meanwhile
+        logger.warning("stream %s exists without what this backend needs; changing %s", have.name, changes)
+        return await jsm.update_stream(replace(have, **changes))
 
     def _use(self, log: _Log, info: StreamInfo) -> None:
         created = info.created
@@ -839,10 +868,8 @@ class NatsBackend:
                 return
             except nats.js.errors.BadRequestError:
                 info = await jsm.stream_info(config.name or "")  # created by another process meanwhile
-        if info.config.allow_rollup_hdrs:
-            # A bucket made as a plain KV bucket lets any writer roll up (wipe) the whole bucket: turn that off.
-            logger.warning("presence bucket %s allowed rollups; updating it", config.name)
-            await jsm.update_stream(replace(info.config, allow_rollup_hdrs=False))
+        # A bucket made as a plain KV bucket lets any writer roll up (wipe) the whole bucket: turn that off.
+        await self._fit(jsm, info, config)
 
     async def _purge_prefix(self, bucket: str, session: str) -> None:
         _, _, jsm = self._parts()
