@@ -59,15 +59,19 @@ class Delivered:
     subject: str
     data: bytes
     headers: dict[str, str] | None
+    #: when the message was stored, nanoseconds since the epoch
+    stored_ns: int = 0
+    #: messages of the consumer's subjects after this one, when it was delivered
+    pending: int = 0
 
 
-def parse_ack_subject(reply: str) -> tuple[int, int, int]:
-    """``(stream sequence, consumer sequence, pending)`` from a JetStream delivery's reply subject."""
+def parse_ack_subject(reply: str) -> tuple[int, int, int, int]:
+    """``(stream sequence, consumer sequence, timestamp ns, pending)`` from a JetStream delivery's reply subject."""
     tokens = reply.split(".")
     # v1: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
     # v2: $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>[.<token>]
     base = 2 if len(tokens) == 9 else 4
-    return int(tokens[base + 3]), int(tokens[base + 4]), int(tokens[base + 6])
+    return int(tokens[base + 3]), int(tokens[base + 4]), int(tokens[base + 5]), int(tokens[base + 6])
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,11 +147,11 @@ class _PushConsumer:
         reply = msg.reply
         if reply.startswith(_ACK_PREFIX):
             # A stored message, whatever headers its publisher gave it.
-            seq, cseq, _ = parse_ack_subject(reply)
+            seq, cseq, stored_ns, pending = parse_ack_subject(reply)
             if cseq != self.cseq + 1:
                 self.fail(f"delivery gap: consumer sequence {cseq} after {self.cseq}")
             self.cseq = cseq
-            return Delivered(seq, msg.subject, msg.data, msg.headers)
+            return Delivered(seq, msg.subject, msg.data, msg.headers, stored_ns, pending)
         headers = msg.headers or {}
         status = headers.get(_STATUS)
         if status == "100":

@@ -253,6 +253,8 @@ class _Log:
     epoch: str | None = None
     msg_ttl: bool = False
     highest_seq: int = 0
+    #: the stream's configuration as its info gave it (``None``: not read; this backend's own options apply)
+    limits: StreamConfig | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -541,6 +543,7 @@ class NatsBackend:
             log.highest_seq = 0
         log.epoch = epoch
         log.msg_ttl = bool(info.config.allow_msg_ttl)
+        log.limits = info.config
         wanted = self.stream_config(log.kind)
         for attr in ("num_replicas", "max_msgs_per_subject", "max_age", "storage", "max_consumers"):
             have, want = getattr(info.config, attr), getattr(wanted, attr)
@@ -692,25 +695,47 @@ class NatsBackend:
             else ConsumerSpec(stream, (subject,), DeliverPolicy.ALL)
         )
         backlog = Backlog(nc, jsm, spec, self.options.heartbeat)
-        read_first: int | None = None
+        opening: Delivered | None = None
         count = 0
         try:
             total = await self._call(backlog.open)
             if first is not None and total == 0:
                 raise LogReset("the message at the cursor is no longer retained")
             while (item := await backlog.next()) is not None:
-                if read_first is None:
+                if opening is None:
                     if first is not None and item.seq != first:
                         raise LogReset("the message at the cursor is no longer retained")
-                    read_first = item.seq
+                    opening = item
                 count += 1
                 if backlog.remaining == 0:
                     await backlog.close()  # before the last yield: a reader that stops here holds none
-                    if count > 1 and not await self._still_first(stream, subject, read_first):
+                    if (
+                        count > 1
+                        and self._retention_may_have_struck(kind, opening, count, item.pending)
+                        and not await self._still_first(stream, subject, opening.seq)
+                    ):
                         raise LogReset("retention removed messages of the session while they were read")
                 yield StoredMessage(epoch, str(item.seq), item.data)
         finally:
             await backlog.close()
+
+    def _retention_may_have_struck(self, kind: ChannelKind, opening: Delivered, count: int, pending: int) -> bool:
+        """Whether the stream's limits could have removed a message of a backlog pass before it was read.
+
+        Retention removes a subject's oldest messages first: to remove one after the pass's first message, the
+        per-subject limit needs that many newer messages (read in the pass, or pending after it), and the age limit
+        a first message near its age. A limit on the stream's bytes can strike at any time.
+        """
+        limits = self._logs[kind].limits or self.stream_config(kind)
+        if limits.max_bytes not in (None, -1):
+            return True
+        per_subject = limits.max_msgs_per_subject
+        if per_subject not in (None, -1) and count + pending >= per_subject - 1:
+            return True
+        if limits.max_age:
+            age = time.time() - opening.stored_ns / 1e9
+            return age > limits.max_age - 3 * self.options.publish_timeout
+        return False
 
     async def _still_first(self, stream: str, subject: str, seq: int) -> bool:
         """Whether the message at ``seq`` is still retained (retention removes a subject's oldest messages first,
