@@ -12,7 +12,7 @@ from nats.js.api import StreamConfig
 
 import durable_ai
 from durable_ai import Coalesce, Reset, Run
-from durable_ai.backend import Channel, PresenceEntry
+from durable_ai.backend import Channel, LogPosition, PresenceEntry
 from durable_ai.errors import BackendError, ConfigurationError, LogReset
 from durable_ai.testing.scenarios import collect, text_of
 from durable_ai_nats import NatsBackend, NatsOptions, PendingBufferFull, from_url, names
@@ -170,7 +170,22 @@ def test_url_options() -> None:
     assert (o.prefix, o.replicas, o.max_age, o.max_messages, o.control_ttl) == ("app", 3, None, None, 60.0)
     assert o.connect == {"inbox_prefix": "_IN_x"}
     assert names("app").stream == "APP" and names("my-app").stream == "MY_APP"
-    for bad in ("nats://h?nope=1", "nats://h?replicas=x", "nats://h?prefix=a.b", "nats://h?replicas=9"):
+    assert names("app").control_stream == "APP_CONTROL"
+    tuned = from_url(
+        "nats://h?ping_interval=1.5&max_outstanding_pings=3&tap_bytes=1000000&feed_subjects=50"
+        "&max_consumers=500&consumer_idle=20"
+    ).options
+    assert (tuned.ping_interval, tuned.max_outstanding_pings, tuned.tap_bytes) == (1.5, 3, 1_000_000)
+    assert (tuned.feed_subjects, tuned.max_consumers, tuned.consumer_idle) == (50, 500, 20.0)
+    for bad in (
+        "nats://h?nope=1",
+        "nats://h?replicas=x",
+        "nats://h?prefix=a.b",
+        "nats://h?replicas=9",
+        "nats://h?ping_interval=0",
+        "nats://h?consumer_idle=1",  # shorter than three heartbeats
+        "nats://h?feed_subjects=0",
+    ):
         with pytest.raises(ConfigurationError):
             from_url(bad)
 
@@ -359,3 +374,35 @@ async def test_a_stream_of_the_older_layout_is_brought_to_this_one(nats_server: 
     assert config.subjects == [f"{prefix}.*.events", f"{prefix}._epoch"]
     assert config.allow_direct and config.max_consumers == 10_000
     assert config.consumer_limits is not None and config.consumer_limits.inactive_threshold == 30
+
+
+async def test_cleanup_after_a_task_caught_its_cancellation_can_still_write(
+    nats_server: NatsServer, prefix: str
+) -> None:
+    """Code that catches its own cancellation to clean up calls the backend as it would on memory."""
+    backend = NatsBackend(nats_server.url, NatsOptions(prefix=prefix))
+    await backend.open()
+    waiting = asyncio.Event()
+    try:
+        await backend.publish(Channel("s", "events"), b"{}", message_id="first")
+
+        async def work() -> LogPosition:
+            try:
+                waiting.set()
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                # Cleanup writes a last message, then lets the cancellation go on.
+                position = await backend.publish(Channel("s", "events"), b'{"bye":1}', message_id="last")
+                assert await backend.head(Channel("s", "events")) == position
+                return position
+            raise AssertionError("not cancelled")
+
+        task = asyncio.create_task(work())
+        await waiting.wait()
+        task.cancel()
+        position = await asyncio.wait_for(task, 10)
+        stored = [m async for m in backend.read(Channel("s", "events"), start=None, follow=False)]
+    finally:
+        await backend.close()
+    assert [m.data for m in stored] == [b"{}", b'{"bye":1}']
+    assert position == LogPosition(stored[-1].epoch, stored[-1].position)
