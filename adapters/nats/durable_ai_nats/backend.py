@@ -253,6 +253,8 @@ class _Log:
     epoch: str | None = None
     msg_ttl: bool = False
     highest_seq: int = 0
+    #: how many times the epoch was read from the server
+    loads: int = 0
     #: the stream's configuration as its info gave it (``None``: not read; this backend's own options apply)
     limits: StreamConfig | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -449,8 +451,11 @@ class NatsBackend:
         log = self._logs[kind]
         if log.epoch is not None and not refresh:
             return log.epoch
+        asked = log.loads
         async with log.lock:
-            if log.epoch is not None and not refresh:
+            if log.epoch is not None and (not refresh or log.loads > asked):
+                # Another caller read the marker while this one waited: many readers starting at once (a
+                # process following a thousand sessions) share one request.
                 return log.epoch
             _, _, jsm = self._parts()
             marker = await self._call(partial(self._read_marker, jsm, kind))
@@ -465,6 +470,7 @@ class NatsBackend:
                     logger.warning("stream %s was recreated; cursors of the old one get a reset", log.stream)
                     log.highest_seq = 0
                 log.epoch = epoch
+            log.loads += 1
             assert log.epoch is not None
             return log.epoch
 
