@@ -97,7 +97,8 @@ class Tap:
         max_messages: messages the reader may fall behind before it is sent back to the backlog.
         max_bytes: bytes of data the reader may fall behind (the message that crosses it overflows the tap).
         watchdog: called whenever the reader has waited ``interval`` seconds for a message; it may call
-            :meth:`fail` (a subscription that went silent, say).
+            :meth:`fail` (a subscription that went silent, say). Without one, the reader waits without a timer
+            (cheaper per message), and whoever feeds the tap must :meth:`fail` it when its subscription is lost.
         interval: seconds between watchdog calls while waiting.
     """
 
@@ -148,12 +149,14 @@ class Tap:
                 raise self.error
             self._ready.clear()
             raise_if_cancelling()
+            if self.watchdog is None:
+                await self._ready.wait()  # whoever feeds the tap fails it when its subscription goes silent
+                continue
             try:
                 async with asyncio.timeout(self.interval):
                     await self._ready.wait()
             except TimeoutError:
-                if self.watchdog is not None:
-                    self.watchdog()
+                self.watchdog()
         if self.overflowed:
             return None
         message = self.items.popleft()

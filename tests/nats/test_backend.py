@@ -11,7 +11,7 @@ import pytest
 from nats.js.api import StreamConfig
 
 import durable_ai
-from durable_ai import Coalesce, Reset, Run
+from durable_ai import Coalesce, Reset, Run, RunEnd
 from durable_ai.backend import Channel, LogPosition, PresenceEntry
 from durable_ai.errors import BackendError, ConfigurationError, LogReset
 from durable_ai.testing.scenarios import collect, text_of
@@ -406,3 +406,30 @@ async def test_cleanup_after_a_task_caught_its_cancellation_can_still_write(
         await backend.close()
     assert [m.data for m in stored] == [b"{}", b'{"bye":1}']
     assert position == LogPosition(stored[-1].epoch, stored[-1].position)
+
+
+async def test_a_live_consumer_deleted_on_the_server_is_replaced(nats_server: NatsServer, prefix: str) -> None:
+    """A follower whose live consumer vanishes (an operator, a client that learnt its name) loses nothing."""
+    url = _url(nats_server, prefix)
+    async with durable_ai.connect(url) as agent, durable_ai.connect(url) as client:
+        async with agent.session("s").run(agent="writer") as run:
+            await run.text("before ")
+        follower = client.session("s").events()
+        try:
+            seen = [await anext(follower) for _ in range(3)]  # run-start, the text, run-end
+            nc = await nats.connect(nats_server.url)
+            try:
+                jsm = nc.jsm()
+                for info in await jsm.consumers_info(names(prefix).stream):
+                    await jsm.delete_consumer(names(prefix).stream, info.name)
+            finally:
+                await nc.close()
+            async with agent.session("s").run(agent="writer") as second:
+                await second.text("after")
+            async with asyncio.timeout(30):
+                seen += await collect(follower, until=lambda e: isinstance(e, RunEnd) and e.run_id == second.id)
+        finally:
+            await follower.aclose()  # type: ignore[attr-defined]
+    assert text_of(seen) == "before after"
+    ids = [e.id for e in seen]
+    assert len(ids) == len(set(ids))

@@ -274,6 +274,7 @@ class FeedGroup:
         self._synced = asyncio.Event()
         self._sync_task: asyncio.Task[None] | None = None
         self._closed = False
+        self._watching: asyncio.TimerHandle | None = None
 
     @property
     def broken(self) -> bool:
@@ -284,12 +285,7 @@ class FeedGroup:
 
     async def attach(self, subject: str) -> Tap:
         """A tap on ``subject``, once the consumer delivers it."""
-        tap = Tap(
-            max_messages=self._tap_messages,
-            max_bytes=self._tap_bytes,
-            watchdog=self._watch,
-            interval=self.consumer.heartbeat / 2,
-        )
+        tap = Tap(max_messages=self._tap_messages, max_bytes=self._tap_bytes)  # the group watches for them all
         self.fanout.add(subject, tap)
         try:
             while subject not in self._applied or not self.consumer.created:
@@ -327,6 +323,8 @@ class FeedGroup:
                     if not self.consumer.created:
                         self.consumer.spec = ConsumerSpec(self.consumer.spec.stream, subjects, DeliverPolicy.NEW)
                         await self._call(partial(self.consumer.create, self._deliver))
+                        if self._watching is None:
+                            self._watch()
                     else:
                         await self._call(partial(self.consumer.update, subjects))
                     self._applied = wanted
@@ -345,7 +343,13 @@ class FeedGroup:
     def _finish(self) -> None:
         if not self._closed:
             self._closed = True
+            self._stop_watching()
             self._on_done(self)
+
+    def _stop_watching(self) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
+            self._watching = None
 
     async def _deliver(self, msg: Msg) -> None:
         consumer = self.consumer
@@ -362,13 +366,18 @@ class FeedGroup:
                 await consumer.nc.publish(got, b"")
 
     def _watch(self) -> None:
-        consumer = self.consumer
-        if not consumer.created:
+        """Every half heartbeat while the group lives: a silent consumer fails the group's readers."""
+        self._watching = None
+        if self._closed or self.consumer.broken is not None:
             return
-        if consumer.stale() or not consumer.nc.is_connected:
-            self.fail("the live consumer went silent")
-        elif time.monotonic() - consumer.last_activity > consumer.heartbeat * 1.5:
-            self._on_quiet()  # a heartbeat is late: check the connection before the consumer counts as lost
+        consumer = self.consumer
+        if consumer.created:
+            if consumer.stale() or not consumer.nc.is_connected:
+                self.fail("the live consumer went silent")
+                return
+            if time.monotonic() - consumer.last_activity > consumer.heartbeat * 1.5:
+                self._on_quiet()  # a heartbeat is late: check the connection before the consumer counts as lost
+        self._watching = asyncio.get_running_loop().call_later(consumer.heartbeat / 2, self._watch)
 
     def fail(self, reason: str, error: BaseException | None = None) -> None:
         """Fail every reader of the group (they read again, on a new group)."""
@@ -387,6 +396,7 @@ class FeedGroup:
 
     async def close(self) -> None:
         self._closed = True
+        self._stop_watching()
         task, self._sync_task = self._sync_task, None
         if task is not None:
             await cancel_and_wait(task)
