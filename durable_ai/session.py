@@ -432,13 +432,10 @@ class Session:
                 member = PresenceMember.model_validate_json(entry.data)
             except ValidationError:
                 member = PresenceMember(member_id=entry.member_id, role=entry.role)
-            if entry.role == "agent":
-                member = member.model_copy(update={"member_id": entry.member_id, "role": "agent"})
-            else:
-                member = member.model_copy(
-                    update={"member_id": entry.member_id, "role": "client", "agent": None, "run_id": None}
-                )
-            result.append(member)
+            identity: dict[str, object] = {"member_id": entry.member_id, "role": entry.role}
+            if entry.role == "client":
+                identity |= {"agent": None, "run_id": None}  # a client cannot speak for a run
+            result.append(member.model_copy(update=identity))
         return result
 
     @contextlib.asynccontextmanager
