@@ -9,6 +9,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -19,6 +20,8 @@ from durable_ai.backend import pack_snapshot as kit_pack_snapshot
 from durable_ai.errors import ConfigurationError
 
 __all__ = ["AblyOptions", "options_from_url"]
+
+logger = logging.getLogger("durable_ai_ably")
 
 API_VERSION = "5"
 NO_EPOCH = "0"
@@ -189,19 +192,42 @@ def to_wire(data: bytes) -> str | bytes:
 
 
 def decode_data(raw: Mapping[str, Any]) -> bytes:
-    """The payload of a message or presence member as REST returns it (JSON), undoing its ``encoding``."""
+    """The payload of a message or presence member as REST returns it (JSON), undoing its ``encoding``.
+
+    Clients can publish any data with any ``encoding``: what does not decode is returned as it came (a control
+    that does not parse is then rejected by the agent, with an ack), never raised out of a read.
+    """
     data: Any = raw.get("data")
     encoding = raw.get("encoding") or ""
-    for step in reversed([s for s in encoding.split("/") if s]):
-        if step == "base64" and isinstance(data, str):
-            data = base64.b64decode(data)
-        elif step == "json" and isinstance(data, str | bytes):
-            data = json.loads(data)
-        elif step in ("utf-8", "utf8") and isinstance(data, bytes):
-            data = data.decode()
-        else:
-            break
-    return to_bytes(data)
+    if not isinstance(encoding, str):
+        return to_bytes(data)
+    decoded = data
+    try:
+        for step in reversed([s for s in encoding.split("/") if s]):
+            if step == "base64" and isinstance(decoded, str):
+                decoded = base64.b64decode(decoded, validate=True)
+            elif step == "json" and isinstance(decoded, str | bytes):
+                decoded = json.loads(decoded)
+            elif step in ("utf-8", "utf8") and isinstance(decoded, bytes):
+                decoded = decoded.decode()
+            else:
+                break
+        return to_bytes(decoded)
+    except (ValueError, TypeError, RecursionError):  # binascii.Error and JSON and Unicode errors are ValueErrors
+        logger.info("a message with encoding %r did not decode; passing its data on as it came", encoding)
+        return to_bytes(data)
+
+
+def version_serial(raw: Mapping[str, Any]) -> str | None:
+    """The serial of a message's latest version (after appends), as REST returns it."""
+    version = raw.get("version")
+    serial = version.get("serial") if isinstance(version, Mapping) else None
+    return serial if isinstance(serial, str) else None
+
+
+def text_field(raw: Mapping[str, Any], name: str) -> str | None:
+    value = raw.get(name)
+    return value if isinstance(value, str) else None
 
 
 def serial_time(serial: str) -> int | None:
@@ -229,18 +255,24 @@ def pack_snapshot(data: bytes, max_message_bytes: int) -> tuple[list[bytes], byt
     return kit_pack_snapshot(data, max_message_bytes * 3 // 4 - 64)
 
 
+#: the clientId prefix of agents' presence members: client credentials can never carry it (see ``.auth``)
+AGENT_CLIENT_PREFIX = "agent:"
+
+
+def presence_client_id(member_id: str, role: PresenceRole) -> str:
+    """The clientId a member is present under: who it is, as the broker will report it."""
+    return AGENT_CLIENT_PREFIX + member_id if role == "agent" else member_id
+
+
 def presence_entries(members: Mapping[str, bytes]) -> list[PresenceEntry]:
-    """Presence entries from members by clientId. The role is read from the member's data: Ably's presence does
-    not yet tell an agent's connection from a client's here."""
+    """Presence entries from members by clientId. The role comes from the clientId, which Ably attests (a
+    client's token fixes it, and tokens are never issued for an agent's prefix), never from the member's data."""
     entries = []
-    for member_id, data in members.items():
-        role: PresenceRole = "client"
-        try:
-            if json.loads(data).get("role") == "agent":
-                role = "agent"
-        except (ValueError, AttributeError):
-            pass
-        entries.append(PresenceEntry(member_id, role, data))
+    for client_id, data in members.items():
+        if client_id.startswith(AGENT_CLIENT_PREFIX):
+            entries.append(PresenceEntry(client_id[len(AGENT_CLIENT_PREFIX) :], "agent", data))
+        else:
+            entries.append(PresenceEntry(client_id, "client", data))
     return entries
 
 

@@ -26,7 +26,7 @@ from typing import Any
 from durable_ai.backend import validate_session_id
 from durable_ai.errors import ConfigurationError
 
-from ._common import AblyOptions, channel_name, sign_token_request, split_key, validate_namespace
+from ._common import AGENT_CLIENT_PREFIX, AblyOptions, channel_name, sign_token_request, split_key, validate_namespace
 
 __all__ = ["client_capability", "issue_client_jwt", "issue_client_token"]
 
@@ -149,6 +149,9 @@ def _prepare(
     name, secret = split_key(key_text)
     if not isinstance(client_id, str) or not client_id or "*" in client_id:
         raise ConfigurationError(f"a client needs a fixed client id (not empty, no '*'), got {client_id!r}")
+    if client_id.startswith(AGENT_CLIENT_PREFIX):
+        # Presence takes a member's role from its clientId: a client must never be able to appear as an agent.
+        raise ConfigurationError(f"client ids starting with {AGENT_CLIENT_PREFIX!r} are reserved for agents")
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not (math.isfinite(ttl) and ttl > 0):
         raise ConfigurationError(f"ttl must be a positive number of seconds, got {ttl!r}")
     capability = client_capability(session_id, namespace="ai" if namespace is None else namespace, presence=presence)

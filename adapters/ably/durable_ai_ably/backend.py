@@ -68,9 +68,12 @@ from ._common import (
     history_params,
     options_from_url,
     pack_snapshot,
+    presence_client_id,
     presence_entries,
+    text_field,
     to_bytes,
     to_wire,
+    version_serial,
 )
 from ._log import (
     APPENDABLE_NAME,
@@ -386,8 +389,8 @@ class AblyBackend:
     @staticmethod
     def _error(exc: AblyException) -> BackendError:
         status, code = exc.status_code or 0, exc.code or 0
-        if status in (401, 403) and code not in (40140, 40142):
-            return PermissionDenied(str(exc))
+        if (status in (401, 403) and code not in (40140, 40142)) or code == 40012:
+            return PermissionDenied(str(exc))  # 40012: a clientId the credential does not carry
         if _retryable(exc):
             return BackendUnavailable(f"Ably is unavailable: {exc}")
         return BackendError(f"Ably refused the request: {exc}")
@@ -417,9 +420,10 @@ class AblyBackend:
         params = history_params(backwards=backwards, limit=limit, from_serial=from_serial)
         return await self._call(lambda: self._get(f"/channels/{quote(name, safe='')}/messages", params))
 
-    async def _latest(self, name: str) -> Message | None:
+    async def _latest(self, name: str) -> Mapping[str, Any] | None:
+        """The channel's newest message as REST returns it (decoded defensively by whoever reads its data)."""
         page = await self._history(name, backwards=True, limit=1)
-        return Message.from_encoded(page.items[0]) if page.items else None
+        return page.items[0] if page.items else None
 
     # -- sessions: epoch and floor -------------------------------------------------------------------------
 
@@ -428,7 +432,7 @@ class AblyBackend:
         if cached is not None and not refresh:
             return cached
         marker = await self._latest(self.channel_name(session, "meta"))
-        state = SessionState.from_marker(None if marker is None else marker.serial)
+        state = SessionState.from_marker(None if marker is None else text_field(marker, "serial"))
         self._sessions[session] = state
         return state
 
@@ -547,9 +551,8 @@ class AblyBackend:
                 page = await self._history(name, from_serial=scan.fetch or None)
                 while True:
                     for raw in page.items:
-                        message = Message.from_encoded(raw)
-                        version = message.version.serial if message.version is not None else None
-                        for position, data in scan.add(message.serial, version, message.name, to_bytes(message.data)):
+                        serial, name_ = text_field(raw, "serial"), text_field(raw, "name")
+                        for position, data in scan.add(serial, version_serial(raw), name_, decode_data(raw)):
                             yield StoredMessage(epoch, position, data)
                         if scan.done:
                             break
@@ -594,9 +597,7 @@ class AblyBackend:
         page = await self._history(name, backwards=True, limit=100)
         while True:
             for raw in page.items:
-                message = Message.from_encoded(raw)
-                version = message.version.serial if message.version is not None else None
-                if not scan.add(message.serial, version, message.name):
+                if not scan.add(text_field(raw, "serial"), version_serial(raw), text_field(raw, "name")):
                     return scan.result
             if not page.has_next():
                 return scan.result
@@ -677,17 +678,18 @@ class AblyBackend:
         state = await self._session(session, refresh=True)
         name = self.channel_name(session, "snapshot")
         head = await self._latest(name)
-        if head is None or head.serial < state.floor:
+        serial = None if head is None else text_field(head, "serial")
+        if head is None or serial is None or serial < state.floor:
             return None
-        body = to_bytes(head.data)
+        body = decode_data(head)
         count = snapshot_chunk_count(body)
         chunks: list[bytes] = []
         if count:  # the chunks are the messages just before the head
             page = await self._history(name, backwards=True, limit=count + 1)
-            items = [Message.from_encoded(raw) for raw in page.items]
-            if len(items) != count + 1 or items[0].serial != head.serial:
+            items = list(page.items)
+            if len(items) != count + 1 or text_field(items[0], "serial") != serial:
                 return None
-            chunks = [to_bytes(m.data) for m in reversed(items[1:])]
+            chunks = [decode_data(raw) for raw in reversed(items[1:])]
         return unpack_snapshot(body, chunks)
 
     async def save_snapshot(self, session: str, data: bytes) -> None:
@@ -704,15 +706,17 @@ class AblyBackend:
     async def enter_presence(self, session: str, member_id: str, data: bytes, *, role: PresenceRole = "client") -> None:
         realtime, _ = self._parts()
         presence = realtime.channels.get(self.channel_name(session)).presence
-        await self._call(lambda: presence.enter_client(member_id, to_wire(data)))
-        self._present[(session, member_id)] = data
+        client_id = presence_client_id(member_id, role)
+        await self._call(lambda: presence.enter_client(client_id, to_wire(data)))
+        self._present[(session, client_id)] = data
 
     async def leave_presence(self, session: str, member_id: str, *, role: PresenceRole = "client") -> None:
         realtime, _ = self._parts()
-        if self._present.pop((session, member_id), None) is None:
+        client_id = presence_client_id(member_id, role)
+        if self._present.pop((session, client_id), None) is None:
             return
         presence = realtime.channels.get(self.channel_name(session)).presence
-        await self._call(lambda: presence.leave_client(member_id))
+        await self._call(lambda: presence.leave_client(client_id))
 
     async def presence(self, session: str) -> list[PresenceEntry]:
         name = self.channel_name(session)
@@ -736,8 +740,9 @@ class AblyBackend:
         page = await self._history(self.channel_name(session, PRESENCE_KIND), backwards=True)
         while True:
             for raw in page.items:
-                message = Message.from_encoded(raw)
-                if not log.add(message.name, message.serial, message.timestamp, to_bytes(message.data)):
+                stamp = raw.get("timestamp")
+                timestamp = stamp if isinstance(stamp, int) else None
+                if not log.add(text_field(raw, "name"), text_field(raw, "serial"), timestamp, decode_data(raw)):
                     return log.members
             if not page.has_next():
                 return log.members

@@ -72,9 +72,11 @@ from ._common import (
     history_params,
     options_from_url,
     pack_snapshot,
+    presence_client_id,
     presence_entries,
     presence_record,
     to_wire,
+    version_serial,
 )
 from ._http import AblyHttp, AblyHttpError, json_of
 from ._log import PLAIN_NAME, HistoryPass, NewestScan, format_position, read_bounds
@@ -113,12 +115,6 @@ class _Follower:
 
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     reset: str | None = None
-
-
-def _version(raw: Mapping[str, Any]) -> str | None:
-    version = raw.get("version")
-    serial = version.get("serial") if isinstance(version, Mapping) else None
-    return serial if isinstance(serial, str) else None
 
 
 def _wire(message_id: str, name: str, data: bytes) -> dict[str, Any]:
@@ -398,7 +394,7 @@ class AblyRestBackend:
         response = await self._get(name, history_params(backwards=True, limit=100, from_serial=None))
         while True:
             for raw in _items(response):
-                if not scan.add(raw.get("serial"), _version(raw), raw.get("name")):
+                if not scan.add(raw.get("serial"), version_serial(raw), raw.get("name")):
                     return scan.result
             next_path = self._api.next_page(response)
             if next_path is None:
@@ -429,7 +425,7 @@ class AblyRestBackend:
                 while True:
                     for raw in _items(response):
                         for position, data in scan.add(
-                            raw.get("serial"), _version(raw), raw.get("name"), decode_data(raw)
+                            raw.get("serial"), version_serial(raw), raw.get("name"), decode_data(raw)
                         ):
                             yield StoredMessage(epoch, position, data)
                         if scan.done:
@@ -525,6 +521,7 @@ class AblyRestBackend:
 
     async def enter_presence(self, session: str, member_id: str, data: bytes, *, role: PresenceRole = "client") -> None:
         """Publish an enter to the session's presence log, refreshed until the member leaves (see the module)."""
+        member_id = presence_client_id(member_id, role)
         await self._publish_presence(session, PRESENCE_ENTER, member_id, data)
         key = (session, member_id)
         self._present[key] = data
@@ -547,6 +544,7 @@ class AblyRestBackend:
 
     async def leave_presence(self, session: str, member_id: str, *, role: PresenceRole = "client") -> None:
         self._check_open()
+        member_id = presence_client_id(member_id, role)
         key = (session, member_id)
         if self._present.pop(key, None) is None:
             return
