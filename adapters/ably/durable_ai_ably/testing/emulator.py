@@ -1,6 +1,7 @@
 """An offline emulator of the part of Ably's realtime (WebSocket) and REST protocols that ably-python 3.x uses.
 
-It binds 127.0.0.1 on a free port and speaks protocol version 5 in JSON or msgpack. Point a client at it with
+It binds 127.0.0.1 on a free port and speaks protocol versions 2 to 6 in JSON or msgpack (ably-python 3.x asks for
+5, ably-js 2.20 and later for 6, whose changes are all in LiveObjects, not emulated). Point a client at it with
 `AblyEmulator.client_options()`: ably-python builds its WebSocket address as ``ws://{host}?...`` and ignores the
 `port` option there, while its REST address is ``http://{host}:{port}{path}``; the endpoint ``127.0.0.1:PORT/`` serves
 both (the REST base becomes ``http://127.0.0.1:PORT/:80`` and every REST path is absolute, so it replaces ``/:80``).
@@ -10,10 +11,10 @@ request with the key and posts it to ``/keys/{keyName}/requestToken``, which the
 Auth as Ably does it: a signed TokenRequest needs the right mac, a timestamp within 2 minutes, a nonce of 16
 characters or more not used before; its token gets the requested capability narrowed to the key's. Ably JWTs (HS256,
 ``kid`` the key's name, claims ``iat``, ``exp``, ``x-ably-capability`` and optionally ``x-ably-clientId``) are
-accepted wherever tokens are: the ``accessToken`` of a realtime connection or AUTH, and ``Authorization: Bearer`` (the
-token or its base64) over REST. They are checked against the named key's secret and expiry, and get their
-capability narrowed to the key's and their clientId. JWTs that embed an Ably token (``x-ably-token``) are not
-emulated.
+accepted wherever tokens are: the ``access_token`` (ably-js) or ``accessToken`` (ably-python) query parameter of a
+realtime connection, AUTH, and ``Authorization: Bearer`` (the token or its base64) over REST. They are checked
+against the named key's secret and expiry, and get their capability narrowed to the key's and their clientId. JWTs
+that embed an Ably token (``x-ably-token``) are not emulated.
 
 What it does: API keys with capabilities, token requests and tokens (capability = key ∩ requested), CONNECTED with
 connection details and resume of a known connection key, HEARTBEAT, ATTACH/ATTACHED with ``params.rewind`` and
@@ -104,6 +105,10 @@ FLAG_PRESENCE_SUBSCRIBE = 1 << 19
 
 _SYNC_PAGE = 100
 
+# The `v` a realtime connection may ask for (none: the latest). ably-python 3.x sends 5, ably-js 2.20 and later 6;
+# what 6 changed from 5 is all LiveObjects (object messages and their sync), which the emulator does not emulate.
+_PROTOCOL_VERSIONS = (None, "2", "3", "4", "5", "6")
+
 _ALL_OPS = "*"
 _TOKEN_TTL_MS = 60 * 60 * 1000
 _MAX_TOKEN_TTL_MS = 24 * 60 * 60 * 1000
@@ -167,6 +172,14 @@ def _check_ids(messages: Sequence[Mapping[str, Any]]) -> None:
 
 def _href(code: int) -> str:
     return f"https://help.ably.io/error/{code}"
+
+
+def _query_token(params: Mapping[str, str]) -> str | None:
+    """The token in a query string: ``access_token`` as ably-js sends it, or ``accessToken`` (ably-python)."""
+    for name in ("access_token", "accessToken"):
+        if name in params:
+            return params[name]
+    return None
 
 
 def _now_ms() -> int:
@@ -836,8 +849,9 @@ class AblyEmulator:
             return self._credential_for_key(key_text, client_id)
         if "key" in request.query_params:
             return self._credential_for_key(request.query_params["key"])
-        if "accessToken" in request.query_params:
-            return self._credential_for_token(request.query_params["accessToken"])
+        token = _query_token(request.query_params)
+        if token is not None:
+            return self._credential_for_token(token)
         raise AblyError("Authentication failed: no credentials", 40101, 401)
 
     # ------------------------------------------------------------------------------------------------ storage
@@ -1244,10 +1258,11 @@ class AblyEmulator:
     def _open_session(self, transport: _Transport, params: Mapping[str, str]) -> _Session | None:
         """Answer the connection request in the URL: CONNECTED, or ERROR and close."""
         try:
-            if params.get("v") not in (None, "5", "4", "3", "2"):
+            if params.get("v") not in _PROTOCOL_VERSIONS:
                 raise AblyError(f"Unsupported protocol version {params.get('v')!r}", 40000, 400)
-            if "accessToken" in params:
-                credential = self._credential_for_token(params["accessToken"])
+            token = _query_token(params)
+            if token is not None:
+                credential = self._credential_for_token(token)
             elif "key" in params:
                 credential = self._credential_for_key(params["key"], params.get("clientId"))
             else:
