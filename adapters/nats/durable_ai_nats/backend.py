@@ -25,7 +25,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Literal, TypeVar
@@ -222,10 +222,10 @@ class Names:
 
     def presence_subject(self, session: str, member_id: str, role: PresenceRole) -> str:
         """The KV subject of a member's presence entry: the key says its role and who it is."""
-        return f"$KV.{self.presence}.{session}.{_ROLE_TOKEN[role]}.{member_token(member_id)}"
+        return f"$KV.{self.presence}.{session}.{_ROLE_TOKEN[role]}.{_member_token(member_id)}"
 
 
-def member_token(member_id: str) -> str:
+def _member_token(member_id: str) -> str:
     """A member id as one subject token (base64url without padding; ``_`` for the empty id)."""
     return base64.urlsafe_b64encode(member_id.encode()).decode().rstrip("=") or "_"
 
@@ -747,7 +747,8 @@ class NatsBackend:
         """Whether the message at ``seq`` is still retained (retention removes a subject's oldest messages first,
         so if it is, no message after it was removed while a read went from it to the end)."""
         nc, _, jsm = self._parts()
-        probe = Backlog(nc, jsm, ConsumerSpec(stream, (subject,), DeliverPolicy.BY_START_SEQUENCE, seq), 2.0)
+        spec = ConsumerSpec(stream, (subject,), DeliverPolicy.BY_START_SEQUENCE, seq)
+        probe = Backlog(nc, jsm, spec, self.options.heartbeat)
         try:
             if await self._call(probe.open) == 0:
                 return False
@@ -790,11 +791,9 @@ class NatsBackend:
             del self._feed_of[subject]
         self._spawn(group.close())
 
-    def _spawn(self, work: Awaitable[None]) -> None:
-        async def run() -> None:
-            await work
-
-        task = asyncio.get_running_loop().create_task(run(), name="durable-ai-nats cleanup")
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Clean-up that must not hold up the caller; close() waits for it."""
+        task = asyncio.get_running_loop().create_task(work, name="durable-ai-nats cleanup")
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
