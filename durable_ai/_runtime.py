@@ -31,6 +31,7 @@ from ._reader import ReadOptions, fold
 from ._util import IdFactory, RateBudget, derived_id, now_ms
 from ._writer import SessionWriter
 from .backends.base import Backend, Channel
+from .backends.kit import cancel_and_wait
 from .cursor import Cursor, LogPosition
 from .errors import ConfigurationError, HubClosed, PublishError, RunIdInUse
 from .events import (
@@ -420,9 +421,15 @@ class SessionRuntime:
         landed: asyncio.Future[LogPosition] | None = None
         try:
             writer = self.writer()
-            await self._ensure_control()
             if check_id:
-                epoch = await self._check_run_id(run.id)
+                # The control log's end and the check of the run id are read at once (the run-start waits for both).
+                control = asyncio.ensure_future(self._ensure_control())
+                try:
+                    epoch = await self._check_run_id(run.id)
+                except BaseException:
+                    await cancel_and_wait(control)
+                    raise
+                await control
                 start = self._start_event(run, derived_id("run-start", f"{self.session}:{epoch}:{run.id}"))
                 landed = writer.add_standalone(id=start.id, data=encode(start))
                 position = await self._landed(landed)
@@ -430,6 +437,7 @@ class SessionRuntime:
                     start = None  # the broker kept another writer's run-start: nothing of ours is in the log
                     raise RunIdInUse(self.session, run.id, "another writer entered it at the same time")
             else:
+                await self._ensure_control()
                 start = self._start_event(run, self.hub.new_id())
                 await writer.wait(writer.add_encoded(id=start.id, run_id=run.id, data=encode(start)))
         except BaseException as exc:

@@ -19,7 +19,16 @@ from typing import TypeAlias
 from urllib.parse import urlsplit
 
 from ._util import RateBudget, validate_name, validate_session_id
-from .backends.base import Backend, BackendLimits, Channel, ChannelKind, PresenceEntry, PresenceRole, StoredMessage
+from .backends.base import (
+    Backend,
+    BackendLimits,
+    Channel,
+    ChannelKind,
+    PresenceEntry,
+    PresenceRole,
+    ReadsSince,
+    StoredMessage,
+)
 from .backends.kit import (
     Fanout,
     OpenCount,
@@ -52,6 +61,7 @@ __all__ = [
     "PresenceKeeper",
     "PresenceRole",
     "RateBudget",
+    "ReadsSince",
     "StoredMessage",
     "Tap",
     "backend_from_url",

@@ -13,7 +13,7 @@ from pydantic import JsonValue, ValidationError
 from ._reader import END_OF_MESSAGE, fold, read_events
 from ._runtime import HubRuntime
 from ._util import derived_id, now_ms, validate_name
-from .backends.base import Channel
+from .backends.base import Channel, ReadsSince
 from .cursor import Cursor
 from .errors import AckTimeout, ConfigurationError, ControlTooLarge, EventTooLarge, PayloadTooLarge
 from .events import (
@@ -372,8 +372,15 @@ class Session:
         limit = runtime.settings.max_control_bytes
         if len(data) > limit:
             raise ControlTooLarge(len(data), limit)
-        head = await runtime.backend.head(Channel(self.id, "events"))
-        await runtime.backend.publish(Channel(self.id, "control"), data, message_id=control.id)
+        backend = runtime.backend
+        events = Channel(self.id, "events")
+        if isinstance(backend, ReadsSince):
+            # The answer is looked for from the control's own position: nothing is read before it is sent.
+            sent = await backend.publish(Channel(self.id, "control"), data, message_id=control.id)
+            start = await backend.since(events, sent)
+            return ControlHandle(self, control, Cursor(start.epoch, start.position, -1))
+        head = await backend.head(events)
+        await backend.publish(Channel(self.id, "control"), data, message_id=control.id)
         after = Cursor(head.epoch, head.position, END_OF_MESSAGE) if head is not None else None
         return ControlHandle(self, control, after)
 

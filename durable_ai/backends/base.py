@@ -21,6 +21,7 @@ __all__ = [
     "ChannelKind",
     "PresenceEntry",
     "PresenceRole",
+    "ReadsSince",
     "StoredMessage",
 ]
 
@@ -138,4 +139,22 @@ class Backend(Protocol):
 
     async def presence(self, session: str) -> list[PresenceEntry]:
         """The members present on the session now. Entries that do not decode are skipped, never raised."""
+        ...
+
+
+@runtime_checkable
+class ReadsSince(Protocol):
+    """An optional capability: a start for reading one log that follows a message just stored in another.
+
+    A control's sender waits for the agent's answer in the events log; it must read from a point no later than
+    where the answer can land, and ``head()`` may cost requests (on Ably, history scans). A backend whose positions
+    carry a time implements this from the control's own position instead; without it, the sender reads the
+    events head before it publishes.
+    """
+
+    async def since(self, channel: Channel, published: LogPosition) -> LogPosition:
+        """A position to ``read`` ``channel`` from (it need not name a message there; ``read`` must accept it and
+        never raise ``LogReset`` for it merely because no message is at it) that yields every message stored in
+        ``channel`` after ``published`` (a message of the same session's other log) was stored, and maybe a few
+        stored shortly before."""
         ...

@@ -236,17 +236,6 @@ def serial_time(serial: str) -> int | None:
     return int(head) if head.isdigit() and len(head) >= 13 else None
 
 
-def history_params(*, backwards: bool, limit: int, from_serial: str | None) -> dict[str, str]:
-    """Query parameters for ``GET /channels/{name}/messages``, from a serial (inclusive) when given."""
-    params = {"direction": "backwards" if backwards else "forwards", "limit": str(limit)}
-    if from_serial:
-        params["fromSerial"] = from_serial  # the emulator's; Ably itself filters by the time below
-        millis = serial_time(from_serial)
-        if millis is not None and not backwards:
-            params["start"] = str(millis)
-    return params
-
-
 # -- snapshots ---------------------------------------------------------------------------------------------------
 
 

@@ -16,12 +16,18 @@ Messages that may still grow are named ``p`` (parts); the others ``e``. A part g
 after *t* minus that window. A reader resuming inside that window must read history from the oldest part that may
 still have grown: a position carries the serial of that part after a ``|`` (``<serial>|<oldest open part>``), so a
 cursor alone is enough to resume exactly.
+
+A read may also start from a **bound** ``~<milliseconds>`` (:func:`bound_position`): every operation whose serial
+is from that time on, including appends to parts created within the window before it. It names no message, so
+it never raises :class:`~durable_ai.errors.LogReset` for a missing one; it is how a control's sender finds the
+agent's answer without first looking for the end of the log.
 """
 
 from __future__ import annotations
 
 import heapq
 import json
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -39,6 +45,8 @@ __all__ = [
     "OpenParts",
     "Reorder",
     "append_frame",
+    "bound_after",
+    "bound_position",
     "format_position",
     "parse_position",
     "split_append",
@@ -126,6 +134,44 @@ def parse_position(position: str) -> tuple[str, str | None]:
     return serial, oldest or None
 
 
+_BOUND = "~"
+
+
+def bound_position(millis: int) -> str:
+    """A start for reading every operation from the time ``millis`` on (see the module docstring)."""
+    return f"{_BOUND}{max(0, millis)}"
+
+
+#: milliseconds before a control's serial from which its answer is looked for: serials of different channels are
+#: compared by their time only, and Ably's servers' clocks agree to well within this
+CONTROL_MARGIN_MS = 1_000
+
+
+def bound_after(serial: str | None) -> str:
+    """A bound from which every operation stored after the message ``serial`` (of another channel) is read."""
+    millis = serial_time(serial) if serial else None
+    if millis is None:
+        millis = int(time.time() * 1000)
+    return bound_position(millis - CONTROL_MARGIN_MS)
+
+
+def _serial_prefix(millis: int) -> str:
+    """A string that sorts before every serial of that millisecond and after every earlier one."""
+    return f"{max(0, millis):014d}"
+
+
+def parse_start(position: str) -> tuple[str, str | None, bool]:
+    """``(first, oldest, exact)`` of a start position: a position of the log (``exact``), or a bound."""
+    if position.startswith(_BOUND):
+        text = position[len(_BOUND) :]
+        if not text.isdigit():
+            raise LogReset(f"not a position of this log: {position!r}")
+        millis = int(text)
+        return _serial_prefix(millis), _serial_prefix(millis - int(PART_WINDOW_SECONDS * 1000)), False
+    first, oldest = parse_position(position)
+    return first, oldest, True
+
+
 class OpenParts:
     """The part messages a reader has seen that may still grow, to name the oldest in positions."""
 
@@ -172,26 +218,29 @@ class Reorder:
         return out
 
 
-def read_bounds(
-    start: LogPosition | None, epoch: str, floor: str, newest: tuple[str, str | None] | None, *, follow: bool
-) -> tuple[str | None, str | None, str | None] | None:
-    """Where a read starts and stops: ``(first, oldest, until)``, or ``None`` when there is nothing to read.
+@dataclass(frozen=True, slots=True)
+class Start:
+    """Where a read starts: the serial to read from (``None``: the floor), the oldest part that may have grown
+    after it, and whether it is an operation of the log (``exact``) or a bound (:func:`bound_position`)."""
 
-    ``newest`` is the channel's newest operation (for a read that does not follow). Raises
-    :class:`~durable_ai.errors.LogReset` for a start from another epoch, from before the floor, or past the log.
-    """
+    first: str | None = None
+    oldest: str | None = None
+    exact: bool = True
+
+
+def read_start(start: LogPosition | None, epoch: str, floor: str) -> Start:
+    """Where a read from ``start`` begins. Raises :class:`~durable_ai.errors.LogReset` for a start from another
+    epoch, or from an operation older than the floor."""
     if start is not None and start.epoch != epoch:
         raise LogReset("the session's log was recreated (deleted since the cursor)")
-    first, oldest = parse_position(start.position) if start is not None and start.position else (None, None)
-    if first is not None and first < floor:
-        raise LogReset("the cursor is older than the session's deletion")
-    if follow:
-        return first, oldest, None
-    if newest is None or newest[0] < max(first or "", floor):
-        if first is not None:
-            raise LogReset("the message at the cursor is no longer retained")
-        return None
-    return first, oldest, newest[0]
+    if start is None or not start.position:
+        return Start()
+    first, oldest, exact = parse_start(start.position)
+    if first < floor:
+        if exact:
+            raise LogReset("the cursor is older than the session's deletion")
+        return Start()
+    return Start(first, oldest, exact)
 
 
 class HistoryPass:
@@ -206,13 +255,21 @@ class HistoryPass:
     Args:
         floor: the session's floor (messages with an older serial are hidden).
         first: the serial to read from, inclusive (``None``: from the floor).
+        exact: ``first`` is an operation of the log (``False``: a bound, see :func:`parse_start`).
         oldest: the oldest part that may have grown after ``first`` (from its position), read from when older.
         until: the last operation to return (``None``: everything history has).
         last: the last operation already returned (later passes of a follower skip up to it).
     """
 
     def __init__(
-        self, *, floor: str, first: str | None, oldest: str | None, until: str | None = None, last: str | None = None
+        self,
+        *,
+        floor: str,
+        first: str | None,
+        oldest: str | None,
+        until: str | None = None,
+        last: str | None = None,
+        exact: bool = True,
     ) -> None:
         self.floor = floor
         self.last = last
@@ -221,8 +278,9 @@ class HistoryPass:
         self._lower = first or floor
         #: the serial to read history from (inclusive; empty: from the start)
         self.fetch = oldest if oldest is not None and oldest < self._lower else self._lower
-        self._expected = first
-        self._oldest = oldest
+        # A bound names no message: nothing is expected at it, and the window before it may hold no part.
+        self._expected = first if exact else None
+        self._oldest = oldest if exact else None
         self._until = until
         self._reorder = Reorder()
         self._seen_first = False

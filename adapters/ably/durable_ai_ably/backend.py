@@ -1,18 +1,30 @@
-"""The Ably backend (first version).
+"""The Ably backend over a realtime connection, for long-lived agents and servers.
 
 Layout, for the namespace ``ai`` (the default): a session's events go to the channel ``ai:<session>``, its controls
 to ``ai:<session>:control``, its snapshot to ``ai:<session>:snapshot``, and its deletions to ``ai:<session>:meta``.
 Presence members are entered on the events channel by one connection whose token has the wildcard clientId.
 
-A position is the Ably message serial (lexicographically ordered). Ably cannot drop a channel's history, so
+A position is the Ably message serial (ordered within a channel). Ably cannot drop a channel's history, so
 ``delete`` publishes a marker on the meta channel: the marker's serial is the session's *floor* (messages with an
 older serial are hidden from then on) and a hash of it is the session's *epoch* (``0`` for a session never
 deleted), so cursors from before the deletion get ``LogReset``.
 
-Publishes go over the realtime connection with the message id set (ably-python does not set ids itself), so a
-retried publish inside Ably's idempotency window stores nothing new. Reads page through REST history forwards from
-the start serial (inclusive), then, when following, continue with a realtime subscription attached before the
-history read, deduplicated by serial.
+**Publishing** goes over the realtime connection with the message id set (ably-python does not set ids itself), so a
+retried publish inside Ably's idempotency window stores nothing new.
+
+**Reading** is the kit's :func:`~durable_ai.backend.follow_log` with REST history as the backlog
+(:class:`~durable_ai_ably._store.AblyStore`, shared with the REST backend). A following reader joins the way Ably
+defines a gapless join: it attaches the channel, and reads history *up to the attachment* (``from_serial`` set to
+the attach serial, what ably-js's ``untilAttach`` sends); everything after the attachment arrives on it. One
+attachment per channel serves every local reader (a :class:`_Feed`); a reader that joins an attachment already
+made gets the operations delivered since it was made, and reads history up to the attachment too. Live messages
+are taken from the protocol messages as they arrive and decoded defensively: a message whose data does not decode
+is passed on as it came, never raised (ably-python keeps the attach serial to itself, so the backend observes the
+connection's channel messages through its public ``on_channel_message``).
+
+**Channels are released**: each channel object is held while a reader, a presence member or a publish uses it; the
+last user gone, it is detached (if attached) and released, so a long-lived agent stays within Ably's limit of
+channels per connection however many sessions it serves.
 """
 
 from __future__ import annotations
@@ -23,28 +35,27 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from functools import partial
 from typing import Any, TypeVar
-from urllib.parse import quote
 
-from ably import AblyRealtime, AblyRest  # type: ignore[import-untyped]
+from ably import AblyRealtime  # type: ignore[import-untyped]
 from ably.types.connectionstate import ConnectionState  # type: ignore[import-untyped]
-from ably.types.message import Message, MessageAction  # type: ignore[import-untyped]
+from ably.types.message import Message  # type: ignore[import-untyped]
 from ably.util.exceptions import AblyException  # type: ignore[import-untyped]
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 from websockets.exceptions import ConnectionClosed
 
 from durable_ai.backend import (
     BackendLimits,
     Channel,
     LogPosition,
+    OpenCount,
     PresenceEntry,
+    PresenceKeeper,
     PresenceRole,
     RateBudget,
     StoredMessage,
-    snapshot_chunk_count,
-    unpack_snapshot,
+    Tap,
+    follow_log,
+    retry_call,
 )
 from durable_ai.errors import (
     BackendError,
@@ -58,129 +69,47 @@ from durable_ai.errors import (
 )
 
 from ._common import (
-    API_VERSION,
-    PAGE,
-    PRESENCE_KIND,
     AblyOptions,
-    PresenceLog,
     SessionState,
     decode_data,
-    history_params,
     options_from_url,
     pack_snapshot,
     presence_client_id,
-    presence_entries,
     text_field,
-    to_bytes,
     to_wire,
     version_serial,
 )
+from ._http import AblyHttp
 from ._log import (
     APPENDABLE_NAME,
     PLAIN_NAME,
     HistoryPass,
-    NewestScan,
+    OpenParts,
+    bound_after,
     format_position,
-    read_bounds,
+    parse_position,
+    read_start,
     split_append,
 )
 from ._parts import PartPlanner
+from ._store import AblyStore
 
 __all__ = ["AblyBackend", "AblyOptions", "from_url"]
 
 logger = logging.getLogger("durable_ai_ably")
 T = TypeVar("T")
 
+# Protocol message actions (Ably's realtime protocol) and message actions the backend reads.
+_ATTACHED, _DETACHED, _MESSAGE, _ERROR = 11, 13, 15, 9
+_FLAG_RESUMED = 1 << 2
+_CREATE, _APPEND = 0, 5
+#: operations a feed keeps from its attachment on, for readers that join it later (beyond: they read history)
+_RECENT_MESSAGES = 2_000
+_RECENT_BYTES = 2 * 1024 * 1024
+
 
 class _Timeout(Exception):
     """An attempt that got no answer in time (retryable)."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Live:
-    """An operation a subscription delivered: a created message or an append to the message ``serial``."""
-
-    position: str
-    serial: str
-    data: bytes
-    append: bool
-    appendable: bool
-
-
-class _Tap:
-    """One live reader's queue of realtime operations."""
-
-    def __init__(self, feed: _Feed, limit: int) -> None:
-        self.feed = feed
-        self.limit = limit
-        self.queue: deque[_Live] = deque()
-        self.error: BaseException | None = None
-        self.overflow = False
-        self.changed = asyncio.Event()
-
-    def push(self, live: _Live) -> None:
-        if self.overflow:
-            return
-        if len(self.queue) >= self.limit:
-            self.overflow = True
-            self.queue.clear()
-        else:
-            self.queue.append(live)
-        self.changed.set()
-
-    def fail(self, error: BaseException) -> None:
-        if self.error is None:
-            self.error = error
-        self.changed.set()
-
-    async def next(self) -> _Live | None:
-        """The next live operation; ``None`` once the reader fell behind (read history again)."""
-        while True:
-            if self.queue:
-                return self.queue.popleft()
-            if self.overflow:
-                return None
-            if self.error is not None:
-                raise self.error
-            self.changed.clear()
-            await self.changed.wait()
-
-
-class _Feed:
-    """A realtime subscription to one channel, shared by the local live readers of that channel."""
-
-    def __init__(self, channel: Any) -> None:
-        self.channel = channel
-        self.taps: set[_Tap] = set()
-        self.broken = False
-        self.last = ""
-
-    def on_message(self, message: Message) -> None:
-        action = message.action
-        if action is None or action == MessageAction.MESSAGE_CREATE:
-            position = message.serial
-        elif action == MessageAction.MESSAGE_APPEND:
-            position = message.version.serial if message.version is not None else None
-        else:
-            return  # updates and deletes are not part of a session's log
-        # A listener registered twice (a retried subscribe) sees an operation twice: keep the first.
-        if not position or not message.serial or position <= self.last:
-            return
-        self.last = position
-        live = _Live(
-            position,
-            message.serial,
-            to_bytes(message.data),
-            action == MessageAction.MESSAGE_APPEND,
-            message.name == APPENDABLE_NAME,
-        )
-        for tap in list(self.taps):
-            tap.push(live)
-
-    def fail(self, reason: str) -> None:
-        self.broken = True
-        for tap in list(self.taps):
-            tap.fail(BackendUnavailable(reason))
 
 
 class _Links:
@@ -198,6 +127,155 @@ class _Links:
         if len(self._links) > self._size:
             self._links.popitem(last=False)
         return False
+
+
+class _FeedTap(Tap):
+    """A reader's tap, with the attach serial its history pass reads up to (``None``: to the end)."""
+
+    until: str | None = None
+
+
+class _Feed:
+    """One attachment of a channel, shared by the local live readers of it.
+
+    It takes the channel's protocol messages as they arrive (:meth:`on_messages`), turns creates and appends into
+    the log's operations, and offers them to every tap. It keeps the operations since the attachment (bounded), so
+    that a reader joining later misses none of those its history pass cannot see.
+    """
+
+    def __init__(self, name: str, state: SessionState, tap_limit: int) -> None:
+        self.name = name
+        self.epoch = state.epoch
+        self.floor = state.floor
+        self.tap_limit = tap_limit
+        self.taps: set[_FeedTap] = set()
+        self.attach_serial: str | None = None
+        self.attached: asyncio.Future[None] | None = None
+        self.broken = False
+        self.recent: deque[StoredMessage] | None = deque()
+        self._recent_bytes = 0
+        self._last = ""
+        self._parts = OpenParts()
+        self._links = _Links()
+
+    def tap(self) -> _FeedTap:
+        tap = _FeedTap(max_messages=self.tap_limit)
+        if self.recent is None:
+            tap.until = None  # too much since the attachment: history to the end, overlaps skipped
+        else:
+            tap.until = self.attach_serial
+            for message in self.recent:
+                tap.offer(message)
+        self.taps.add(tap)
+        return tap
+
+    def on_attached(self, serial: object, flags: object) -> None:
+        if self.attach_serial is None and (self.attached is None or not self.attached.done()):
+            self.attach_serial = serial if isinstance(serial, str) and serial else ""
+            return
+        if isinstance(flags, int) and flags & _FLAG_RESUMED:
+            return
+        # Attached again without continuity (Ably lost the attachment's place): readers read history again.
+        self.fail(BackendUnavailable(f"the attachment of {self.name!r} lost continuity"))
+
+    def on_messages(self, messages: object) -> None:
+        if self.broken or not isinstance(messages, list):
+            return
+        for raw in messages:
+            if isinstance(raw, Mapping):
+                message = self._operation(raw)
+                if message is not None:
+                    self._offer(message)
+
+    def _operation(self, raw: Mapping[str, Any]) -> StoredMessage | None:
+        action = raw.get("action")
+        serial = text_field(raw, "serial")
+        if action is None or action == _CREATE:
+            position = serial
+        elif action == _APPEND:
+            position = version_serial(raw)
+        else:
+            return None  # updates and deletes are not part of a session's log
+        # A protocol message delivered twice (a resumed attachment) repeats operations: keep the first.
+        if not position or not serial or position <= self._last or serial < self.floor:
+            return None
+        self._last = position
+        data = decode_data(raw)
+        if action == _APPEND:
+            framed = split_append(data)
+            if framed is None:
+                logger.warning("skipping an append on %r that durable-ai did not write", self.name)
+                return None
+            link, data = framed
+            if self._links.duplicate(serial, link):
+                return None
+        elif text_field(raw, "name") == APPENDABLE_NAME:
+            self._parts.add(serial)
+        return StoredMessage(self.epoch, format_position(position, self._parts.oldest(position)), data)
+
+    def _offer(self, message: StoredMessage) -> None:
+        if self.recent is not None:
+            self.recent.append(message)
+            self._recent_bytes += len(message.data)
+            if len(self.recent) > _RECENT_MESSAGES or self._recent_bytes > _RECENT_BYTES:
+                self.recent = None
+        for tap in self.taps:
+            tap.offer(message)
+
+    def fail(self, error: BaseException) -> None:
+        self.broken = True
+        for tap in self.taps:
+            tap.fail(error)
+
+
+class _Channels:
+    """The channel objects in use, counted by user (a reader's feed, a presence member, a publish in flight).
+
+    When the last user of a channel goes, it is detached if it was attached and released (ably-python keeps
+    every channel object it made otherwise, and Ably limits the channels attached per connection).
+    """
+
+    def __init__(self, realtime: AblyRealtime, timeout: float) -> None:
+        self.realtime = realtime
+        self.timeout = timeout
+        self.users: dict[str, int] = {}
+        self.releasing: dict[str, asyncio.Task[None]] = {}
+
+    async def acquire(self, name: str) -> Any:
+        pending = self.releasing.get(name)
+        if pending is not None:
+            await asyncio.shield(pending)
+        self.users[name] = self.users.get(name, 0) + 1
+        return self.realtime.channels.get(name)
+
+    def release(self, name: str) -> None:
+        count = self.users.get(name, 0) - 1
+        if count > 0:
+            self.users[name] = count
+            return
+        self.users.pop(name, None)
+        task = asyncio.get_running_loop().create_task(self._release(name), name=f"durable-ai-ably release {name}")
+        self.releasing[name] = task
+        task.add_done_callback(lambda _: self.releasing.pop(name, None) if self.releasing.get(name) is task else None)
+
+    async def _release(self, name: str) -> None:
+        channels = self.realtime.channels
+        channel = channels.get(name)
+        with contextlib.suppress(Exception):
+            if channel.state.value not in ("initialized", "detached", "failed"):
+                async with asyncio.timeout(self.timeout):
+                    await channel.detach()
+        if name not in self.users:  # nobody took it again meanwhile
+            with contextlib.suppress(Exception):
+                channels.release(name)
+
+    async def drain(self) -> None:
+        if self.releasing:
+            await asyncio.gather(*self.releasing.values(), return_exceptions=True)
+
+    def objects(self) -> int:
+        """How many channel objects ably-python holds (for tests)."""
+        return sum(1 for _ in self.realtime.channels)
 
 
 def _appends_refused(exc: BaseException) -> bool:
@@ -223,14 +301,12 @@ class AblyBackend:
         self.options = options
         self._limits = BackendLimits(options.max_message_bytes, options.rate_limit)
         self._realtime: AblyRealtime | None = None
-        self._rest: AblyRest | None = None
-        self._users = 0
+        self._store: AblyStore | None = None
+        self._channels: _Channels | None = None
+        self._count = OpenCount()
         self._closed = False
-        self._open_lock = asyncio.Lock()
-        self._sessions: dict[str, SessionState] = {}
         self._feeds: dict[str, _Feed] = {}
-        self._detaching: dict[str, asyncio.Task[None]] = {}
-        self._present: dict[tuple[str, str], bytes] = {}
+        self._presence: PresenceKeeper[tuple[str, str]] = PresenceKeeper()
         self._planner = PartPlanner(options.max_message_bytes)
         self._channel_budgets: dict[str, RateBudget] = {}
         rate = options.connection_rate_limit
@@ -253,6 +329,10 @@ class AblyBackend:
         manager = self._realtime.connection.connection_manager
         return None if manager.connection_id is None else str(manager.connection_id)
 
+    def channel_objects(self) -> int:
+        """How many ably-python channel objects this backend holds now (each is released when unused)."""
+        return 0 if self._channels is None else self._channels.objects()
+
     def _client_options(self) -> dict[str, Any]:
         o = self.options
         # ably-python 3.1 keeps the msgSerial of messages it queued or sent before a connection was lost, and
@@ -264,6 +344,8 @@ class AblyBackend:
             options["key"] = o.key
             if not o.tls:
                 options["use_token_auth"] = True
+            # With the key, one connection enters presence for any member: its tokens have the wildcard clientId.
+            options.update(client_id="*", default_token_params={"client_id": "*"})
         else:  # a client credential: its token, renewed by the callback if there is one
             if o.token is not None:
                 options["token"] = o.token
@@ -272,41 +354,52 @@ class AblyBackend:
         if o.endpoint is not None:
             options["endpoint"] = o.endpoint
             options["fallback_hosts"] = []
-        options.update(o.client)
+        client = dict(o.client)
+        if "default_token_params" in client and o.key is not None:
+            client["default_token_params"] = {"client_id": "*", **client["default_token_params"]}
+        options.update(client)
         return options
 
     async def open(self) -> None:
-        self._users += 1
-        async with self._open_lock:
-            if self._realtime is None:
-                try:
-                    await self._connect()
-                except BaseException:
-                    self._users -= 1
-                    raise
+        await self._count.open(self._connect)
 
     async def _connect(self) -> None:
-        options = self._client_options()
-        rest = AblyRest(**options)
-        if self.options.key is not None:
-            # With the key, one connection enters presence for any member: its tokens have the wildcard clientId.
-            token_params = dict(options.pop("default_token_params", None) or {})
-            token_params.setdefault("client_id", "*")
-            options.update(client_id="*", default_token_params=token_params)
-        realtime = AblyRealtime(**options)
+        http = AblyHttp(self.options)
+        await http.open()
+        realtime = AblyRealtime(**self._client_options())
         try:
             async with asyncio.timeout(self.options.connect_timeout):
                 await realtime.connection.once_async(ConnectionState.CONNECTED)
         except (TimeoutError, AblyException) as exc:
             with contextlib.suppress(Exception):
                 await realtime.close()
-            with contextlib.suppress(Exception):
-                await rest.close()
+            await http.close()
             reason = realtime.connection.error_reason or exc
             raise BackendUnavailable(f"cannot connect to Ably: {reason}") from exc
         realtime.connection.on(self._on_connection_state)
-        self._realtime, self._rest = realtime, rest
+        manager = realtime.connection.connection_manager
+        manager.on_channel_message = self._observer(manager.on_channel_message)
+        self._realtime, self._store = realtime, AblyStore(self.options, http)
+        self._channels = _Channels(realtime, self.options.attempt_timeout)
         self._closed = False
+
+    def _observer(self, deliver: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+        """Wrap the connection's channel-message dispatch: feeds see each protocol message before ably-python."""
+
+        def observe(message: dict[str, Any]) -> None:
+            name = message.get("channel")
+            feed = self._feeds.get(name) if isinstance(name, str) else None
+            if feed is not None:
+                action = message.get("action")
+                if action == _MESSAGE:
+                    feed.on_messages(message.get("messages"))
+                elif action == _ATTACHED:
+                    feed.on_attached(message.get("channelSerial"), message.get("flags"))
+                elif action in (_DETACHED, _ERROR) and feed.attached is not None and feed.attached.done():
+                    feed.fail(BackendUnavailable(f"the channel {name!r} was detached by Ably"))
+            deliver(message)
+
+        return observe
 
     def _on_connection_state(self, change: Any) -> None:
         if change.current in (
@@ -319,25 +412,20 @@ class AblyBackend:
             if not self._closed:
                 logger.info("Ably connection %s: %s", change.current.value, change.reason)
             for feed in list(self._feeds.values()):
-                feed.fail(f"the Ably connection is {change.current.value}")
+                feed.fail(BackendUnavailable(f"the Ably connection is {change.current.value}"))
             self._feeds.clear()
 
     async def close(self) -> None:
-        self._users -= 1
-        if self._users > 0 or self._realtime is None or self._closed:
+        if not self._count.release() or self._realtime is None:
             return
-        realtime, rest = self._realtime, self._rest
-        if self._present:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):
-                    for session, member in list(self._present):
-                        await self.leave_presence(session, member)
+        realtime, store, channels = self._realtime, self._store, self._channels
+        await self._presence.close(self._leave, within=2.0)
         self._closed = True
         for feed in list(self._feeds.values()):
-            feed.fail("the backend is closed")
+            feed.fail(HubClosed("the backend is closed"))
         self._feeds.clear()
-        if self._detaching:
-            await asyncio.gather(*self._detaching.values(), return_exceptions=True)
+        if channels is not None:
+            await channels.drain()
         transport = getattr(realtime.connection.connection_manager, "transport", None)
         with contextlib.suppress(Exception):
             await realtime.close()
@@ -349,20 +437,19 @@ class AblyBackend:
         # ably-python cancels its timers' tasks on close without awaiting them: let them finish.
         for _ in range(3):
             await asyncio.sleep(0)
-        if rest is not None:
-            with contextlib.suppress(Exception):
-                await rest.close()
-        self._realtime = self._rest = None
+        if store is not None:
+            await store.http.close()
+        self._realtime = self._store = self._channels = None
 
-    def _parts(self) -> tuple[AblyRealtime, AblyRest]:
-        if self._closed or self._realtime is None or self._rest is None:
+    def _parts(self) -> tuple[AblyRealtime, AblyStore, _Channels]:
+        if self._closed or self._realtime is None or self._store is None or self._channels is None:
             raise HubClosed("the Ably backend is not open")
-        return self._realtime, self._rest
+        return self._realtime, self._store, self._channels
 
     # -- requests with retries -----------------------------------------------------------------------------
 
     async def _call(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Run one request, retrying timeouts, disconnections and 5xx for up to ``publish_timeout``."""
+        """Run one realtime operation, retrying timeouts, disconnections and 5xx for up to ``publish_timeout``."""
 
         async def bounded() -> T:
             try:
@@ -372,19 +459,11 @@ class AblyBackend:
                 raise _Timeout(f"no answer within {self.options.attempt_timeout} s") from None
 
         try:
-            async for trying in AsyncRetrying(
-                stop=stop_after_delay(self.options.publish_timeout),
-                wait=wait_exponential(multiplier=0.05, max=1.0),
-                retry=retry_if_exception(_retryable),
-                reraise=True,
-            ):
-                with trying:
-                    return await bounded()
+            return await retry_call(bounded, retryable=_retryable, within=self.options.publish_timeout)
         except AblyException as exc:
             raise self._error(exc) from exc
         except (_Timeout, OSError, ConnectionClosed) as exc:
             raise BackendUnavailable(f"Ably did not answer: {exc}") from exc
-        raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
     def _error(exc: AblyException) -> BackendError:
@@ -395,58 +474,20 @@ class AblyBackend:
             return BackendUnavailable(f"Ably is unavailable: {exc}")
         return BackendError(f"Ably refused the request: {exc}")
 
-    async def _get(self, path: str, params: Mapping[str, str]) -> Any:
-        """One REST GET (the first page), with errors raised."""
-        _, rest = self._parts()
-        response = await rest.request("GET", path, API_VERSION, params=dict(params))
-        self._check(response)
-        return response
-
-    @staticmethod
-    def _check(response: Any) -> None:
-        if not response.success:
-            status = response.status_code
-            code = int(response.error_code) if response.error_code else status * 100
-            raise AblyException(response.error_message or f"HTTP {status}", status, code)
-
-    async def _next(self, page: Any) -> Any:
-        response = await page.next()
-        self._check(response)
-        return response
-
-    async def _history(
-        self, name: str, *, backwards: bool = False, limit: int = PAGE, from_serial: str | None = None
-    ) -> Any:
-        params = history_params(backwards=backwards, limit=limit, from_serial=from_serial)
-        return await self._call(lambda: self._get(f"/channels/{quote(name, safe='')}/messages", params))
-
-    async def _latest(self, name: str) -> Mapping[str, Any] | None:
-        """The channel's newest message as REST returns it (decoded defensively by whoever reads its data)."""
-        page = await self._history(name, backwards=True, limit=1)
-        return page.items[0] if page.items else None
-
-    # -- sessions: epoch and floor -------------------------------------------------------------------------
-
-    async def _session(self, session: str, *, refresh: bool = False) -> SessionState:
-        cached = self._sessions.get(session)
-        if cached is not None and not refresh:
-            return cached
-        marker = await self._latest(self.channel_name(session, "meta"))
-        state = SessionState.from_marker(None if marker is None else text_field(marker, "serial"))
-        self._sessions[session] = state
-        return state
-
     # -- publish -------------------------------------------------------------------------------------------
 
     async def _publish(self, name: str, data: str | bytes, message_id: str, event: str = PLAIN_NAME) -> str:
-        realtime, _ = self._parts()
-        channel = realtime.channels.get(name)
+        _, _, channels = self._parts()
+        channel = await channels.acquire(name)
+        try:
 
-        async def attempt() -> Any:
-            await self._throttle(name)
-            return await channel.publish(Message(name=event, data=data, id=message_id))
+            async def attempt() -> Any:
+                await self._throttle(name)
+                return await channel.publish(Message(name=event, data=data, id=message_id))
 
-        result = await self._call(attempt)
+            result = await self._call(attempt)
+        finally:
+            channels.release(name)
         serials = getattr(result, "serials", None) or []
         if not serials or not serials[0]:
             # The message may well be stored: PublishError makes the writer retry it under the same id.
@@ -454,14 +495,17 @@ class AblyBackend:
         return str(serials[0])
 
     async def _append(self, name: str, serial: str, data: str | bytes) -> str:
-        realtime, _ = self._parts()
-        channel = realtime.channels.get(name)
+        _, _, channels = self._parts()
+        channel = await channels.acquire(name)
+        try:
 
-        async def attempt() -> Any:
-            await self._throttle(name)
-            return await channel.append_message(Message(data=data, serial=serial))
+            async def attempt() -> Any:
+                await self._throttle(name)
+                return await channel.append_message(Message(data=data, serial=serial))
 
-        result = await self._call(attempt)
+            result = await self._call(attempt)
+        finally:
+            channels.release(name)
         version = getattr(result, "version_serial", None)
         if not version:
             raise PublishError(f"Ably acknowledged an append on {name!r} without a version serial")
@@ -480,10 +524,10 @@ class AblyBackend:
             await self._connection_budget.acquire()
 
     async def publish(self, channel: Channel, data: bytes, *, message_id: str) -> LogPosition:
-        self._parts()
+        _, store, _ = self._parts()
         if len(data) > self._limits.max_message_bytes:
             raise PayloadTooLarge(len(data), self._limits.max_message_bytes)
-        state = await self._session(channel.session)
+        state = await store.session(channel.session)
         name = self.channel_name(channel.session, channel.kind)
         # Once the namespace refused appends, batches skip the planner (and its parsing of every line).
         if channel.kind == "events" and self.options.appends != "off" and self._planner.needed(message_id):
@@ -531,166 +575,119 @@ class AblyBackend:
     # -- read ----------------------------------------------------------------------------------------------
 
     async def read(self, channel: Channel, *, start: LogPosition | None, follow: bool) -> AsyncIterator[StoredMessage]:
-        self._parts()
+        _, store, _ = self._parts()
         name = self.channel_name(channel.session, channel.kind)
-        state = await self._session(channel.session, refresh=True)
-        epoch, floor = state.epoch, state.floor
-        newest = None if follow else await self._newest(name, floor)
-        bounds = read_bounds(start, epoch, floor, newest, follow=follow)
-        if bounds is None:
-            return
-        first, oldest, until = bounds
-        tap: _Tap | None = None
-        last: str | None = None
-        links = _Links()
-        try:
-            while True:
-                if follow and tap is None:
-                    tap = await self._attach(name)
-                scan = HistoryPass(floor=floor, first=first, oldest=oldest, until=until, last=last)
-                page = await self._history(name, from_serial=scan.fetch or None)
-                while True:
-                    for raw in page.items:
-                        serial, name_ = text_field(raw, "serial"), text_field(raw, "name")
-                        for position, data in scan.add(serial, version_serial(raw), name_, decode_data(raw)):
-                            yield StoredMessage(epoch, position, data)
-                        if scan.done:
-                            break
-                    if scan.done:
-                        break
-                    if not page.has_next():
-                        for position, data in scan.finish():
-                            yield StoredMessage(epoch, position, data)
-                        break
-                    page = await self._call(partial(self._next, page))
-                last, parts = scan.last, scan.parts
-                if tap is None:
-                    return
-                while (live := await tap.next()) is not None:
-                    if live.serial < floor or (last is not None and live.position <= last):
-                        continue
-                    data = live.data
-                    if live.append:
-                        framed = split_append(data)
-                        if framed is None:
-                            logger.warning("skipping an append on %r that durable-ai did not write", name)
-                            continue
-                        link, data = framed
-                        if links.duplicate(live.serial, link):
-                            continue
-                    elif live.appendable:
-                        parts.add(live.serial)
-                    last = live.position
-                    yield StoredMessage(epoch, format_position(live.position, parts.oldest(live.position)), data)
-                # Fell behind the live feed: read history again from the last operation read (inclusive).
-                self._detach(tap)
-                tap = None
-                if last is not None:
-                    first, oldest = last, parts.oldest(last)
-        finally:
-            if tap is not None:
-                self._detach(tap)
+        state = await store.session(channel.session, refresh=True)
+        begin = read_start(start, state.epoch, state.floor)
+        tap: _FeedTap | None = None
+        # The parts the latest history pass saw: a live operation's position names the oldest part that may still
+        # grow, which the feed alone cannot know of parts created before its attachment.
+        seen = OpenParts()
 
-    async def _newest(self, name: str, floor: str) -> tuple[str, str | None] | None:
-        """The position of the channel's newest operation, and the oldest part that may still grow then."""
-        scan = NewestScan(floor)
-        page = await self._history(name, backwards=True, limit=100)
-        while True:
-            for raw in page.items:
-                if not scan.add(text_field(raw, "serial"), version_serial(raw), text_field(raw, "name")):
-                    return scan.result
-            if not page.has_next():
-                return scan.result
-            page = await self._call(partial(self._next, page))
+        async def attach() -> Tap:
+            nonlocal tap
+            tap = await self._attach(name, state)
+            return tap
 
-    async def _attach(self, name: str) -> _Tap:
-        realtime, _ = self._parts()
-        pending = self._detaching.get(name)
-        if pending is not None:
-            await asyncio.gather(pending, return_exceptions=True)
+        async def backlog(position: LogPosition | None) -> AsyncIterator[StoredMessage]:
+            nonlocal seen
+            here = begin if position is start else read_start(position, state.epoch, state.floor)
+            scan = HistoryPass(floor=state.floor, first=here.first, oldest=here.oldest, exact=here.exact)
+            seen = scan.parts
+            until = tap.until if tap is not None else None
+            async for at, data in store.history(name, scan, until_attach=until or None):
+                yield StoredMessage(state.epoch, at, data)
+
+        def detach(old: Tap) -> None:
+            nonlocal tap
+            tap = None
+            if isinstance(old, _FeedTap):
+                self._detach(name, old)
+
+        async for message in follow_log(
+            start=start, follow=follow, backlog=backlog, attach=attach, detach=detach, order=_serial_of
+        ):
+            serial, oldest = parse_position(message.position)
+            earlier = seen.oldest(serial)
+            if earlier is not None and (oldest is None or earlier < oldest):
+                message = StoredMessage(message.epoch, format_position(serial, earlier), message.data)
+            yield message
+
+    async def _attach(self, name: str, state: SessionState) -> _FeedTap:
+        _, _, channels = self._parts()
         feed = self._feeds.get(name)
-        if feed is None or feed.broken:
-            feed = _Feed(realtime.channels.get(name))
-            self._feeds[name] = feed
-        tap = _Tap(feed, self.options.tap_limit)
-        feed.taps.add(tap)
+        if feed is not None and (feed.broken or feed.epoch != state.epoch):
+            if not feed.broken:
+                feed.fail(LogReset("the session was deleted"))
+            del self._feeds[name]
+            feed = None
+        if feed is None:
+            feed = self._feeds[name] = _Feed(name, state, self.options.tap_limit)
+            await channels.acquire(name)
+        if feed.attached is None:
+            feed.attached = asyncio.ensure_future(self._attach_channel(feed))
         try:
-            if len(feed.taps) == 1:
-                await self._call(lambda: feed.channel.subscribe(feed.on_message))
-            else:
-                await self._call(feed.channel.attach)
+            await asyncio.shield(feed.attached)
         except BaseException:
-            self._detach(tap)
+            if self._feeds.get(name) is feed and not feed.taps:
+                del self._feeds[name]
+                channels.release(name)
             raise
-        if tap.error is not None:
-            self._detach(tap)
-            raise tap.error
+        tap = feed.tap()
+        if feed.broken:
+            self._detach(name, tap)
+            raise tap.error or BackendUnavailable(f"the attachment of {name!r} was lost")
         return tap
 
-    def _detach(self, tap: _Tap) -> None:
-        feed = tap.feed
+    async def _attach_channel(self, feed: _Feed) -> None:
+        realtime, _, _ = self._parts()
+        channel = realtime.channels.get(feed.name)
+        await self._call(channel.attach)
+        if feed.attach_serial is None:
+            feed.attach_serial = ""
+
+    def _detach(self, name: str, tap: _FeedTap) -> None:
+        feed = self._feeds.get(name)
+        if feed is None or tap not in feed.taps:
+            return
         feed.taps.discard(tap)
         if feed.taps:
             return
-        feed.channel.unsubscribe(feed.on_message)
-        if self._feeds.get(feed.channel.name) is feed:
-            del self._feeds[feed.channel.name]
-        if self._closed or self._realtime is None:
-            return
-        name = feed.channel.name
-        if any(key[0] and self.channel_name(key[0]) == name for key in self._present):
-            return  # presence members of ours keep the channel attached
-        task = asyncio.get_running_loop().create_task(self._quiet_detach(feed.channel), name="durable-ai-ably detach")
-        self._detaching[name] = task
-        task.add_done_callback(lambda _: self._detaching.pop(name, None) if self._detaching.get(name) is task else None)
-
-    async def _quiet_detach(self, channel: Any) -> None:
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(self.options.attempt_timeout):
-                await channel.detach()
+        del self._feeds[name]
+        if self._channels is not None and not self._closed:
+            self._channels.release(name)
 
     async def head(self, channel: Channel) -> LogPosition | None:
-        self._parts()
-        state = await self._session(channel.session, refresh=True)
-        newest = await self._newest(self.channel_name(channel.session, channel.kind), state.floor)
-        if newest is None:
-            return None
-        return LogPosition(state.epoch, format_position(*newest))
+        _, store, _ = self._parts()
+        return await store.head(channel.session, channel.kind)
+
+    async def since(self, channel: Channel, published: LogPosition) -> LogPosition:
+        """Where to read ``channel`` from to see everything stored after ``published`` (a message of another
+        channel of the session, just acknowledged): a bound from the published serial's time, less a margin, so no
+        request is made to find the end of the log first."""
+        _, store, _ = self._parts()
+        state = store.known(channel.session) or await store.session(channel.session)
+        return LogPosition(state.epoch, bound_after(published.position))
 
     async def delete(self, session: str) -> None:
-        self._parts()
+        _, store, _ = self._parts()
         marker = await self._publish(self.channel_name(session, "meta"), "deleted", f"delete:{time.time_ns()}", "d")
-        self._sessions[session] = SessionState.from_marker(marker)
+        store.deleted(session, marker)
         self._planner.forget(self.channel_name(session))
         for kind in ("events", "control"):
-            feed = self._feeds.pop(self.channel_name(session, kind), None)
+            feed = self._feeds.get(self.channel_name(session, kind))
             if feed is not None:
-                feed.broken = True
-                for tap in list(feed.taps):
-                    tap.fail(LogReset("the session was deleted"))
-        for key in [k for k in self._present if k[0] == session]:
+                feed.fail(LogReset("the session was deleted"))
+        for key in [k for k in self._presence.entries if k[0] == session]:
+            self._presence.left(key)
             with contextlib.suppress(BackendError):
-                await self.leave_presence(*key)
+                await self._leave(key)
 
     # -- snapshots -----------------------------------------------------------------------------------------
 
     async def load_snapshot(self, session: str) -> bytes | None:
-        state = await self._session(session, refresh=True)
-        name = self.channel_name(session, "snapshot")
-        head = await self._latest(name)
-        serial = None if head is None else text_field(head, "serial")
-        if head is None or serial is None or serial < state.floor:
-            return None
-        body = decode_data(head)
-        count = snapshot_chunk_count(body)
-        chunks: list[bytes] = []
-        if count:  # the chunks are the messages just before the head
-            page = await self._history(name, backwards=True, limit=count + 1)
-            items = list(page.items)
-            if len(items) != count + 1 or text_field(items[0], "serial") != serial:
-                return None
-            chunks = [decode_data(raw) for raw in reversed(items[1:])]
-        return unpack_snapshot(body, chunks)
+        _, store, _ = self._parts()
+        return await store.load_snapshot(session)
 
     async def save_snapshot(self, session: str, data: bytes) -> None:
         self._parts()
@@ -704,49 +701,46 @@ class AblyBackend:
     # -- presence ------------------------------------------------------------------------------------------
 
     async def enter_presence(self, session: str, member_id: str, data: bytes, *, role: PresenceRole = "client") -> None:
-        realtime, _ = self._parts()
-        presence = realtime.channels.get(self.channel_name(session)).presence
-        client_id = presence_client_id(member_id, role)
-        await self._call(lambda: presence.enter_client(client_id, to_wire(data)))
-        self._present[(session, client_id)] = data
+        _, _, channels = self._parts()
+        name = self.channel_name(session)
+        key = (session, presence_client_id(member_id, role))
+        channel = await channels.acquire(name)  # held while the member is present (entering attaches it)
+        try:
+            await self._call(lambda: channel.presence.enter_client(key[1], to_wire(data)))
+        except BaseException:
+            channels.release(name)
+            raise
+        if key in self._presence.entries:
+            channels.release(name)  # an update: the member holds the channel once
+        self._presence.entered(key, data)
 
     async def leave_presence(self, session: str, member_id: str, *, role: PresenceRole = "client") -> None:
-        realtime, _ = self._parts()
-        client_id = presence_client_id(member_id, role)
-        if self._present.pop((session, client_id), None) is None:
+        self._parts()
+        key = (session, presence_client_id(member_id, role))
+        if key in self._presence.entries:
+            self._presence.left(key)
+            await self._leave(key)
+
+    async def _leave(self, key: tuple[str, str]) -> None:
+        """Leave a member this backend entered (no longer in the keeper's entries) and let go of its channel."""
+        realtime, channels = self._realtime, self._channels
+        if realtime is None or channels is None:
             return
-        presence = realtime.channels.get(self.channel_name(session)).presence
-        await self._call(lambda: presence.leave_client(client_id))
+        session, client_id = key
+        name = self.channel_name(session)
+        try:
+            presence = realtime.channels.get(name).presence
+            await self._call(lambda: presence.leave_client(client_id))
+        finally:
+            channels.release(name)
 
     async def presence(self, session: str) -> list[PresenceEntry]:
-        name = self.channel_name(session)
-        page = await self._call(lambda: self._get(f"/channels/{quote(name, safe='')}/presence", {"limit": "1000"}))
-        members: dict[str, bytes] = {}
-        while True:
-            for raw in page.items:
-                client_id = raw.get("clientId")
-                if client_id:
-                    members[client_id] = decode_data(raw)
-            if not page.has_next():
-                break
-            page = await self._call(partial(self._next, page))
-        members.update(await self._presence_log(session))
-        return presence_entries(members)
+        _, store, _ = self._parts()
+        return await store.presence(session)
 
-    async def _presence_log(self, session: str) -> dict[str, bytes]:
-        """Members entered by REST backends, which publish them to the session's presence log (see ``.rest``)."""
-        state = await self._session(session, refresh=True)
-        log = PresenceLog(state.floor, int(time.time() * 1000))
-        page = await self._history(self.channel_name(session, PRESENCE_KIND), backwards=True)
-        while True:
-            for raw in page.items:
-                stamp = raw.get("timestamp")
-                timestamp = stamp if isinstance(stamp, int) else None
-                if not log.add(text_field(raw, "name"), text_field(raw, "serial"), timestamp, decode_data(raw)):
-                    return log.members
-            if not page.has_next():
-                return log.members
-            page = await self._call(partial(self._next, page))
+
+def _serial_of(position: str) -> str:
+    return parse_position(position)[0]
 
 
 def from_url(url: str) -> AblyBackend:

@@ -50,36 +50,30 @@ from durable_ai.backend import (
     BackendLimits,
     Channel,
     LogPosition,
+    OpenCount,
     PresenceEntry,
+    PresenceKeeper,
     PresenceRole,
     RateBudget,
     StoredMessage,
-    snapshot_chunk_count,
-    unpack_snapshot,
 )
 from durable_ai.errors import BackendError, BackendUnavailable, HubClosed, LogReset, PayloadTooLarge, PublishError
 
 from ._common import (
-    PAGE,
     PRESENCE_ENTER,
     PRESENCE_KIND,
     PRESENCE_LEAVE,
     PRESENCE_TTL_SECONDS,
     AblyOptions,
-    PresenceLog,
-    SessionState,
-    decode_data,
-    history_params,
     options_from_url,
     pack_snapshot,
     presence_client_id,
-    presence_entries,
     presence_record,
     to_wire,
-    version_serial,
 )
 from ._http import AblyHttp, AblyHttpError, json_of
-from ._log import PLAIN_NAME, HistoryPass, NewestScan, format_position, read_bounds
+from ._log import PLAIN_NAME, HistoryPass, bound_after, read_start
+from ._store import AblyStore
 
 __all__ = ["AblyRestBackend", "from_url"]
 
@@ -168,15 +162,13 @@ class AblyRestBackend:
     def __init__(self, options: AblyOptions) -> None:
         self.options = options
         self._limits = BackendLimits(options.max_message_bytes, options.rate_limit)
-        self._http: AblyHttp | None = None
-        self._users = 0
+        self._store: AblyStore | None = None
+        self._count = OpenCount()
         self._closed = False
-        self._sessions: dict[str, SessionState] = {}
         self._outboxes: dict[str, _Outbox] = {}
         self._budgets: dict[str, RateBudget] = {}
         self._followers: dict[str, set[_Follower]] = {}
-        self._present: dict[tuple[str, str], bytes] = {}
-        self._keepers: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._presence: PresenceKeeper[tuple[str, str]] = PresenceKeeper(self._refresh, PRESENCE_TTL_SECONDS / 3)
 
     # -- life cycle ----------------------------------------------------------------------------------------
 
@@ -186,38 +178,28 @@ class AblyRestBackend:
 
     @property
     def _api(self) -> AblyHttp:
-        if self._closed or self._http is None:
-            raise HubClosed("the Ably REST backend is not open")
-        return self._http
+        return self._reader.http
 
     def _check_open(self) -> None:
-        self._api  # noqa: B018 - raises HubClosed when the backend is not open
+        self._reader  # noqa: B018 - raises HubClosed when the backend is not open
 
     def channel_name(self, session: str, kind: str = "events") -> str:
         return self.options.channel_name(session, kind)
 
     async def open(self) -> None:
         """Make the HTTP client; no request is made until the first operation (a fast cold start)."""
-        self._users += 1
-        if self._http is None:
-            self._http = AblyHttp(self.options)
-            await self._http.open()
-            self._closed = False
+        await self._count.open(self._connect)
+
+    async def _connect(self) -> None:
+        http = AblyHttp(self.options)
+        await http.open()
+        self._store = AblyStore(self.options, http)
+        self._closed = False
 
     async def close(self) -> None:
-        self._users -= 1
-        if self._users > 0 or self._http is None or self._closed:
+        if not self._count.release() or self._store is None:
             return
-        for task in self._keepers.values():
-            task.cancel()
-        await asyncio.gather(*self._keepers.values(), return_exceptions=True)
-        self._keepers.clear()
-        if self._present:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):
-                    for session, member in list(self._present):
-                        await self.leave_presence(session, member)
-        self._present.clear()
+        await self._presence.close(self._leave, within=2.0)
         self._closed = True
         for followers in self._followers.values():
             for follower in followers:
@@ -231,8 +213,8 @@ class AblyRestBackend:
                 if not item.future.done():
                     item.future.set_exception(HubClosed("the Ably REST backend closed before the message was sent"))
         self._outboxes.clear()
-        http, self._http = self._http, None
-        await http.close()
+        store, self._store = self._store, None
+        await store.http.close()
 
     # -- publish -------------------------------------------------------------------------------------------
 
@@ -240,7 +222,7 @@ class AblyRestBackend:
         self._check_open()
         if len(data) > self._limits.max_message_bytes:
             raise PayloadTooLarge(len(data), self._limits.max_message_bytes)
-        state = await self._session(channel.session)
+        state = await self._reader.session(channel.session)
         serial = await self._publish(self.channel_name(channel.session, channel.kind), data, message_id)
         self._poke(channel.session)
         return LogPosition(state.epoch, serial)
@@ -350,67 +332,30 @@ class AblyRestBackend:
                 _settle(item, serial)
             else:
                 try:
-                    _settle(item, await self._find_serial(name, str(item.message["id"])))
+                    _settle(item, await self._reader.find_serial(name, str(item.message["id"])))
                 except Exception as exc:
                     _settle(item, exc)
         return again
-
-    async def _find_serial(self, name: str, message_id: str) -> str:
-        """The serial of a recent message by id, for an acknowledgement that left it out (``null``)."""
-        params = history_params(backwards=True, limit=100, from_serial=None)
-        response = await self._api.request("GET", f"/channels/{quote(name, safe='')}/messages", params=params)
-        for raw in _items(response):
-            if raw.get("id") == message_id and isinstance(raw.get("serial"), str):
-                return str(raw["serial"])
-        raise PublishError(f"Ably acknowledged a publish to {name!r} without a serial, and history lacks it")
 
     def _poke(self, session: str) -> None:
         """A publish to the session: its followers poll at once (so a cancel is seen between flushes)."""
         for follower in self._followers.get(session, ()):
             follower.wake.set()
 
-    # -- history -------------------------------------------------------------------------------------------
+    # -- reading -------------------------------------------------------------------------------------------
 
-    async def _get(self, name: str, params: Mapping[str, str], kind: str = "messages") -> httpx.Response:
-        return await self._api.request("GET", f"/channels/{quote(name, safe='')}/{kind}", params=params)
-
-    async def _latest(self, name: str) -> Mapping[str, Any] | None:
-        items = _items(await self._get(name, history_params(backwards=True, limit=1, from_serial=None)))
-        return items[0] if items else None
-
-    async def _session(self, session: str, *, refresh: bool = False) -> SessionState:
-        cached = self._sessions.get(session)
-        if cached is not None and not refresh:
-            return cached
-        marker = await self._latest(self.channel_name(session, "meta"))
-        serial = marker.get("serial") if marker is not None else None
-        state = SessionState.from_marker(serial if isinstance(serial, str) else None)
-        self._sessions[session] = state
-        return state
-
-    async def _newest(self, name: str, floor: str) -> tuple[str, str | None] | None:
-        """The position of the channel's newest operation, and the oldest part that may still grow then."""
-        scan = NewestScan(floor)
-        response = await self._get(name, history_params(backwards=True, limit=100, from_serial=None))
-        while True:
-            for raw in _items(response):
-                if not scan.add(raw.get("serial"), version_serial(raw), raw.get("name")):
-                    return scan.result
-            next_path = self._api.next_page(response)
-            if next_path is None:
-                return scan.result
-            response = await self._api.request("GET", next_path)
+    @property
+    def _reader(self) -> AblyStore:
+        if self._closed or self._store is None:
+            raise HubClosed("the Ably REST backend is not open")
+        return self._store
 
     async def read(self, channel: Channel, *, start: LogPosition | None, follow: bool) -> AsyncIterator[StoredMessage]:
-        self._check_open()
+        store = self._reader
         name = self.channel_name(channel.session, channel.kind)
-        state = await self._session(channel.session, refresh=True)
-        epoch, floor = state.epoch, state.floor
-        newest = None if follow else await self._newest(name, floor)
-        bounds = read_bounds(start, epoch, floor, newest, follow=follow)
-        if bounds is None:
-            return
-        first, oldest, until = bounds
+        state = await store.session(channel.session, refresh=True)
+        begin = read_start(start, state.epoch, state.floor)
+        first, oldest, exact = begin.first, begin.oldest, begin.exact
         follower: _Follower | None = None
         if follow:
             follower = _Follower()
@@ -420,27 +365,14 @@ class AblyRestBackend:
             while True:
                 if follower is not None:
                     follower.wake.clear()
-                scan = HistoryPass(floor=floor, first=first, oldest=oldest, until=until, last=last)
-                response = await self._get(name, history_params(backwards=False, limit=PAGE, from_serial=scan.fetch))
-                while True:
-                    for raw in _items(response):
-                        for position, data in scan.add(
-                            raw.get("serial"), version_serial(raw), raw.get("name"), decode_data(raw)
-                        ):
-                            yield StoredMessage(epoch, position, data)
-                        if scan.done:
-                            break
-                    next_path = None if scan.done else self._api.next_page(response)
-                    if next_path is None:
-                        for position, data in scan.finish():
-                            yield StoredMessage(epoch, position, data)
-                        break
-                    response = await self._api.request("GET", next_path)
+                scan = HistoryPass(floor=state.floor, first=first, oldest=oldest, last=last, exact=exact)
+                async for position, data in store.history(name, scan):
+                    yield StoredMessage(state.epoch, position, data)
                 if follower is None:
                     return
                 if scan.last is not None:  # the next poll starts at the last operation read (inclusive)
                     last = first = scan.last
-                    oldest = scan.oldest_open()
+                    oldest, exact = scan.oldest_open(), True
                 await self._wait_for_poll(follower)
         finally:
             if follower is not None:
@@ -461,46 +393,28 @@ class AblyRestBackend:
             raise LogReset(follower.reset)
 
     async def head(self, channel: Channel) -> LogPosition | None:
-        self._check_open()
-        state = await self._session(channel.session, refresh=True)
-        newest = await self._newest(self.channel_name(channel.session, channel.kind), state.floor)
-        if newest is None:
-            return None
-        return LogPosition(state.epoch, format_position(*newest))
+        return await self._reader.head(channel.session, channel.kind)
+
+    async def since(self, channel: Channel, published: LogPosition) -> LogPosition:
+        """A bound from the time of ``published`` (see :meth:`durable_ai_ably.AblyBackend.since`)."""
+        store = self._reader
+        state = store.known(channel.session) or await store.session(channel.session)
+        return LogPosition(state.epoch, bound_after(published.position))
 
     async def delete(self, session: str) -> None:
-        self._check_open()
+        store = self._reader
         marker = await self._publish(self.channel_name(session, "meta"), b"deleted", f"delete:{time.time_ns()}", "d")
-        self._sessions[session] = SessionState.from_marker(marker)
+        store.deleted(session, marker)
         for follower in self._followers.get(session, ()):
             follower.reset = "the session was deleted"
             follower.wake.set()
         # The deletion hides the presence log too; members of ours stop refreshing it.
-        for key in [k for k in self._present if k[0] == session]:
-            del self._present[key]
-            keeper = self._keepers.pop(key, None)
-            if keeper is not None:
-                keeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await keeper
+        self._presence.forget(lambda key: key[0] == session)
 
     # -- snapshots -----------------------------------------------------------------------------------------
 
     async def load_snapshot(self, session: str) -> bytes | None:
-        state = await self._session(session, refresh=True)
-        name = self.channel_name(session, "snapshot")
-        head = await self._latest(name)
-        if head is None or not isinstance(head.get("serial"), str) or head["serial"] < state.floor:
-            return None
-        body = decode_data(head)
-        count = snapshot_chunk_count(body)
-        chunks: list[bytes] = []
-        if count:  # the chunks are the messages just before the head
-            items = _items(await self._get(name, history_params(backwards=True, limit=count + 1, from_serial=None)))
-            if len(items) != count + 1 or items[0].get("serial") != head["serial"]:
-                return None
-            chunks = [decode_data(raw) for raw in reversed(items[1:])]
-        return unpack_snapshot(body, chunks)
+        return await self._reader.load_snapshot(session)
 
     async def save_snapshot(self, session: str, data: bytes) -> None:
         self._check_open()
@@ -519,74 +433,28 @@ class AblyRestBackend:
             self.channel_name(session, PRESENCE_KIND), record, f"presence:{secrets.token_hex(12)}", action
         )
 
+    async def _refresh(self, key: tuple[str, str], data: bytes) -> None:
+        await self._publish_presence(key[0], PRESENCE_ENTER, key[1], data)
+
+    async def _leave(self, key: tuple[str, str]) -> None:
+        await self._publish_presence(key[0], PRESENCE_LEAVE, key[1], None)
+
     async def enter_presence(self, session: str, member_id: str, data: bytes, *, role: PresenceRole = "client") -> None:
         """Publish an enter to the session's presence log, refreshed until the member leaves (see the module)."""
-        member_id = presence_client_id(member_id, role)
-        await self._publish_presence(session, PRESENCE_ENTER, member_id, data)
-        key = (session, member_id)
-        self._present[key] = data
-        keeper = self._keepers.get(key)
-        if keeper is None or keeper.done():
-            self._keepers[key] = asyncio.get_running_loop().create_task(
-                self._keep_present(session, member_id), name=f"durable-ai-ably presence {session}/{member_id}"
-            )
-
-    async def _keep_present(self, session: str, member_id: str) -> None:
-        while True:
-            await asyncio.sleep(PRESENCE_TTL_SECONDS / 3)
-            data = self._present.get((session, member_id))
-            if data is None:
-                return
-            try:
-                await self._publish_presence(session, PRESENCE_ENTER, member_id, data)
-            except (BackendError, HubClosed) as exc:
-                logger.debug("could not refresh presence of %r on session %r: %s", member_id, session, exc)
+        key = (session, presence_client_id(member_id, role))
+        await self._refresh(key, data)
+        self._presence.entered(key, data)
 
     async def leave_presence(self, session: str, member_id: str, *, role: PresenceRole = "client") -> None:
         self._check_open()
-        member_id = presence_client_id(member_id, role)
-        key = (session, member_id)
-        if self._present.pop(key, None) is None:
+        key = (session, presence_client_id(member_id, role))
+        if key not in self._presence.entries:
             return
-        keeper = self._keepers.pop(key, None)
-        if keeper is not None:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
-        await self._publish_presence(session, PRESENCE_LEAVE, member_id, None)
+        self._presence.left(key)
+        await self._leave(key)
 
     async def presence(self, session: str) -> list[PresenceEntry]:
-        state = await self._session(session, refresh=True)
-        members: dict[str, bytes] = {}
-        # Members entered over realtime connections.
-        response = await self._get(self.channel_name(session), {"limit": "1000"}, kind="presence")
-        while True:
-            for raw in _items(response):
-                client_id = raw.get("clientId")
-                if isinstance(client_id, str) and client_id:
-                    members[client_id] = decode_data(raw)
-            next_path = self._api.next_page(response)
-            if next_path is None:
-                break
-            response = await self._api.request("GET", next_path)
-        # Members entered over REST, from the presence log.
-        log = PresenceLog(state.floor, int(time.time() * 1000))
-        name = self.channel_name(session, PRESENCE_KIND)
-        response = await self._get(name, history_params(backwards=True, limit=PAGE, from_serial=None))
-        reading = True
-        while reading:
-            for raw in _items(response):
-                timestamp = raw.get("timestamp")
-                stamp = timestamp if isinstance(timestamp, int) else None
-                if not log.add(raw.get("name"), raw.get("serial"), stamp, decode_data(raw)):
-                    reading = False
-                    break
-            next_path = self._api.next_page(response) if reading else None
-            if next_path is None:
-                break
-            response = await self._api.request("GET", next_path)
-        members.update(log.members)
-        return presence_entries(members)
+        return await self._reader.presence(session)
 
 
 def _settle(item: _Outgoing, outcome: str | BaseException) -> None:
