@@ -13,7 +13,6 @@ each one can be held; an ``Upgrade`` request turns the connection into a byte pi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from collections.abc import Iterable
 from types import TracebackType
@@ -35,6 +34,8 @@ class HoldingProxy:
         self._released = asyncio.Event()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._closing = False
 
     @property
     def port(self) -> int:
@@ -55,32 +56,35 @@ class HoldingProxy:
     ) -> None:
         assert self._server is not None
         self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, OSError):
-                await task
+        self._closing = True
+        self._released.set()
+        for writer in list(self._writers):  # ends every pipe: their reads see the connections close
+            writer.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._server.wait_closed()
 
     async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        if self._closing:
+            client_writer.close()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self._writers.add(client_writer)
+        upstream_writer: asyncio.StreamWriter | None = None
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        except OSError:
-            client_writer.close()
-            return
-        downstream = asyncio.ensure_future(_pipe(upstream_reader, client_writer))
-        try:
-            await self._requests(client_reader, upstream_writer)
-            await downstream  # the client is done sending: pass on the rest of the answers until upstream closes
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            self._writers.add(upstream_writer)
+            async with asyncio.TaskGroup() as group:
+                group.create_task(_pipe(upstream_reader, client_writer))
+                await self._requests(client_reader, upstream_writer)
+        except* (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
-            downstream.cancel()
             for writer in (upstream_writer, client_writer):
-                writer.close()
+                if writer is not None:
+                    writer.close()
+                    self._writers.discard(writer)
             self._tasks.discard(task)
 
     async def _requests(self, reader: asyncio.StreamReader, upstream: asyncio.StreamWriter) -> None:
