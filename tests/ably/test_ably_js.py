@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -36,6 +37,10 @@ SESSION = "chat-js"
 USER = "browser-user"
 JS_DIR = Path(__file__).resolve().parents[1] / "js"
 SCRIPT = JS_DIR / "read_session.mjs"
+SNIPPET_RUNNER = JS_DIR / "run_snippet.mjs"
+ABLY_DOC = Path(__file__).resolve().parents[2] / "docs" / "backends" / "ably.md"
+SNIPPET_SECTION = "## Browsers and phones: client credentials"
+DOCS_SESSION = "chat-42"  # the session the snippet names
 NODE = shutil.which("node")
 
 Record = dict[str, Any]
@@ -166,8 +171,9 @@ class NodeClient:
     def types(self, *kinds: str) -> list[str]:
         return [e["type"] for e in self.rendered(*kinds)]
 
-    def buffered_text(self) -> str:
-        events = [e for r in self.records if r["kind"] == "buffered" for e in r["events"]]
+    def buffered_text(self, kind: str = "buffered") -> str:
+        """The text of the messages of `kind` (received, not yet rendered), as they came."""
+        events = [e for r in self.records if r["kind"] == kind for e in r["events"]]
         return "".join(e["delta"] for e in events if e["type"] == "text-delta")
 
 
@@ -265,7 +271,7 @@ async def test_ably_js_joins_mid_answer_gaplessly_while_history_is_slow(
             readers.append(reader := await start_reader(proxy.port, token_request(), runs=1, msgpack=msgpack))
             await asyncio.wait_for(proxy.history_requested.wait(), TIMEOUT)  # attached; its history request waits
             await stream(run, second)
-            await reader.wait(lambda r: "".join(second) in reader.buffered_text(), "buffered second third")
+            await reader.wait(lambda r: "".join(second) in reader.buffered_text(), "the second third buffered")
             proxy.release()
             await reader.until("history-end")
             await stream(run, third)
@@ -391,3 +397,101 @@ async def test_ably_js_is_refused_what_its_credential_does_not_allow(
     assert await reader.exit() == 0
     assert "forged" not in {e.id async for e in agent.session(SESSION).events(follow=False)}
     assert reader.text() == "The answer so far.Still here."
+
+
+# ----------------------------------------------------------------------------------------- the docs' snippet
+
+
+def docs_snippet() -> str:
+    """The one js code block of the section of docs/backends/ably.md on client credentials, as the page prints it."""
+    section = ABLY_DOC.read_text().split(f"\n{SNIPPET_SECTION}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"^```js\n(.*?)^```$", section, re.DOTALL | re.MULTILINE)
+    assert len(blocks) == 1, f"{SNIPPET_SECTION} should hold one js block, not {len(blocks)}"
+    code: str = blocks[0]
+    return code
+
+
+class StreamingAgent:
+    """A run of the Python agent in a task of its own, writing text when told to, until it is cancelled."""
+
+    def __init__(self, hub: Hub, session: str) -> None:
+        self.hub = hub
+        self.session = session
+        self.orders: asyncio.Queue[tuple[Sequence[str], asyncio.Future[None]]] = asyncio.Queue()
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> Run:
+        async with self.hub.session(self.session).run(agent="writer") as run:
+            while not run.cancelled:
+                texts, written = await self.orders.get()
+                await stream(run, texts)
+                written.set_result(None)
+        return run
+
+    async def write(self, texts: Sequence[str]) -> None:
+        """Write `texts` and wait until they are stored."""
+        written = asyncio.get_running_loop().create_future()
+        await self.orders.put((texts, written))
+        await asyncio.wait_for(written, TIMEOUT)
+
+
+@pytest.mark.parametrize(
+    ("slow", "msgpack"),
+    [(False, False), (True, False), (True, True)],
+    ids=["json", "slow-history-json", "slow-history-msgpack"],
+)
+async def test_the_docs_ably_js_snippet_renders_the_answer_in_order_and_stops_it(
+    agent: Hub, emulator: AblyEmulator, readers: list[NodeClient], tmp_path: Path, slow: bool, msgpack: bool
+) -> None:
+    """The snippet of docs/backends/ably.md, extracted at test time and run unchanged: it gets its TokenRequest from
+    the app's endpoint, renders the answer it joined half-way exactly once and in order (also when history is slow
+    and live messages arrive before it), and its stop() cancels the run."""
+    code = docs_snippet()
+    assert "async function stop(" in code
+    snippet = tmp_path / "snippet.mjs"
+    snippet.write_text(f"{code}\nexport {{ stop }};\n")  # so the test can press stop
+    channel = f"ai:{DOCS_SESSION}"
+    first, second, third = words("before the join", 9), words("while history is slow", 9), words("after it", 9)
+    answer = "".join(first + second + third)
+    writer = StreamingAgent(agent, DOCS_SESSION)
+    try:
+        await writer.write(first)
+        async with HoldingProxy(emulator.port, hold=[channel] if slow else []) as proxy:
+            args = ["--snippet", str(snippet), "--port", str(proxy.port), "--channel", channel]
+            args += ["--timeout", str(int(TIMEOUT * 1000)), *(["--msgpack"] if msgpack else [])]
+            env = {"ABLY_TOKEN_REQUEST": token_request(DOCS_SESSION)}
+            readers.append(client := await start_node(SNIPPET_RUNNER, args, env))
+            if slow:
+                await asyncio.wait_for(proxy.history_requested.wait(), TIMEOUT)  # subscribed; history waits
+                await writer.write(second)
+                await client.wait(lambda r: "".join(second) in client.buffered_text("received"), "second received")
+                proxy.release()
+            await client.until("ready")  # the snippet ran to its end: history handled
+            if not slow:
+                await writer.write(second)
+            await writer.write(third)
+            await client.wait(lambda r: len(client.text("render")) >= len(answer), "the whole answer rendered")
+            assert (await client.send({"cmd": "call", "name": "stop"}))["ok"]
+            run = await writer.task
+            await client.wait(lambda r: r["kind"] == "render" and r["event"]["type"] == "run-end", "the run-end")
+            await client.wait(lambda r: r["kind"] == "render" and r["event"]["type"] == "control-ack", "the ack")
+            assert await client.exit() == 0, await client.failure()
+    finally:
+        writer.task.cancel()
+
+    assert [(r["url"], r["method"]) for r in client.records if r["kind"] == "fetch"] == [
+        ("/api/sessions/chat-42/ably-token", "POST")
+    ]
+    view = await agent.session(DOCS_SESSION).view()
+    assert view.messages[-1].text == answer
+    assert client.text("render") == answer
+    events = client.rendered("render")
+    assert_each_once(events)
+    assert events[0]["type"] == "run-start"
+    assert run.cancelled
+    [ack] = [e for e in events if e["type"] == "control-ack"]
+    [end] = [e for e in events if e["type"] == "run-end"]
+    assert (ack["outcome"], ack["control_type"]) == ("applied", "cancel")
+    assert (end["status"], end["reason"]) == ("cancelled", "user pressed stop")
+    if slow:
+        assert proxy.held == [channel]
