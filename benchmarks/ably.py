@@ -63,6 +63,7 @@ from durable_ai.testing import RecordingBackend, UrlTarget
 from durable_ai_ably.testing import AblyEmulator, MessageStats
 
 from ._harness import Benchmark, BenchmarkError, Group, Report, Row, Sizes, settle
+from .ably_requests import bench_requests
 from .core import TOKEN
 
 __all__ = [
@@ -513,6 +514,11 @@ GROUP = Group(
             "streaming",
             "paced runs at 50 and 200 tokens/s: messages, busiest second and CPU per 1,000 tokens, vs ably-python",
             bench_streaming,
+        ),
+        Benchmark(
+            "requests",
+            "REST requests and realtime messages before a run's first token and per control (counts)",
+            bench_requests,
         ),
     ),
 )
