@@ -117,6 +117,7 @@ class Realtime:
         connection_state_ttl_ms: int,
         max_idle_interval_ms: int,
         presence_leave_delay: float,
+        max_channels_per_connection: int,
     ) -> None:
         self.store = store
         self.authority = authority
@@ -125,6 +126,7 @@ class Realtime:
         self.connection_state_ttl_ms = connection_state_ttl_ms
         self.max_idle_interval_ms = max_idle_interval_ms
         self.presence_leave_delay = presence_leave_delay
+        self.max_channels_per_connection = max_channels_per_connection
         self._sessions: dict[str, Session] = {}
         self._transports: set[Transport] = set()
         #: channel name -> the sessions attached to it
@@ -385,6 +387,11 @@ class Realtime:
         capability = session.credential.capability
         if not any_op(capability, channel):
             transport.send({"action": ERROR, "channel": channel, "error": denied("attach", channel).to_dict()})
+            return
+        if channel not in session.attached and len(session.attached) >= self.max_channels_per_connection:
+            limit = self.max_channels_per_connection
+            error = AblyError(f"Maximum number of channels per connection ({limit}) exceeded", 90010, 400)
+            transport.send({"action": ERROR, "channel": channel, "error": error.to_dict()})
             return
         store = self.store
         ch = store.channel(channel)

@@ -26,6 +26,9 @@ from durable_ai_ably.testing.emulator.protocol import (
 )
 from durable_ai_ably.testing.emulator.store import Store
 
+#: how many channels one batch publish may name
+BATCH_CHANNEL_LIMIT = 100
+
 
 def wants_binary(request: Request) -> bool:
     return (
@@ -70,10 +73,12 @@ def _limit(q: Mapping[str, str]) -> int:
 class RestApi:
     """The REST routes, answering from the store with the authority's credentials and the pending faults."""
 
-    def __init__(self, store: Store, authority: Authority, faults: Faults) -> None:
+    def __init__(self, store: Store, authority: Authority, faults: Faults, *, honour_from_serial: bool) -> None:
         self.store = store
         self.authority = authority
         self.faults = faults
+        #: also take the camelCase ``fromSerial`` (not an Ably parameter) as ``from_serial``
+        self.honour_from_serial = honour_from_serial
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -157,8 +162,13 @@ class RestApi:
                 if not isinstance(messages, list) or not messages or not all(isinstance(m, Mapping) for m in messages):
                     raise AblyError("Invalid batch spec: messages must be one or more messages", 40000, 400)
                 parsed.append((channels, messages))
-            if sum(len(channels) for channels, _ in parsed) > 100:
-                raise AblyError("A batch request may publish to at most 100 channels", 40000, 400)
+            if sum(len(channels) for channels, _ in parsed) > BATCH_CHANNEL_LIMIT:
+                raise AblyError(
+                    "Max number of channels permitted in a single bulk publish request "
+                    f"({BATCH_CHANNEL_LIMIT}) exceeded",
+                    90010,
+                    400,
+                )
             results: list[dict[str, Any]] = []
             for channels, messages in parsed:
                 outcomes: list[dict[str, Any]] = []
@@ -191,7 +201,13 @@ class RestApi:
             raise AblyError("Invalid limit, start or end parameter", 40003, 400) from None
         if start is not None and end is not None and start > end:
             raise AblyError("start must be before end", 40003, 400)
-        from_serial = q.get("fromSerial") or q.get("from_serial")
+        # ``from_serial`` is what ably-js sends for history({untilAttach: true}): the attach serial of the channel,
+        # where the history a client needs before its live messages ends. Ably documents untilAttach as backwards only.
+        from_serial = q.get("from_serial")
+        if from_serial and direction != "backwards":
+            raise AblyError("untilAttach (from_serial) requires direction backwards", 40003, 400)
+        legacy = q.get("fromSerial") if self.honour_from_serial else None
+        from_serial = from_serial or legacy
         cursor = q.get("cursor")
         ch = self.store.get(channel)
         items = list(ch.messages) if ch else []
@@ -199,16 +215,15 @@ class RestApi:
             items = [m for m in items if m.timestamp >= start]
         if end is not None:
             items = [m for m in items if m.timestamp <= end]
-        backwards = direction == "backwards"
-        if backwards:
+        if direction == "backwards":
             items.reverse()
             if from_serial:
                 items = [m for m in items if m.serial <= from_serial]
             if cursor:
                 items = [m for m in items if m.serial < cursor]
         else:
-            if from_serial:
-                items = [m for m in items if m.serial >= from_serial]
+            if legacy:
+                items = [m for m in items if m.serial >= legacy]
             if cursor:
                 items = [m for m in items if m.serial > cursor]
         page, rest = items[:limit], items[limit:]

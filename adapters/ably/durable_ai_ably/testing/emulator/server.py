@@ -52,6 +52,8 @@ class AblyEmulator:
         enforce_rate_limits: bool = False,
         channel_rate_limit: int = 50,
         connection_rate_limit: int = 50,
+        max_channels_per_connection: int = 200,
+        honour_from_serial: bool = False,
         port: int = 0,
     ) -> None:
         """`keys` maps ``appId.keyId:secret`` to its capability (JSON text, a mapping, or None for everything).
@@ -92,8 +94,9 @@ class AblyEmulator:
             connection_state_ttl_ms=connection_state_ttl_ms,
             max_idle_interval_ms=max_idle_interval_ms,
             presence_leave_delay=presence_leave_delay,
+            max_channels_per_connection=max_channels_per_connection,
         )
-        self._rest = RestApi(self._store, self._authority, self._faults)
+        self._rest = RestApi(self._store, self._authority, self._faults, honour_from_serial=honour_from_serial)
         self._server: _Server | None = None
         self._serve_task: asyncio.Task[None] | None = None
         self._socket: socket.socket | None = None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import itertools
 import json
 import re
 from collections import deque
@@ -128,6 +127,9 @@ class Channel:
     log: deque[StoredMessage] = field(default_factory=deque)
     #: current presence members by member key (``connectionId:clientId``)
     members: dict[str, Member] = field(default_factory=dict)
+    #: the millisecond and the counter within it of the channel's latest serial
+    serial_ts: int = 0
+    serial_seq: int = -1
 
 
 #: what is told of every publish: the channel, its new events, the protocol message id and the publishing connection
@@ -199,9 +201,7 @@ class Store:
         self.mutable_namespaces = frozenset(mutable_namespaces)
         self.channels: dict[str, Channel] = {}
         self._listeners: list[PublishListener] = []
-        self._serial_counter = itertools.count(1)
-        self._last_ts = 0
-        self._base_serial = self._serial_at(0, 0)
+        self._base_serial = self._serial_at(0, 0, 0)
 
     def add_listener(self, listener: PublishListener) -> None:
         """Tell `listener` of every publish (realtime delivers to attached connections this way)."""
@@ -222,13 +222,28 @@ class Store:
 
     # ------------------------------------------------------------------------------------------------ serials
 
-    def _serial_at(self, ts: int, n: int) -> str:
-        return f"{ts:014d}-{n:09d}@{self.instance}"
+    def _serial_at(self, ts: int, seq: int, index: int) -> str:
+        return f"{ts:014d}-{seq:03d}@{self.instance}:{index:03d}"
 
-    def _next_serial(self) -> tuple[str, int]:
-        ts = max(now_ms(), self._last_ts)
-        self._last_ts = ts
-        return self._serial_at(ts, next(self._serial_counter)), ts
+    def _next_serials(self, ch: Channel, count: int) -> list[tuple[str, int]]:
+        """Serials (and their times) for `count` messages published together on `ch`, as Ably forms them.
+
+        ``<ms>-<counter>@<server>:<index>``: the 14-digit time, a 3-digit counter of the publishes in that millisecond
+        on this channel, and the message's index in its publish. Serials order a channel's messages and operations
+        as strings. Counter and index keep 3 digits, so that order never breaks: the 1001st publish in a millisecond
+        takes the next millisecond, and a publish of more than 1000 messages takes a new counter per 1000.
+        """
+        serials: list[tuple[str, int]] = []
+        for number in range(count):
+            index = number % 1000
+            if index == 0:
+                ts = max(now_ms(), ch.serial_ts)
+                seq = ch.serial_seq + 1 if ts == ch.serial_ts else 0
+                if seq > 999:
+                    ts, seq = ts + 1, 0
+                ch.serial_ts, ch.serial_seq = ts, seq
+            serials.append((self._serial_at(ch.serial_ts, ch.serial_seq, index), ch.serial_ts))
+        return serials
 
     def last_serial(self, ch: Channel) -> str:
         """The channel's position: the serial of its newest event (an attachment's ``channelSerial``)."""
@@ -315,11 +330,13 @@ class Store:
             if index not in creates or not (isinstance(m.get("id"), str) and m["id"] in ch.ids)
         )
         self.meters.check(ch.name, counted, connection_id)
+        # One serial (counter) for the publish, an index for each message it stores: a duplicate gets none.
+        fresh = iter(self._next_serials(ch, counted))
         serials: list[str | None] = []
         new: list[StoredMessage] = []
         for index, m in enumerate(raw_messages):
             if index not in creates:
-                event = self._apply_operation(ch, m, credential, connection_id)
+                event = self._apply_operation(ch, m, credential, connection_id, next(fresh))
                 new.append(event)
                 serials.append(event.position)
                 continue
@@ -327,7 +344,7 @@ class Store:
             if isinstance(message_id, str) and message_id in ch.ids:
                 serials.append(ch.ids[message_id][0])
                 continue
-            serial, ts = self._next_serial()
+            serial, ts = next(fresh)
             stored = StoredMessage(
                 channel=channel,
                 serial=serial,
@@ -383,12 +400,17 @@ class Store:
             append_data(target.data, target.encoding, m.get("data"), m.get("encoding") or None)
 
     def _apply_operation(
-        self, ch: Channel, m: Mapping[str, Any], credential: Credential, connection_id: str | None
+        self,
+        ch: Channel,
+        m: Mapping[str, Any],
+        credential: Credential,
+        connection_id: str | None,
+        version: tuple[str, int],
     ) -> StoredMessage:
         """Change the stored message and return the event subscribers receive (for an append: just the fragment)."""
         action = int(m["action"])
         target = self.find(ch, m.get("serial"))
-        version_serial, version_ts = self._next_serial()
+        version_serial, version_ts = version
         details: dict[str, Any] = {}
         raw_version = m.get("version")
         if isinstance(raw_version, Mapping):

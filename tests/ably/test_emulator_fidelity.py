@@ -1,0 +1,190 @@
+"""The Ably emulator behaves as Ably does: per-channel serials, history parameters, channel limits, CORS, tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from ably import AblyRealtime
+from ably.types.channelstate import ChannelState
+from ably.types.connectionstate import ConnectionState
+from ably.util.exceptions import AblyException
+
+from durable_ai_ably.testing import AblyEmulator
+from durable_ai_ably.testing.emulator import store as store_module
+from durable_ai_ably.testing.emulator.auth import Authority
+from durable_ai_ably.testing.emulator.meters import Meters
+from durable_ai_ably.testing.emulator.store import Store
+
+TIMEOUT = 10.0
+KEY = "app1.root:s3cret"
+# <14-digit ms>-<3-digit counter>@<server>:<3-digit index>, as Ably forms them (01826232498871-001@abcdefghij:001)
+SERIAL = re.compile(r"^(\d{14})-(\d{3})@([^:]+):(\d{3})$")
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[AblyEmulator]:
+    async with AblyEmulator({KEY: None}, mutable_namespaces={"ai"}) as emu:
+        yield emu
+
+
+@pytest.fixture
+async def http(emulator: AblyEmulator) -> AsyncIterator[httpx.AsyncClient]:
+    name, _, secret = KEY.partition(":")
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{emulator.port}", auth=(name, secret)) as client:
+        yield client
+
+
+async def publish(http: httpx.AsyncClient, channel: str, *data: Any) -> list[str]:
+    body = [{"name": "n", "data": d} for d in data]
+    response = await http.post(f"/channels/{channel}/messages", json=body)
+    assert response.status_code == 201, response.text
+    serials: list[str] = response.json()["serials"]
+    return serials
+
+
+# -- serials ---------------------------------------------------------------------------------------------------------
+
+
+async def test_each_channel_counts_its_own_serials(http: httpx.AsyncClient) -> None:
+    for i in range(5):
+        await publish(http, "ai:busy", str(i))
+    first, second = await publish(http, "ai:quiet", "a", "b")
+
+    # A channel's first publish starts its own counter, whatever other channels published before it; messages
+    # published together share the counter and are told apart by their index.
+    head_a, head_b = SERIAL.fullmatch(first), SERIAL.fullmatch(second)
+    assert head_a is not None and head_b is not None
+    assert head_a.group(2) == head_b.group(2) == "000"
+    assert (head_a.group(4), head_b.group(4)) == ("000", "001")
+    assert head_a.group(1) == head_b.group(1)
+    history = (await http.get("/channels/ai:quiet/messages", params={"direction": "forwards"})).json()
+    assert [m["serial"] for m in history] == [first, second]
+    assert [m["timestamp"] for m in history] == [int(head_a.group(1))] * 2
+
+
+def test_serials_stay_ordered_past_a_thousand_in_one_millisecond(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "now_ms", lambda: 1_700_000_000_000)  # the clock stands still
+    authority = Authority({KEY: None})
+    store = Store(
+        instance="test",
+        meters=Meters(enforce=False, channel_limit=50, connection_limit=50),
+        retention_limit=10_000,
+        retention_seconds=None,
+        idempotency_window=120.0,
+        max_message_size=1 << 20,
+        mutable_namespaces=(),
+    )
+    credential = authority.for_key(KEY)
+    serials: list[str | None] = []
+    for n in range(1001):
+        serials += store.publish("ch", [{"data": n}], credential=credential, id_prefix=f"p{n}")
+    serials += store.publish("ch", [{"data": n} for n in range(1500)], credential=credential, id_prefix="big")
+
+    assert all(isinstance(s, str) and SERIAL.fullmatch(s) for s in serials)
+    assert serials == sorted(serials, key=str)
+    assert len(set(serials)) == len(serials)
+
+
+async def test_operation_version_serials_share_the_channel_order(http: httpx.AsyncClient) -> None:
+    [serial] = await publish(http, "ai:edits", "Hel")
+    versions = []
+    for fragment in ("lo", ",", " world"):
+        response = await http.patch(f"/channels/ai:edits/messages/{serial}", json={"action": 5, "data": fragment})
+        assert response.status_code == 200, response.text
+        versions.append(response.json()["versionSerial"])
+    [later] = await publish(http, "ai:edits", "next")
+
+    assert all(SERIAL.fullmatch(v) for v in versions)
+    assert [serial, *versions, later] == sorted([serial, *versions, later])
+    latest = (await http.get(f"/channels/ai:edits/messages/{serial}")).json()
+    assert (latest["data"], latest["version"]["serial"]) == ("Hello, world", versions[-1])
+
+
+# -- history ---------------------------------------------------------------------------------------------------------
+
+
+async def test_history_ignores_camel_case_from_serial(http: httpx.AsyncClient) -> None:
+    serials = await publish(http, "ai:h1", "a")
+    serials += await publish(http, "ai:h1", "b")
+    serials += await publish(http, "ai:h1", "c")
+
+    response = await http.get("/channels/ai:h1/messages", params={"fromSerial": serials[0]})
+
+    assert [m["data"] for m in response.json()] == ["c", "b", "a"]
+
+
+async def test_history_until_attach_stops_at_the_attach_serial(http: httpx.AsyncClient) -> None:
+    before = await publish(http, "ai:h2", "a")
+    before += await publish(http, "ai:h2", "b")
+    await publish(http, "ai:h2", "after")
+
+    response = await http.get("/channels/ai:h2/messages", params={"from_serial": before[-1]})
+    assert [m["data"] for m in response.json()] == ["b", "a"]
+
+    forwards = await http.get("/channels/ai:h2/messages", params={"from_serial": before[-1], "direction": "forwards"})
+    assert forwards.status_code == 400
+    assert forwards.json()["error"]["code"] == 40003
+
+
+async def test_history_honours_from_serial_only_when_asked() -> None:
+    async with (
+        AblyEmulator({KEY: None}, honour_from_serial=True) as emulator,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{emulator.port}", auth=tuple(KEY.split(":"))) as http,
+    ):
+        serials = [s for d in "abc" for s in await publish(http, "h3", d)]
+        backwards = await http.get("/channels/h3/messages", params={"fromSerial": serials[1]})
+        forwards = await http.get("/channels/h3/messages", params={"fromSerial": serials[1], "direction": "forwards"})
+
+    assert [m["data"] for m in backwards.json()] == ["b", "a"]
+    assert [m["data"] for m in forwards.json()] == ["b", "c"]
+
+
+async def test_history_time_bounds_are_inclusive_and_limit_is_checked(http: httpx.AsyncClient) -> None:
+    for d in "abc":
+        await publish(http, "ai:h4", d)
+    stored = (await http.get("/channels/ai:h4/messages", params={"direction": "forwards"})).json()
+    middle = stored[1]["timestamp"]
+
+    bounded = await http.get("/channels/ai:h4/messages", params={"start": middle, "end": middle})
+    assert {m["data"] for m in bounded.json()} >= {"b"}
+    assert all(m["timestamp"] == middle for m in bounded.json())
+    assert (await http.get("/channels/ai:h4/messages", params={"limit": 1001})).status_code == 400
+    assert len((await http.get("/channels/ai:h4/messages", params={"limit": 1000})).json()) == 3
+
+
+# -- channels per connection -----------------------------------------------------------------------------------------
+
+
+async def test_a_connection_attaches_at_most_200_channels(emulator: AblyEmulator, http: httpx.AsyncClient) -> None:
+    client = AblyRealtime(**emulator.client_options())
+    try:
+        await asyncio.wait_for(client.connection.once_async(ConnectionState.CONNECTED), TIMEOUT)
+        channels = [client.channels.get(f"ai:c{i}") for i in range(200)]
+        await asyncio.wait_for(asyncio.gather(*(channel.attach() for channel in channels)), TIMEOUT)
+
+        extra = client.channels.get("ai:one-too-many")
+        with pytest.raises(AblyException) as refused:
+            await asyncio.wait_for(extra.attach(), TIMEOUT)
+        assert (refused.value.code, refused.value.status_code) == (90010, 400)
+        assert extra.state == ChannelState.FAILED
+
+        await asyncio.wait_for(channels[0].detach(), TIMEOUT)
+        await asyncio.wait_for(extra.attach(), TIMEOUT)
+        assert extra.state == ChannelState.ATTACHED
+        assert client.connection.state == ConnectionState.CONNECTED
+    finally:
+        await client.close()
+    # REST has no such limit: it attaches nothing.
+    for i in range(201):
+        await publish(http, f"ai:r{i}", "x")
+
+
+async def test_a_batch_publish_names_at_most_100_channels(http: httpx.AsyncClient) -> None:
+    spec = {"channels": [f"ai:b{i}" for i in range(101)], "messages": [{"data": "x"}]}
+    response = await http.post("/messages", json=spec)
+    assert (response.status_code, response.json()["error"]["code"]) == (400, 90010)
