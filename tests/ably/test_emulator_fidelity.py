@@ -188,3 +188,47 @@ async def test_a_batch_publish_names_at_most_100_channels(http: httpx.AsyncClien
     spec = {"channels": [f"ai:b{i}" for i in range(101)], "messages": [{"data": "x"}]}
     response = await http.post("/messages", json=spec)
     assert (response.status_code, response.json()["error"]["code"]) == (400, 90010)
+
+
+# -- CORS ------------------------------------------------------------------------------------------------------------
+
+
+async def test_rest_answers_a_browser_preflight_on_any_path(http: httpx.AsyncClient) -> None:
+    origin = "http://localhost:5173"
+    for path in ("/channels/ai:x/messages", "/keys/app1.root/requestToken", "/time", "/no/such/path"):
+        response = await http.options(
+            path,
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type, x-ably-version, ably-agent",
+            },
+        )
+        assert response.status_code == 204, path
+        assert response.headers["access-control-allow-origin"] == origin
+        assert response.headers["access-control-allow-credentials"] == "true"
+        assert {"GET", "POST", "PATCH"} <= {
+            m.strip() for m in response.headers["access-control-allow-methods"].split(",")
+        }
+        allowed = {h.strip() for h in response.headers["access-control-allow-headers"].split(",")}
+        assert {"authorization", "content-type", "accept", "x-ably-version", "x-ably-lib", "ably-agent"} <= allowed
+        assert int(response.headers["access-control-max-age"]) > 0
+
+
+async def test_every_rest_response_carries_cors_headers(http: httpx.AsyncClient) -> None:
+    origin = "https://app.example"
+    await publish(http, "ai:cors", "a")
+    await publish(http, "ai:cors", "b")
+
+    page = await http.get("/channels/ai:cors/messages", params={"limit": 1}, headers={"Origin": origin})
+    async with httpx.AsyncClient(base_url=http.base_url) as anonymous_client:
+        failed = await anonymous_client.get("/channels/ai:cors/messages", headers={"Origin": origin})
+    anonymous = await http.get("/time")
+
+    for response in (page, failed):
+        assert response.headers["access-control-allow-origin"] == origin
+        exposed = {h.strip().lower() for h in response.headers["access-control-expose-headers"].split(",")}
+        assert {"link", "x-ably-errorcode", "x-ably-errormessage"} <= exposed
+    assert 'rel="next"' in page.headers["link"]
+    assert failed.status_code == 401
+    assert anonymous.headers["access-control-allow-origin"] == "*"

@@ -11,9 +11,11 @@ from typing import Any, Self
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import WebSocketRoute
 
 from durable_ai_ably.testing.emulator.auth import TOKEN_TTL_MS, Authority, EmulatorKey, parse_capability
+from durable_ai_ably.testing.emulator.cors import Cors
 from durable_ai_ably.testing.emulator.faults import Faults
 from durable_ai_ably.testing.emulator.meters import MessageStats, Meters
 from durable_ai_ably.testing.emulator.protocol import AblyError
@@ -127,7 +129,10 @@ class AblyEmulator:
         sock.bind(("127.0.0.1", self.port))
         self._socket = sock
         self.port = sock.getsockname()[1]
-        app = Starlette(routes=[WebSocketRoute("/", self._realtime.websocket), *self._rest.routes()])
+        app = Starlette(
+            routes=[WebSocketRoute("/", self._realtime.websocket), *self._rest.routes()],
+            middleware=[Middleware(Cors)],
+        )
         config = uvicorn.Config(
             app,
             lifespan="off",
