@@ -96,6 +96,13 @@ class Session:
         #: msgSerial -> serials it was acknowledged with, so a resent message is acknowledged, not republished
         self.acked: dict[int, list[str | None]] = {}
         self.detached_at: float | None = None
+        #: fires when the credential's token expires
+        self.expiry: asyncio.TimerHandle | None = None
+
+    def stop_expiry(self) -> None:
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
 
     def __hash__(self) -> int:
         return hash(self.id)
@@ -146,10 +153,12 @@ class Realtime:
         return sum(1 for t in self._transports if not t.closed)
 
     def close(self) -> None:
-        """Close every WebSocket normally and cancel pending presence leaves."""
+        """Close every WebSocket normally and cancel pending presence leaves and token expiries."""
         for timer in self._leave_timers.values():
             timer.cancel()
         self._leave_timers.clear()
+        for session in self._sessions.values():
+            session.stop_expiry()
         for transport in list(self._transports):
             transport.close()
 
@@ -213,6 +222,7 @@ class Realtime:
             self._transports.discard(transport)
             for session in self._sessions.values():
                 if session.transport is transport:
+                    session.stop_expiry()
                     session.transport = None
                     session.detached_at = time.monotonic()
                     self._unattach_all(session)
@@ -270,7 +280,25 @@ class Realtime:
             timer.cancel()
         self._unattach_all(session)
         transport.send(self._connected(session, resume_error))
+        self._watch_expiry(session)
         return session
+
+    def _watch_expiry(self, session: Session) -> None:
+        """When the connection's token expires, Ably sends DISCONNECTED (40142) and closes the transport: the client
+        renews its token and resumes the connection."""
+        session.stop_expiry()
+        expires, transport = session.credential.expires, session.transport
+        if expires is None or transport is None:
+            return
+
+        def expire() -> None:
+            session.expiry = None
+            if session.transport is transport and not transport.closed:
+                transport.send({"action": DISCONNECTED, "error": AblyError("Token expired", 40142, 401).to_dict()})
+                transport.close()
+
+        delay = max(0.0, (expires - now_ms()) / 1000)
+        session.expiry = asyncio.get_running_loop().call_later(delay, expire)
 
     def _connected(self, session: Session, error: AblyError | None = None) -> dict[str, Any]:
         details: dict[str, Any] = {
@@ -348,6 +376,7 @@ class Realtime:
                 reply["id"] = message["id"]
             transport.send(reply)
         elif action == CLOSE:
+            session.stop_expiry()
             transport.send({"action": CLOSED})
             transport.close()
             session.transport = None
@@ -367,19 +396,32 @@ class Realtime:
         elif action == MESSAGE and isinstance(channel, str):
             self._realtime_publish(transport, session, channel, message)
         elif action == AUTH:
-            auth = message.get("auth") or {}
-            try:
-                session.credential = self.authority.for_token(str(auth.get("accessToken", "")))
-            except AblyError as error:
-                transport.send({"action": ERROR, "error": error.to_dict()})
-                transport.close()
-                return
-            transport.send(self._connected(session))
+            self._reauthorize(transport, session, message)
         elif action in UNSUPPORTED_ACTIONS:
             serial = message.get("msgSerial")
             unsupported = AblyError("The emulator does not support this action", 40000, 400)
             if serial is not None:
                 transport.send({"action": NACK, "msgSerial": serial, "count": 1, "error": unsupported.to_dict()})
+
+    def _reauthorize(self, transport: Transport, session: Session, message: dict[str, Any]) -> None:
+        """In-band AUTH (``auth.accessToken``, a token or JWT): the connection takes the new credential, with its
+        capability and expiry, and is answered with CONNECTED; a bad token fails it, another clientId is 40102."""
+        auth = message.get("auth")
+        token = auth.get("accessToken") if isinstance(auth, Mapping) else None
+        try:
+            if not isinstance(token, str) or not token:
+                raise AblyError("AUTH without auth.accessToken", 40101, 401)
+            credential = self.authority.for_token(token)
+            old = session.credential.client_id
+            if old is not None and credential.client_id != old:
+                raise AblyError(f"Mismatched clientId for existing connection: {credential.client_id!r}", 40102, 401)
+        except AblyError as error:
+            transport.send({"action": ERROR, "error": error.to_dict()})
+            transport.close()
+            return
+        session.credential = credential
+        transport.send(self._connected(session))
+        self._watch_expiry(session)
 
     # ------------------------------------------------------------------------------------------------ channels
 
