@@ -72,6 +72,11 @@ class AblyEmulator:
         With `enforce_rate_limits`, a publish that would take a channel past `channel_rate_limit` messages, or a
         connection past `connection_rate_limit` published messages, in any 1-second window is refused (42913 or 42911,
         429). Either way the counts are kept: see `channel_stats` and `connection_stats`.
+
+        `max_channels_per_connection` is how many channels one realtime connection may have attached (200, as on
+        Ably; one more is refused with 90010). With `honour_from_serial`, history also takes the camelCase
+        ``fromSerial`` (not an Ably parameter) as the serial to page from, inclusive; otherwise it is ignored, as
+        Ably ignores it. The package docstring lists every behaviour and the simplifications that remain.
         """
         self._authority = Authority(keys if keys is not None else {"emu.root:secret": None})
         self._instance = secrets.token_hex(4)
