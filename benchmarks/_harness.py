@@ -87,6 +87,8 @@ class Sizes:
     """The steps of the sessions benchmark: so many concurrent sessions, each with a paced agent and a subscriber."""
     session_seconds: float = 10.0
     """Seconds of writing in each step of the sessions benchmark."""
+    busy_messages: int = 600
+    """Messages in the busy session a control is sent to in the requests benchmark (written within a minute)."""
     session_rounds: int = 2
     """Rounds of each step of the sessions benchmark, the SDK and the baseline alternating (SDK, raw, raw, SDK...)."""
 
@@ -108,6 +110,7 @@ class Sizes:
             sessions=(3,),
             session_seconds=1.0,
             session_rounds=1,
+            busy_messages=50,
         )
 
     def __post_init__(self) -> None:

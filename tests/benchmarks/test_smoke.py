@@ -57,6 +57,16 @@ EXPECTED_ROWS |= {
     for rate in (50, 200)
     for runs in (1, 5)
 }
+EXPECTED_ROWS |= {
+    f"ably.requests.{appends}.{step}"
+    for appends in ("auto", "off")
+    for step in (
+        "first-run-of-a-new-session",
+        "a-later-run-of-the-session",
+        "a-cancel-on-a-busy-session",
+        "then-until-its-ack",
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -216,6 +226,15 @@ def test_ably_counts(quick: Output) -> None:
                 assert peak["extra"]["under_limit"] == 1  # the rate budget keeps the channel under 50/s
             for mode in ("per-token", "coalesced", "appends"):
                 assert rows[f"ably.cpu.{mode}.{case}"]["extra"]["cpu_seconds"] > 0
+
+
+def test_ably_request_counts(quick: Output) -> None:
+    rows = quick.rows
+    for appends in ("auto", "off"):
+        sent = rows[f"ably.requests.{appends}.a-cancel-on-a-busy-session"]
+        assert sent["baseline"] == 1  # the control's publish
+        assert sent["extra"]["rest"] + sent["extra"]["realtime"] == sent["sdk"]
+        assert rows[f"ably.requests.{appends}.first-run-of-a-new-session"]["baseline"] >= 2  # run-start, token
 
 
 def test_nats_sessions_counts(quick: Output) -> None:
