@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import re
-import shutil
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,33 +28,23 @@ from durable_ai import Hub, Run
 from durable_ai_ably import issue_client_jwt, issue_client_token
 from durable_ai_ably.testing import AblyEmulator
 from tests.ably.holding_proxy import HoldingProxy
+from tests.ably.node import JS_DIR, NODE, skip_without_ably_js
 
 TIMEOUT = 20.0
 SECRET = "Zk3vQ9pX2mL7wR4tY8uI1oP6aS5dF0gHjKlMnBvCxZq"
 KEY = f"app1.root:{SECRET}"
 SESSION = "chat-js"
 USER = "browser-user"
-JS_DIR = Path(__file__).resolve().parents[1] / "js"
 SCRIPT = JS_DIR / "read_session.mjs"
 SNIPPET_RUNNER = JS_DIR / "run_snippet.mjs"
 ABLY_DOC = Path(__file__).resolve().parents[2] / "docs" / "backends" / "ably.md"
 SNIPPET_SECTION = "## Browsers and phones: client credentials"
 DOCS_SESSION = "chat-42"  # the session the snippet names
-NODE = shutil.which("node")
 
 Record = dict[str, Any]
 
 
-def _skip_reason() -> str | None:
-    if NODE is None:
-        return "node is not installed"
-    if not (JS_DIR / "node_modules" / "ably").is_dir():
-        return f"ably-js is not installed: run `npm ci` in {JS_DIR}"
-    return None
-
-
-if (_reason := _skip_reason()) is not None:
-    pytest.skip(_reason, allow_module_level=True)  # pytest -ra (the default here) prints the reason
+skip_without_ably_js()
 
 TRANSPORTS = pytest.mark.parametrize("msgpack", [False, True], ids=["json", "msgpack"])
 

@@ -8,34 +8,22 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from durable_ai_ably.testing import AblyEmulator
+from tests.ably.node import JS_DIR, NODE, skip_without_ably_js
 
 TIMEOUT = 20.0
 SECRET = "Zk3vQ9pX2mL7wR4tY8uI1oP6aS5dF0gHjKlMnBvCxZq"
 KEY = f"app1.root:{SECRET}"
-JS_DIR = Path(__file__).resolve().parents[1] / "js"
 SCRIPT = JS_DIR / "emulator_checks.mjs"
-NODE = shutil.which("node")
 
 
-def _skip_reason() -> str | None:
-    if NODE is None:
-        return "node is not installed"
-    if not (JS_DIR / "node_modules" / "ably").is_dir():
-        return f"ably-js is not installed: run `npm ci` in {JS_DIR}"
-    return None
-
-
-if (_reason := _skip_reason()) is not None:
-    pytest.skip(_reason, allow_module_level=True)  # pytest -ra (the default here) prints the reason
+skip_without_ably_js()
 
 
 @pytest.fixture

@@ -5,14 +5,15 @@ This module does not import ably-python, so the REST backend starts without load
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from durable_ai.backend import PresenceEntry, PresenceRole
@@ -22,6 +23,7 @@ from durable_ai.errors import ConfigurationError
 __all__ = ["AblyOptions", "options_from_url"]
 
 logger = logging.getLogger("durable_ai_ably")
+T = TypeVar("T")
 
 API_VERSION = "5"
 NO_EPOCH = "0"
@@ -158,19 +160,61 @@ class AblyOptions:
         return channel_name(self.namespace, session, kind)
 
 
+#: the name of the marker ``delete()`` publishes on each of a session's channels: the channel's floor
+DELETE_MARKER = "d"
+#: the channels of a session that get a floor of their own when it is deleted
+FLOOR_KINDS = ("events", "control", "snapshot", "presence")
+
+
+async def all_of(awaitables: Iterable[Awaitable[T]]) -> list[T]:
+    """The results of several requests made at once; if one fails (or the caller is cancelled), the others are
+    cancelled and awaited before the error is raised."""
+    tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
+    try:
+        return [await task for task in tasks]
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def delete_record(floors: Mapping[str, str]) -> str:
+    """The data of a deletion on the meta channel: the serial of the marker on each channel (its floor there)."""
+    return json.dumps({"floors": dict(floors)}, separators=(",", ":"))
+
+
 @dataclass(slots=True)
 class SessionState:
-    """What the meta channel says about a session: its epoch and the serial below which messages are hidden."""
+    """What the meta channel says about a session: its epoch, and below which serial each channel's messages are
+    hidden.
+
+    Ably orders serials within a channel only, so each channel's floor is a serial of that channel: ``delete()``
+    publishes a marker on every channel of the session, then records their serials on the meta channel. (A
+    deletion recorded without them, as earlier versions did, hides by the meta marker's serial on every channel.)
+    """
 
     epoch: str
     floor: str
+    floors: dict[str, str] = field(default_factory=dict)
+
+    def floor_for(self, kind: str) -> str:
+        return self.floors.get(kind, self.floor)
 
     @classmethod
-    def from_marker(cls, serial: str | None) -> SessionState:
-        """The state after the delete marker with this serial (``None``: never deleted)."""
+    def from_marker(cls, serial: str | None, data: bytes = b"") -> SessionState:
+        """The state after the delete marker with this serial and data (``None``: never deleted)."""
         if serial is None:
             return cls(NO_EPOCH, "")
-        return cls(hashlib.sha256(serial.encode()).hexdigest()[:12], serial)
+        floors: dict[str, str] = {}
+        try:
+            record = json.loads(data) if data[:1] == b"{" else None
+        except ValueError:
+            record = None
+        found = record.get("floors") if isinstance(record, dict) else None
+        if isinstance(found, dict):
+            floors = {k: v for k, v in found.items() if k in FLOOR_KINDS and isinstance(v, str) and v}
+        return cls(hashlib.sha256(serial.encode()).hexdigest()[:12], serial, floors)
 
 
 def to_bytes(data: Any) -> bytes:

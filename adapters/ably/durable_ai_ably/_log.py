@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from durable_ai.backend import LogPosition
 from durable_ai.errors import LogReset
 
-from ._common import serial_time
+from ._common import DELETE_MARKER, serial_time
 
 __all__ = [
     "APPENDABLE_NAME",
@@ -287,8 +287,8 @@ class HistoryPass:
 
     def add(self, serial: str | None, version: str | None, name: str | None, data: bytes) -> list[tuple[str, bytes]]:
         """Take the next message of history; return the operations now known to be next, as (position, data)."""
-        if self.done or not serial or serial < self.fetch or serial < self.floor:
-            return []
+        if self.done or not serial or serial < self.fetch or serial < self.floor or name == DELETE_MARKER:
+            return []  # (a deletion's marker opens the channel's log after it: it is no operation of it)
         if not self._seen_first and self._oldest is not None and self.fetch == self._oldest and serial != self._oldest:
             raise LogReset("a part the cursor depends on is no longer retained")
         self._seen_first = True
@@ -349,6 +349,8 @@ class NewestScan:
         """Take the next older message; ``False`` once older messages cannot change the result."""
         if not serial or serial < self._floor:
             return False
+        if name == DELETE_MARKER:
+            return False  # the deletion: nothing older is in the log
         created = serial_time(serial)
         if self._horizon is None and created is not None:
             self._horizon = created - int(PART_WINDOW_SECONDS * 1000)

@@ -25,11 +25,13 @@ from durable_ai.backend import LogPosition, PresenceEntry, snapshot_chunk_count,
 from durable_ai.errors import BackendError, PublishError
 
 from ._common import (
+    DELETE_MARKER,
     PAGE,
     PRESENCE_KIND,
     AblyOptions,
     PresenceLog,
     SessionState,
+    all_of,
     decode_data,
     presence_entries,
     serial_time,
@@ -70,13 +72,8 @@ def history_params(
 async def _both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
     """Two requests at once; if either fails (or the caller is cancelled), the other is cancelled too."""
     one, two = asyncio.ensure_future(first), asyncio.ensure_future(second)
-    try:
-        return await one, await two
-    except BaseException:
-        one.cancel()
-        two.cancel()
-        await asyncio.gather(one, two, return_exceptions=True)
-        raise
+    await all_of([one, two])
+    return one.result(), two.result()
 
 
 def _items(response: httpx.Response) -> list[Mapping[str, Any]]:
@@ -125,9 +122,9 @@ class AblyStore:
     def known(self, session: str) -> SessionState | None:
         return self._sessions.get(session)
 
-    def deleted(self, session: str, marker: str) -> SessionState:
-        """Record a deletion this process made (the marker's serial); returns the new state."""
-        state = self._sessions[session] = SessionState.from_marker(marker)
+    def deleted(self, session: str, marker: str, floors: Mapping[str, str]) -> SessionState:
+        """Record a deletion this process made (the meta marker's serial, each channel's floor)."""
+        state = self._sessions[session] = SessionState(SessionState.from_marker(marker).epoch, marker, dict(floors))
         return state
 
     async def session(self, session: str, *, refresh: bool = False) -> SessionState:
@@ -145,7 +142,10 @@ class AblyStore:
 
     async def _load_session(self, session: str) -> SessionState:
         marker = await self.latest(self.channel_name(session, "meta"))
-        state = SessionState.from_marker(None if marker is None else text_field(marker, "serial"))
+        if marker is None:
+            state = SessionState.from_marker(None)
+        else:
+            state = SessionState.from_marker(text_field(marker, "serial"), decode_data(marker))
         self._sessions[session] = state
         return state
 
@@ -160,7 +160,9 @@ class AblyStore:
         if not appendable:
             latest = await self.latest(name)
             serial = None if latest is None else text_field(latest, "serial")
-            return (serial, None) if serial is not None and serial >= floor else None
+            if latest is None or serial is None or serial < floor or text_field(latest, "name") == DELETE_MARKER:
+                return None  # empty since the deletion (its marker is the newest message)
+            return serial, None
         scan = NewestScan(floor)
         async with aclosing(self.pages(name, history_params(backwards=True, limit=PAGE))) as pages:
             async for items in pages:
@@ -175,10 +177,11 @@ class AblyStore:
             self.session(session, refresh=True),
             self.newest(self.channel_name(session, kind), "", appendable=kind == "events"),
         )
-        if newest is None or newest[0] < state.floor:
+        floor = state.floor_for(kind)
+        if newest is None or newest[0] < floor:
             return None
         serial, oldest = newest
-        return LogPosition(state.epoch, format_position(serial, oldest if oldest and oldest >= state.floor else None))
+        return LogPosition(state.epoch, format_position(serial, oldest if oldest and oldest >= floor else None))
 
     async def history(
         self, name: str, scan: HistoryPass, *, until_attach: str | None = None
@@ -189,39 +192,37 @@ class AblyStore:
         to that point, which Ably gives newest first: it is read back to ``scan.fetch`` and then passed on oldest
         first. Everything after the attachment comes from the attachment itself.
         """
-        if until_attach is None:
-            params = history_params(backwards=False, limit=PAGE, since=scan.fetch or None)
-            async with aclosing(self.pages(name, params)) as pages:
-                async for items in pages:
-                    for raw in items:
-                        for op in _add(scan, raw):
-                            yield op
-                        if scan.done:
-                            return
-            for op in scan.finish():
-                yield op
-            return
+        source = self._forwards(name, scan) if until_attach is None else self._up_to(name, scan, until_attach)
+        async with aclosing(source) as messages:
+            async for raw in messages:
+                for op in _add(scan, raw):
+                    yield op
+                if scan.done:
+                    return
+        for op in scan.finish():
+            yield op
+
+    async def _forwards(self, name: str, scan: HistoryPass) -> AsyncGenerator[Mapping[str, Any], None]:
+        async with aclosing(
+            self.pages(name, history_params(backwards=False, limit=PAGE, since=scan.fetch or None))
+        ) as pages:
+            async for items in pages:
+                for raw in items:
+                    yield raw
+
+    async def _up_to(self, name: str, scan: HistoryPass, attach_serial: str) -> AsyncGenerator[Mapping[str, Any], None]:
+        """History up to the attachment, back to where the pass starts, oldest first."""
         lower = max(scan.fetch, scan.floor)
         earlier: list[Mapping[str, Any]] = []
-        params = history_params(backwards=True, limit=PAGE, since=lower or None, until_attach=until_attach)
+        params = history_params(backwards=True, limit=PAGE, since=lower or None, until_attach=attach_serial)
         async with aclosing(self.pages(name, params)) as pages:
             async for items in pages:
-                older = False
-                for raw in items:
-                    serial = text_field(raw, "serial")
-                    if serial is not None and serial < lower:
-                        older = True
-                        break
-                    earlier.append(raw)
+                older = [i for i, raw in enumerate(items) if (text_field(raw, "serial") or lower) < lower]
+                earlier.extend(items[: older[0]] if older else items)
                 if older:
                     break
         for raw in reversed(earlier):
-            for op in _add(scan, raw):
-                yield op
-            if scan.done:
-                return
-        for op in scan.finish():
-            yield op
+            yield raw
 
     async def find_serial(self, name: str, message_id: str) -> str:
         """The serial of a recent message by id, for an acknowledgement that left it out (``null``)."""
@@ -241,8 +242,10 @@ class AblyStore:
         items = _items(response)
         head = items[0] if items else None
         serial = None if head is None else text_field(head, "serial")
-        if head is None or serial is None or serial < state.floor:
+        if head is None or serial is None or serial < state.floor_for("snapshot"):
             return None
+        if text_field(head, "name") == DELETE_MARKER:
+            return None  # nothing saved since the deletion
         body = decode_data(head)
         count = snapshot_chunk_count(body)
         chunks: list[bytes] = []
@@ -265,7 +268,7 @@ class AblyStore:
                     client_id = text_field(raw, "clientId")
                     if client_id:
                         members[client_id] = decode_data(raw)
-        members.update(await self._presence_log(session, state.floor))
+        members.update(await self._presence_log(session, state.floor_for(PRESENCE_KIND)))
         return presence_entries(members)
 
     async def _presence_log(self, session: str, floor: str) -> dict[str, bytes]:

@@ -5,9 +5,10 @@ to ``ai:<session>:control``, its snapshot to ``ai:<session>:snapshot``, and its 
 Presence members are entered on the events channel by one connection whose token has the wildcard clientId.
 
 A position is the Ably message serial (ordered within a channel). Ably cannot drop a channel's history, so
-``delete`` publishes a marker on the meta channel: the marker's serial is the session's *floor* (messages with an
-older serial are hidden from then on) and a hash of it is the session's *epoch* (``0`` for a session never
-deleted), so cursors from before the deletion get ``LogReset``.
+``delete`` publishes a marker on each of the session's channels, then one on the meta channel that names their
+serials: each channel's marker is its *floor* (messages with an older serial are hidden from then on), and a hash
+of the meta marker's serial is the session's *epoch* (``0`` for a session never deleted), so cursors from before the
+deletion get ``LogReset``.
 
 **Publishing** goes over the realtime connection with the message id set (ably-python does not set ids itself), so a
 retried publish inside Ably's idempotency window stores nothing new.
@@ -69,9 +70,13 @@ from durable_ai.errors import (
 )
 
 from ._common import (
+    DELETE_MARKER,
+    FLOOR_KINDS,
     AblyOptions,
     SessionState,
+    all_of,
     decode_data,
+    delete_record,
     options_from_url,
     pack_snapshot,
     presence_client_id,
@@ -143,10 +148,10 @@ class _Feed:
     that a reader joining later misses none of those its history pass cannot see.
     """
 
-    def __init__(self, name: str, state: SessionState, tap_limit: int) -> None:
+    def __init__(self, name: str, state: SessionState, kind: str, tap_limit: int) -> None:
         self.name = name
         self.epoch = state.epoch
-        self.floor = state.floor
+        self.floor = state.floor_for(kind)
         self.tap_limit = tap_limit
         self.taps: set[_FeedTap] = set()
         self.attach_serial: str | None = None
@@ -199,6 +204,8 @@ class _Feed:
         # A protocol message delivered twice (a resumed attachment) repeats operations: keep the first.
         if not position or not serial or position <= self._last or serial < self.floor:
             return None
+        if text_field(raw, "name") == DELETE_MARKER:
+            return None  # another process deleted the session: its readers learn of it from the tombstone
         self._last = position
         data = decode_data(raw)
         if action == _APPEND:
@@ -578,7 +585,8 @@ class AblyBackend:
         _, store, _ = self._parts()
         name = self.channel_name(channel.session, channel.kind)
         state = await store.session(channel.session, refresh=True)
-        begin = read_start(start, state.epoch, state.floor)
+        floor = state.floor_for(channel.kind)
+        begin = read_start(start, state.epoch, floor)
         tap: _FeedTap | None = None
         # The parts the latest history pass saw: a live operation's position names the oldest part that may still
         # grow, which the feed alone cannot know of parts created before its attachment.
@@ -586,13 +594,13 @@ class AblyBackend:
 
         async def attach() -> Tap:
             nonlocal tap
-            tap = await self._attach(name, state)
+            tap = await self._attach(name, state, channel.kind)
             return tap
 
         async def backlog(position: LogPosition | None) -> AsyncIterator[StoredMessage]:
             nonlocal seen
-            here = begin if position is start else read_start(position, state.epoch, state.floor)
-            scan = HistoryPass(floor=state.floor, first=here.first, oldest=here.oldest, exact=here.exact)
+            here = begin if position is start else read_start(position, state.epoch, floor)
+            scan = HistoryPass(floor=floor, first=here.first, oldest=here.oldest, exact=here.exact)
             seen = scan.parts
             until = tap.until if tap is not None else None
             async for at, data in store.history(name, scan, until_attach=until or None):
@@ -613,7 +621,7 @@ class AblyBackend:
                 message = StoredMessage(message.epoch, format_position(serial, earlier), message.data)
             yield message
 
-    async def _attach(self, name: str, state: SessionState) -> _FeedTap:
+    async def _attach(self, name: str, state: SessionState, kind: str) -> _FeedTap:
         _, _, channels = self._parts()
         feed = self._feeds.get(name)
         if feed is not None and (feed.broken or feed.epoch != state.epoch):
@@ -622,7 +630,7 @@ class AblyBackend:
             del self._feeds[name]
             feed = None
         if feed is None:
-            feed = self._feeds[name] = _Feed(name, state, self.options.tap_limit)
+            feed = self._feeds[name] = _Feed(name, state, kind, self.options.tap_limit)
             await channels.acquire(name)
         if feed.attached is None:
             feed.attached = asyncio.ensure_future(self._attach_channel(feed))
@@ -671,8 +679,16 @@ class AblyBackend:
 
     async def delete(self, session: str) -> None:
         _, store, _ = self._parts()
-        marker = await self._publish(self.channel_name(session, "meta"), "deleted", f"delete:{time.time_ns()}", "d")
-        store.deleted(session, marker)
+        stamp = time.time_ns()
+        # A floor on each channel (Ably orders serials within a channel only), then the deletion that names them.
+        serials = await all_of(
+            self._publish(self.channel_name(session, kind), "deleted", f"delete:{stamp}:{kind}", DELETE_MARKER)
+            for kind in FLOOR_KINDS
+        )
+        floors = dict(zip(FLOOR_KINDS, serials, strict=True))
+        meta = self.channel_name(session, "meta")
+        marker = await self._publish(meta, delete_record(floors), f"delete:{stamp}", DELETE_MARKER)
+        store.deleted(session, marker, floors)
         self._planner.forget(self.channel_name(session))
         for kind in ("events", "control"):
             feed = self._feeds.get(self.channel_name(session, kind))

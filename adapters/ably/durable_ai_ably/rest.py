@@ -13,8 +13,9 @@ wants ``<base>:<index>`` ids there, which would tie a message's dedupe key to th
 they go to the batch endpoint ``POST /messages`` as one publish spec each, and every message keeps its own id and
 gets its own serial. ``rate_limit`` is kept per channel.
 
-**Reading.** History, paged forwards from the start (inclusive), with the epoch and floor from the meta channel
-and messages grown by appends (realtime writers) split into their operations, exactly like the realtime backend.
+**Reading.** History, paged forwards from the start (inclusive), with the epoch and floors from the meta channel
+and messages grown by appends (realtime writers) split into their operations: the same code as the realtime
+backend's (:mod:`durable_ai_ably._store`).
 A follower polls history every ``poll_interval`` seconds, and right after each publish this backend makes to the
 session ("between flushes"): a REST agent's control listener sees a cancel after the run's next flush, or within
 ``poll_interval`` when the run is quiet. Polls resume from the last operation read, so nothing is read twice.
@@ -60,11 +61,15 @@ from durable_ai.backend import (
 from durable_ai.errors import BackendError, BackendUnavailable, HubClosed, LogReset, PayloadTooLarge, PublishError
 
 from ._common import (
+    DELETE_MARKER,
+    FLOOR_KINDS,
     PRESENCE_ENTER,
     PRESENCE_KIND,
     PRESENCE_LEAVE,
     PRESENCE_TTL_SECONDS,
     AblyOptions,
+    all_of,
+    delete_record,
     options_from_url,
     pack_snapshot,
     presence_client_id,
@@ -354,7 +359,8 @@ class AblyRestBackend:
         store = self._reader
         name = self.channel_name(channel.session, channel.kind)
         state = await store.session(channel.session, refresh=True)
-        begin = read_start(start, state.epoch, state.floor)
+        floor = state.floor_for(channel.kind)
+        begin = read_start(start, state.epoch, floor)
         first, oldest, exact = begin.first, begin.oldest, begin.exact
         follower: _Follower | None = None
         if follow:
@@ -365,7 +371,7 @@ class AblyRestBackend:
             while True:
                 if follower is not None:
                     follower.wake.clear()
-                scan = HistoryPass(floor=state.floor, first=first, oldest=oldest, last=last, exact=exact)
+                scan = HistoryPass(floor=floor, first=first, oldest=oldest, last=last, exact=exact)
                 async for position, data in store.history(name, scan):
                     yield StoredMessage(state.epoch, position, data)
                 if follower is None:
@@ -403,8 +409,16 @@ class AblyRestBackend:
 
     async def delete(self, session: str) -> None:
         store = self._reader
-        marker = await self._publish(self.channel_name(session, "meta"), b"deleted", f"delete:{time.time_ns()}", "d")
-        store.deleted(session, marker)
+        stamp = time.time_ns()
+        # A floor on each channel (Ably orders serials within a channel only), then the deletion that names them.
+        serials = await all_of(
+            self._publish(self.channel_name(session, kind), b"deleted", f"delete:{stamp}:{kind}", DELETE_MARKER)
+            for kind in FLOOR_KINDS
+        )
+        floors = dict(zip(FLOOR_KINDS, serials, strict=True))
+        meta = self.channel_name(session, "meta")
+        marker = await self._publish(meta, delete_record(floors).encode(), f"delete:{stamp}", DELETE_MARKER)
+        store.deleted(session, marker, floors)
         for follower in self._followers.get(session, ()):
             follower.reset = "the session was deleted"
             follower.wake.set()
