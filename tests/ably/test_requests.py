@@ -19,7 +19,7 @@ from ably.realtime.connectionmanager import ConnectionManager  # type: ignore[im
 
 import durable_ai
 from durable_ai import Hub
-from durable_ai.testing.scenarios import collect, text_of
+from durable_ai.testing.scenarios import collect, eventually, text_of
 from durable_ai_ably.testing import AblyEmulator
 
 SECRET = "Zk3vQ9pX2mL7wR4tY8uI1oP6aS5dF0gHjKlMnBvCxZq"
@@ -191,20 +191,32 @@ async def test_history_is_asked_with_ablys_parameters_only(
         assert any("start" in r.params for r in asked)
 
 
-async def test_a_follower_reads_history_up_to_its_attachment(emulator: AblyEmulator, recorder: Recorder) -> None:
-    """The join Ably documents (``untilAttach``): attach, then history up to the attach serial, then live."""
-    async with durable_ai.connect(url(emulator)) as agent, durable_ai.connect(url(emulator)) as reader:
+@pytest.mark.parametrize("who", ["another process", "the agent's own hub"])
+async def test_a_follower_reads_history_up_to_its_attachment(
+    emulator: AblyEmulator, recorder: Recorder, who: str
+) -> None:
+    """The join Ably documents (``untilAttach``): attach, then history up to the attach serial, then live. In the
+    agent's own hub the channel is attached already (the run is present on it): history then ends at the latest
+    message the connection received on it, and what follows reaches the reader live."""
+    async with durable_ai.connect(url(emulator)) as agent, durable_ai.connect(url(emulator)) as other:
+        reader = other if who == "another process" else agent
         session = agent.session("join")
         release = asyncio.Event()
+
+        written = asyncio.Event()
 
         async def write() -> None:
             async with session.run(agent="a") as run:
                 await run.text("before the join. ")
                 await agent.flush()
+                written.set()
                 await release.wait()
                 await run.text("after the join.")
 
         task = asyncio.create_task(write())
+        await asyncio.wait_for(written.wait(), TIMEOUT)
+        # The run is present: the agent's connection has the events channel attached before the reader joins.
+        await eventually(session.presence, lambda members: any(m.role == "agent" for m in members), "the agent")
         recorder.clear()
         seen: list[Any] = []
         async with reader.session("join").events(follow=True) as stream:

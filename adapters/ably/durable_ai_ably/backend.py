@@ -39,6 +39,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from ably import AblyRealtime  # type: ignore[import-untyped]
+from ably.types.channelstate import ChannelState  # type: ignore[import-untyped]
 from ably.types.connectionstate import ConnectionState  # type: ignore[import-untyped]
 from ably.types.message import Message  # type: ignore[import-untyped]
 from ably.util.exceptions import AblyException  # type: ignore[import-untyped]
@@ -313,6 +314,10 @@ class AblyBackend:
         self._count = OpenCount()
         self._closed = False
         self._feeds: dict[str, _Feed] = {}
+        # The channel serial of the latest protocol message of each attached channel (ATTACHED or MESSAGE): where
+        # this connection stands on it, so a reader of a channel attached already (for presence) reads history up
+        # to there, and everything after reaches its new feed.
+        self._channel_serials: dict[str, str] = {}
         self._presence: PresenceKeeper[tuple[str, str]] = PresenceKeeper()
         self._planner = PartPlanner(options.max_message_bytes)
         self._channel_budgets: dict[str, RateBudget] = {}
@@ -395,9 +400,17 @@ class AblyBackend:
 
         def observe(message: dict[str, Any]) -> None:
             name = message.get("channel")
-            feed = self._feeds.get(name) if isinstance(name, str) else None
+            if not isinstance(name, str):
+                deliver(message)
+                return
+            action = message.get("action")
+            serial = message.get("channelSerial")
+            if action in (_ATTACHED, _MESSAGE) and isinstance(serial, str) and serial:
+                self._channel_serials[name] = serial
+            elif action == _DETACHED:
+                self._channel_serials.pop(name, None)
+            feed = self._feeds.get(name)
             if feed is not None:
-                action = message.get("action")
                 if action == _MESSAGE:
                     feed.on_messages(message.get("messages"))
                 elif action == _ATTACHED:
@@ -650,6 +663,12 @@ class AblyBackend:
     async def _attach_channel(self, feed: _Feed) -> None:
         realtime, _, _ = self._parts()
         channel = realtime.channels.get(feed.name)
+        where = self._channel_serials.get(feed.name)
+        if channel.state == ChannelState.ATTACHED and where is not None:
+            # Attached already (presence): the feed gets every protocol message after the latest one seen, and
+            # history is read up to that one.
+            feed.attach_serial = where
+            return
         await self._call(channel.attach)
         if feed.attach_serial is None:
             feed.attach_serial = ""
