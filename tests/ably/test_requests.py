@@ -254,3 +254,49 @@ async def test_channels_are_released_after_their_runs(emulator: AblyEmulator) ->
         while not await settled():
             assert time.monotonic() < deadline, f"{backend.channel_objects()} channel objects are still held"
             await asyncio.sleep(0.05)
+
+
+async def held_channels(backend: Any, at_most: int) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while backend.channel_objects() > at_most:
+        assert time.monotonic() < deadline, f"{backend.channel_objects()} channel objects are still held"
+        await asyncio.sleep(0.05)
+
+
+async def test_readers_let_go_of_their_channels_after_a_dropped_connection_and_a_deletion(
+    emulator: AblyEmulator,
+) -> None:
+    """Followers whose feed failed (the connection dropped beyond resume, the session deleted) still let go of
+    their channels when they end."""
+    async with durable_ai.connect(url(emulator)) as agent, durable_ai.connect(url(emulator)) as reader:
+        backend: Any = reader.backend
+        session = agent.session("gone")
+        async with session.run(agent="a") as run:
+            await run.text("one")
+        await agent.flush()
+
+        async def follow_until(count: int) -> None:
+            async with reader.session("gone").events(follow=True) as stream:
+                seen = 0
+                async for event in stream:
+                    seen += event.type == "run-end"
+                    if seen >= count:
+                        return
+
+        async def objects() -> int:
+            return int(backend.channel_objects())
+
+        first = asyncio.create_task(follow_until(2))
+        await eventually(objects, lambda n: n >= 1, "the reader's attachment")
+        assert emulator.drop_connections(backend.connection_id, expire=True) == 1
+        async with session.run(agent="a") as run:
+            await run.text("two")
+        await asyncio.wait_for(first, TIMEOUT)
+        second = asyncio.create_task(follow_until(99))
+        await eventually(objects, lambda n: n >= 1, "the reader's attachment")
+        await session.delete()
+        async with session.run(agent="a") as run:
+            await run.text("three")
+        second.cancel()
+        await asyncio.gather(second, return_exceptions=True)
+        await held_channels(backend, 0)

@@ -136,9 +136,12 @@ class _Links:
 
 
 class _FeedTap(Tap):
-    """A reader's tap, with the attach serial its history pass reads up to (``None``: to the end)."""
+    """A reader's tap on a feed, with the attach serial its history pass reads up to (``None``: to the end)."""
 
-    until: str | None = None
+    def __init__(self, feed: _Feed, *, max_messages: int) -> None:
+        super().__init__(max_messages=max_messages)
+        self.feed = feed
+        self.until: str | None = None
 
 
 class _Feed:
@@ -157,6 +160,7 @@ class _Feed:
         self.taps: set[_FeedTap] = set()
         self.attach_serial: str | None = None
         self.attached: asyncio.Future[None] | None = None
+        self.held = False  # the feed holds its channel (see _Channels)
         self.broken = False
         self.recent: deque[StoredMessage] | None = deque()
         self._recent_bytes = 0
@@ -165,7 +169,7 @@ class _Feed:
         self._links = _Links()
 
     def tap(self) -> _FeedTap:
-        tap = _FeedTap(max_messages=self.tap_limit)
+        tap = _FeedTap(self, max_messages=self.tap_limit)
         if self.recent is None:
             tap.until = None  # too much since the attachment: history to the end, overlaps skipped
         else:
@@ -250,10 +254,16 @@ class _Channels:
         self.releasing: dict[str, asyncio.Task[None]] = {}
 
     async def acquire(self, name: str) -> Any:
+        """Count a user of the channel (at once, so a release under way keeps the object), and return the channel
+        once a detach under way has ended."""
+        self.users[name] = self.users.get(name, 0) + 1
         pending = self.releasing.get(name)
         if pending is not None:
-            await asyncio.shield(pending)
-        self.users[name] = self.users.get(name, 0) + 1
+            try:
+                await asyncio.shield(pending)
+            except BaseException:
+                self.release(name)
+                raise
         return self.realtime.channels.get(name)
 
     def release(self, name: str) -> None:
@@ -623,7 +633,7 @@ class AblyBackend:
             nonlocal tap
             tap = None
             if isinstance(old, _FeedTap):
-                self._detach(name, old)
+                self._detach(old)
 
         async for message in follow_log(
             start=start, follow=follow, backlog=backlog, attach=attach, detach=detach, order=_serial_of
@@ -635,34 +645,32 @@ class AblyBackend:
             yield message
 
     async def _attach(self, name: str, state: SessionState, kind: str) -> _FeedTap:
-        _, _, channels = self._parts()
         feed = self._feeds.get(name)
         if feed is not None and (feed.broken or feed.epoch != state.epoch):
             if not feed.broken:
                 feed.fail(LogReset("the session was deleted"))
-            del self._feeds[name]
+            del self._feeds[name]  # its readers let go of it as they end
             feed = None
         if feed is None:
             feed = self._feeds[name] = _Feed(name, state, kind, self.options.tap_limit)
-            await channels.acquire(name)
         if feed.attached is None:
             feed.attached = asyncio.ensure_future(self._attach_channel(feed))
         try:
             await asyncio.shield(feed.attached)
         except BaseException:
-            if self._feeds.get(name) is feed and not feed.taps:
-                del self._feeds[name]
-                channels.release(name)
+            if not feed.taps:
+                self._drop(feed)
             raise
         tap = feed.tap()
         if feed.broken:
-            self._detach(name, tap)
+            self._detach(tap)
             raise tap.error or BackendUnavailable(f"the attachment of {name!r} was lost")
         return tap
 
     async def _attach_channel(self, feed: _Feed) -> None:
-        realtime, _, _ = self._parts()
-        channel = realtime.channels.get(feed.name)
+        _, _, channels = self._parts()
+        channel = await channels.acquire(feed.name)
+        feed.held = True
         where = self._channel_serials.get(feed.name)
         if channel.state == ChannelState.ATTACHED and where is not None:
             # Attached already (presence): the feed gets every protocol message after the latest one seen, and
@@ -673,16 +681,20 @@ class AblyBackend:
         if feed.attach_serial is None:
             feed.attach_serial = ""
 
-    def _detach(self, name: str, tap: _FeedTap) -> None:
-        feed = self._feeds.get(name)
-        if feed is None or tap not in feed.taps:
-            return
+    def _detach(self, tap: _FeedTap) -> None:
+        feed = tap.feed
         feed.taps.discard(tap)
-        if feed.taps:
-            return
-        del self._feeds[name]
-        if self._channels is not None and not self._closed:
-            self._channels.release(name)
+        if not feed.taps:
+            self._drop(feed)
+
+    def _drop(self, feed: _Feed) -> None:
+        """A feed without readers: it goes, and lets go of its channel."""
+        if self._feeds.get(feed.name) is feed:
+            del self._feeds[feed.name]
+        if feed.held:
+            feed.held = False
+            if self._channels is not None and not self._closed:
+                self._channels.release(feed.name)
 
     async def head(self, channel: Channel) -> LogPosition | None:
         _, store, _ = self._parts()
