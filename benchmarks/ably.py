@@ -242,7 +242,10 @@ def _reply(answer: dict[str, Any]) -> None:
 
 async def serve() -> None:
     """The child process: serve an emulator and answer requests on stdin until it ends."""
-    async with AblyEmulator({KEY: None}, mutable_namespaces={NAMESPACE}, retention_limit=100_000) as emulator:
+    # Rates are counted, not enforced: the per-token mode shows what an uncoalesced client would send.
+    async with AblyEmulator(
+        {KEY: None}, mutable_namespaces={NAMESPACE}, retention_limit=100_000, enforce_rate_limits=False
+    ) as emulator:
         _reply({"endpoint": emulator.endpoint})
         while line := await asyncio.to_thread(sys.stdin.readline):
             request = json.loads(line)

@@ -330,6 +330,7 @@ async def test_in_band_auth_updates_the_connection_credential(emulator: AblyEmul
         deadline = loop.time() + 2.5
         while loop.time() < deadline:
             await asyncio.wait_for(publisher.publish("n", "x"), TIMEOUT)
+            await asyncio.sleep(0.05)  # within Ably's 50 messages per second
         assert client.connection.connection_manager.connection_id == connection_id
         assert all(c.current != ConnectionState.DISCONNECTED for c in changes.seen)
     finally:

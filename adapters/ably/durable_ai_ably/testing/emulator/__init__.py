@@ -61,7 +61,7 @@ Presence: PRESENCE (enter/update/leave, ACKed, broadcast to every attached conne
 needs the ``presence`` capability and a clientId), the presence set in SYNC messages after an ATTACHED with the
 HAS_PRESENCE flag (``channelSerial`` ``<syncId>:<cursor>``, the last with an empty cursor), ``GET
 /channels/{name}/presence`` with ``Link`` pagination, and synthesized leaves when a connection closes, detaches or
-drops (after ``presence_leave_delay`` seconds, default 0; Ably waits about 15 s for a resume).
+drops (after ``presence_leave_delay`` seconds, default 15, as Ably waits for a resume).
 
 Mutable messages, on channels whose namespace is in ``mutable_namespaces``: a MESSAGE (or ``PATCH
 /channels/{name}/messages/{serial}``) whose message has ``action`` 1 (update), 2 (delete) or 5 (append) and the
@@ -77,14 +77,15 @@ kind (creates, and update, delete and append operations, which Ably bills and ra
 peak over any 1-second sliding window; `connection_stats` does the same for the messages each realtime connection
 published (its inbound rate).
 
-Switches (constructor options) where the emulator can differ from Ably, each defaulting to what Ably does unless
-noted: ``presence_leave_delay`` (0 s; Ably about 15 s: members leave at once when a connection drops, so tests need
-not wait), ``enforce_rate_limits`` (False; Ably enforces 50 messages per second per channel, ``channel_rate_limit``,
-and 50 inbound per connection, ``connection_rate_limit``, with 42913 or 42911, 429), ``honour_from_serial`` (False),
-``max_channels_per_connection`` (200), ``retention_limit`` (10,000 messages a channel keeps) and
-``retention_seconds`` (None: by count only; Ably keeps messages for a time, 2 minutes without persistence),
-``idempotency_window`` (120 s), ``max_message_size`` (65536), ``connection_state_ttl_ms`` (120,000) and
-``max_idle_interval_ms`` (15,000), ``mutable_namespaces`` (none, as an app without the channel rule).
+Switches (constructor options) where the emulator can differ from Ably, each defaulting to what Ably does:
+``presence_leave_delay`` (15 s: a dropped connection's members leave after Ably's wait for a resume; 0 in tests
+that want them gone at once), ``enforce_rate_limits`` (True: 50 messages per second per channel,
+``channel_rate_limit``, and 50 inbound per connection, ``connection_rate_limit``, refused with 42913 or 42911, 429),
+``honour_from_serial`` (False), ``max_channels_per_connection`` (200), ``retention_seconds`` (24 hours, as on a
+namespace with "Persist all messages" on Ably's free plan; Ably keeps 2 minutes without it) and ``retention_limit``
+(None: no count limit, as on Ably; a number bounds the memory a long test uses), ``idempotency_window`` (120 s),
+``max_message_size`` (65536), ``connection_state_ttl_ms`` (120,000) and ``max_idle_interval_ms`` (15,000),
+``mutable_namespaces`` (none, as an app without the channel rule).
 
 Simplifications that remain: Ably's server-initiated AUTH (RTN22) is never sent, tokens simply expire; an AUTH that
 narrows the capability does not detach channels it no longer allows (their operations are refused instead);

@@ -7,6 +7,7 @@ import binascii
 import dataclasses
 import json
 import re
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -186,7 +187,7 @@ class Store:
         *,
         instance: str,
         meters: Meters,
-        retention_limit: int,
+        retention_limit: int | None,
         retention_seconds: float | None,
         idempotency_window: float,
         max_message_size: int,
@@ -194,7 +195,8 @@ class Store:
     ) -> None:
         self.instance = instance
         self.meters = meters
-        self.retention_limit = retention_limit
+        #: messages a channel keeps at most (``None``: as many as its retention time allows, as on Ably)
+        self.retention_limit = retention_limit if retention_limit is not None else sys.maxsize
         self.retention_seconds = retention_seconds
         self.idempotency_window = idempotency_window
         self.max_message_size = max_message_size
