@@ -20,6 +20,7 @@ from ably.realtime.connectionmanager import ConnectionManager  # type: ignore[im
 import durable_ai
 from durable_ai import Hub
 from durable_ai.testing.scenarios import collect, eventually, text_of
+from durable_ai_ably import backend as ably_backend
 from durable_ai_ably.testing import AblyEmulator
 
 SECRET = "Zk3vQ9pX2mL7wR4tY8uI1oP6aS5dF0gHjKlMnBvCxZq"
@@ -300,3 +301,60 @@ async def test_readers_let_go_of_their_channels_after_a_dropped_connection_and_a
         second.cancel()
         await asyncio.gather(second, return_exceptions=True)
         await held_channels(backend, 0)
+
+
+async def test_a_reader_joining_a_busy_attachment_reads_up_to_what_it_keeps(
+    emulator: AblyEmulator, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second reader of a channel this hub follows already joins its attachment: history up to the channel serial
+    before the operations the attachment keeps (here 5), then those, then live; every event once, in order."""
+    monkeypatch.setattr(ably_backend, "_RECENT_MESSAGES", 5)
+    options = url(emulator, extra="&appends=off")
+    async with durable_ai.connect(options) as agent, durable_ai.connect(options) as reader:
+        session = agent.session("kept")
+        first_seen: list[Any] = []
+        release = asyncio.Event()
+        written = asyncio.Event()
+
+        async def write() -> None:
+            async with session.run(agent="a") as run:
+                for index in range(20):
+                    await run.text(f"{index} ")
+                    await agent.flush()
+                written.set()
+                await release.wait()
+                await run.text("end")
+
+        async def follow(into: list[Any]) -> None:
+            async with reader.session("kept").events(follow=True) as stream:
+                async for event in stream:
+                    into.append(event)
+                    if event.type == "run-end":
+                        return
+
+        first = asyncio.create_task(follow(first_seen))
+        held: Any = reader.backend
+
+        async def attached() -> int:
+            return int(held.channel_objects())
+
+        await eventually(attached, lambda n: n >= 1, "the first reader's attachment")
+        writer = asyncio.create_task(write())
+        await asyncio.wait_for(written.wait(), TIMEOUT)
+        await eventually(lambda: _count(first_seen), lambda n: n >= 20, "the first reader's deltas")
+        recorder.clear()
+        second_seen: list[Any] = []
+        second = asyncio.create_task(follow(second_seen))
+        await eventually(lambda: _count(second_seen), lambda n: n >= 20, "the second reader's deltas")
+        release.set()
+        await asyncio.wait_for(asyncio.gather(writer, first, second), TIMEOUT)
+        expected = "".join(f"{index} " for index in range(20)) + "end"
+        assert text_of(first_seen) == text_of(second_seen) == expected
+        assert [e.id for e in second_seen] == [e.id for e in first_seen][-len(second_seen) :]
+        assert len({e.id for e in second_seen}) == len(second_seen)
+        joins = [r for r in recorder.rest("ai:kept") if r.params.get("from_serial")]
+        assert joins, [(r.path, r.params) for r in recorder.rest("ai:kept")]
+
+
+async def _count(events: list[Any]) -> int:
+    return sum(event.type == "text-delta" for event in events)

@@ -148,8 +148,9 @@ class _Feed:
     """One attachment of a channel, shared by the local live readers of it.
 
     It takes the channel's protocol messages as they arrive (:meth:`on_messages`), turns creates and appends into
-    the log's operations, and offers them to every tap. It keeps the operations since the attachment (bounded), so
-    that a reader joining later misses none of those its history pass cannot see.
+    the log's operations, and offers them to every tap. It keeps the latest operations (bounded) and the channel
+    serial just before the oldest of them (:attr:`since`, the attach serial at first): a reader that joins later
+    reads history up to that serial and gets the kept operations, so it misses nothing in between.
     """
 
     def __init__(self, name: str, state: SessionState, kind: str, tap_limit: int) -> None:
@@ -162,7 +163,8 @@ class _Feed:
         self.attached: asyncio.Future[None] | None = None
         self.held = False  # the feed holds its channel (see _Channels)
         self.broken = False
-        self.recent: deque[StoredMessage] | None = deque()
+        self.recent: deque[tuple[StoredMessage, str | None]] = deque()  # (operation, its protocol message's serial)
+        self.since: str | None = None  # history up to here, then ``recent``
         self._recent_bytes = 0
         self._last = ""
         self._parts = OpenParts()
@@ -170,12 +172,9 @@ class _Feed:
 
     def tap(self) -> _FeedTap:
         tap = _FeedTap(self, max_messages=self.tap_limit)
-        if self.recent is None:
-            tap.until = None  # too much since the attachment: history to the end, overlaps skipped
-        else:
-            tap.until = self.attach_serial
-            for message in self.recent:
-                tap.offer(message)
+        tap.until = self.since if self.since is not None else self.attach_serial
+        for message, _ in self.recent:
+            tap.offer(message)
         self.taps.add(tap)
         return tap
 
@@ -188,14 +187,15 @@ class _Feed:
         # Attached again without continuity (Ably lost the attachment's place): readers read history again.
         self.fail(BackendUnavailable(f"the attachment of {self.name!r} lost continuity"))
 
-    def on_messages(self, messages: object) -> None:
+    def on_messages(self, messages: object, channel_serial: object) -> None:
         if self.broken or not isinstance(messages, list):
             return
+        serial = channel_serial if isinstance(channel_serial, str) and channel_serial else None
         for raw in messages:
             if isinstance(raw, Mapping):
                 message = self._operation(raw)
                 if message is not None:
-                    self._offer(message)
+                    self._offer(message, serial)
 
     def _operation(self, raw: Mapping[str, Any]) -> StoredMessage | None:
         action = raw.get("action")
@@ -225,12 +225,15 @@ class _Feed:
             self._parts.add(serial)
         return StoredMessage(self.epoch, format_position(position, self._parts.oldest(position)), data)
 
-    def _offer(self, message: StoredMessage) -> None:
-        if self.recent is not None:
-            self.recent.append(message)
-            self._recent_bytes += len(message.data)
-            if len(self.recent) > _RECENT_MESSAGES or self._recent_bytes > _RECENT_BYTES:
-                self.recent = None
+    def _offer(self, message: StoredMessage, serial: str | None) -> None:
+        self.recent.append((message, serial))
+        self._recent_bytes += len(message.data)
+        while len(self.recent) > _RECENT_MESSAGES or self._recent_bytes > _RECENT_BYTES:
+            dropped, at = self.recent.popleft()
+            self._recent_bytes -= len(dropped.data)
+            # A later reader's history now reaches the dropped operation's protocol message (those of its
+            # operations still kept come twice, and readers skip them); without a serial, history to its end.
+            self.since = at if at is not None else ""
         for tap in self.taps:
             tap.offer(message)
 
@@ -422,7 +425,7 @@ class AblyBackend:
             feed = self._feeds.get(name)
             if feed is not None:
                 if action == _MESSAGE:
-                    feed.on_messages(message.get("messages"))
+                    feed.on_messages(message.get("messages"), serial)
                 elif action == _ATTACHED:
                     feed.on_attached(message.get("channelSerial"), message.get("flags"))
                 elif action in (_DETACHED, _ERROR) and feed.attached is not None and feed.attached.done():
