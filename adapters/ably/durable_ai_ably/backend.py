@@ -281,6 +281,8 @@ class _Channels:
 
     async def _release(self, name: str) -> None:
         channels = self.realtime.channels
+        if name not in channels:
+            return  # released already
         channel = channels.get(name)
         with contextlib.suppress(Exception):
             if channel.state.value not in ("initialized", "detached", "failed"):
