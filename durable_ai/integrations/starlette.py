@@ -33,10 +33,12 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..cursor import Cursor
 from ..errors import (
+    AckTimeout,
     BackendUnavailable,
     ConfigurationError,
     DurableAIError,
@@ -248,12 +250,21 @@ class DurableAI:
 
     # -- the native gateway --------------------------------------------------------------------------------
 
-    def gateway_routes(self, prefix: str = "/sessions") -> list[Route]:
-        """``GET {prefix}/{id}/events`` (SSE, resumable with ``Last-Event-ID`` or ``?after=``, ``?follow=false``
-        to stop at the log's end) and ``GET {prefix}/{id}/view`` (the session's view as JSON)."""
+    def gateway_routes(self, prefix: str = "/sessions") -> list[BaseRoute]:
+        """The native gateway:
+
+        - ``GET {prefix}/{id}/events``: SSE, resumable with ``Last-Event-ID`` or ``?after=``; ``?follow=false`` stops
+          at the log's end.
+        - ``GET {prefix}/{id}/view``: the session's view as JSON.
+        - ``WS {prefix}/{id}/ws?after=<cursor>``: the events as ``{"kind": "event", "cursor", "event"}`` frames, and
+          controls upstream: ``{"type": "cancel" | "steer" | "prompt", ..., "request": <any id>}``, each answered
+          with ``{"kind": "ack", "request", "ack": <control-ack>}``. A frame that is not such a control is answered
+          ``{"kind": "error", "request", "error", "message"}``, and the connection goes on.
+        """
         return [
             Route(f"{prefix}/{{session_id}}/events", self._events, methods=["GET"]),
             Route(f"{prefix}/{{session_id}}/view", self._view, methods=["GET"]),
+            WebSocketRoute(f"{prefix}/{{session_id}}/ws", self._socket),
         ]
 
     async def _events(self, request: Request) -> Response:
@@ -271,3 +282,106 @@ class DurableAI:
         except DurableAIError as exc:
             return await _error(request, exc)
         return Response(view.model_dump_json(), media_type="application/json")
+
+    async def _socket(self, websocket: WebSocket) -> None:
+        try:
+            session = self._hub.session(websocket.path_params["session_id"])
+            after = websocket.query_params.get("after") or None
+            if after is not None:
+                Cursor.parse(after)
+        except DurableAIError as exc:
+            # A bad id or cursor: the client is told why, then the socket closes (1008, policy violation).
+            await websocket.accept()
+            error = {"kind": "error", "request": None, "error": type(exc).__name__, "message": str(exc)}
+            await websocket.send_text(json.dumps(error))
+            await websocket.close(code=1008, reason=type(exc).__name__)
+            return
+        await websocket.accept()
+        gateway = _Socket(websocket, session, after)
+        await gateway.run()
+
+
+_CONTROL_FIELDS = {
+    "cancel": {"run_id", "reason"},
+    "steer": {"text", "run_id"},
+    "prompt": {"content", "message_id"},
+}
+
+
+class _Socket:
+    """One gateway WebSocket: the session's events down, controls up (see :meth:`DurableAI.gateway_routes`)."""
+
+    def __init__(self, websocket: WebSocket, session: Any, after: str | None) -> None:
+        self.websocket = websocket
+        self.session = session
+        self.after = after
+        self.outgoing: asyncio.Queue[str] = asyncio.Queue(_QUEUE)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def run(self) -> None:
+        sender = asyncio.get_running_loop().create_task(self._send(), name="durable-ai ws sender")
+        self._spawn(self._events(), "durable-ai ws events")
+        try:
+            while True:
+                text = await self.websocket.receive_text()
+                self._spawn(self._control(text), "durable-ai ws control")
+        except (WebSocketDisconnect, RuntimeError):
+            pass  # the client went away (a dropped socket is never a cancel)
+        finally:
+            for task in [*self.tasks, sender]:
+                task.cancel()
+            await asyncio.gather(*self.tasks, sender, return_exceptions=True)
+
+    async def _send(self) -> None:
+        while True:
+            await self.websocket.send_text(await self.outgoing.get())
+
+    async def _events(self) -> None:
+        try:
+            async with self.session.events(self.after) as stream:
+                async for event in stream:
+                    cursor, wire = json.dumps(event.cursor), encode(event).decode()
+                    await self.outgoing.put(f'{{"kind":"event","cursor":{cursor},"event":{wire}}}')
+        except DurableAIError as exc:
+            await self._error(None, exc)
+
+    async def _error(self, request: object, exc: BaseException | str, kind: str = "") -> None:
+        name = kind or type(exc).__name__
+        message = str(exc)
+        await self.outgoing.put(json.dumps({"kind": "error", "request": request, "error": name, "message": message}))
+
+    async def _control(self, text: str) -> None:
+        try:
+            frame = json.loads(text)
+        except ValueError:
+            await self._error(None, "the frame is not JSON", "MalformedFrame")
+            return
+        request = frame.get("request") if isinstance(frame, dict) else None
+        kind = frame.get("type") if isinstance(frame, dict) else None
+        if not isinstance(frame, dict) or kind not in _CONTROL_FIELDS:
+            await self._error(request, "expected a cancel, steer or prompt control", "MalformedFrame")
+            return
+        fields = {k: v for k, v in frame.items() if k not in ("type", "request")}
+        unknown = set(fields) - _CONTROL_FIELDS[kind]
+        if unknown:
+            await self._error(request, f"unknown fields for {kind}: {sorted(unknown)}", "MalformedFrame")
+            return
+        try:
+            send = getattr(self.session, kind)
+            if kind == "steer":
+                handle = await send(fields.pop("text", None), **fields)
+            elif kind == "prompt":
+                handle = await send(fields.pop("content", None), **fields)
+            else:
+                handle = await send(**fields)
+            ack = await handle.ack()
+        except (DurableAIError, TypeError, AckTimeout) as exc:
+            await self._error(request, exc)
+            return
+        wire = encode(ack).decode()
+        await self.outgoing.put(f'{{"kind":"ack","request":{json.dumps(request)},"ack":{wire}}}')

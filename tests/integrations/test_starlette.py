@@ -18,6 +18,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
 
 import durable_ai
 from durable_ai import Hub
@@ -213,3 +215,69 @@ def test_errors_map_to_http_statuses() -> None:
     assert http_status(BackendUnavailable("down")) == 503
     assert http_status(RuntimeError("bug")) == 500
     assert EXCEPTION_HANDLERS
+
+
+async def test_the_websocket_carries_events_down_and_controls_up(durable: DurableAI, client_hub: Hub) -> None:
+    working = asyncio.Event()
+
+    async def agent() -> None:
+        async with durable.hub.session("ws1").run(agent="writer") as run:
+            await run.text("partial ")
+            await durable.hub.flush()
+            working.set()
+            async for steer in run.steering():
+                await run.text(f"steered: {steer.text} ")
+
+    async def start(request: Request) -> Response:
+        durable.launch(agent())
+        return JSONResponse({"started": True})
+
+    routes = [*durable.gateway_routes(), Route("/start", start, methods=["POST"])]
+    app = Starlette(routes=routes, lifespan=durable.lifespan)
+    async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=TIMEOUT) as http:
+        assert (await http.post("/start")).status_code == 200
+        await asyncio.wait_for(working.wait(), TIMEOUT)
+        url = base.replace("http://", "ws://") + "/sessions/ws1/ws"
+        async with ws_connect(url) as socket:
+            pending: list[dict[str, Any]] = []  # frames received but not looked at yet, in order
+
+            async def next_frame(kind: str) -> dict[str, Any]:
+                for index, frame in enumerate(pending):
+                    if frame["kind"] == kind:
+                        return pending.pop(index)
+                while True:
+                    frame = json.loads(await asyncio.wait_for(socket.recv(), TIMEOUT))
+                    if frame["kind"] == kind:
+                        return dict(frame)
+                    pending.append(frame)
+
+            first = await next_frame("event")
+            assert first["event"]["type"] == "run-start" and first["cursor"]
+            # Malformed frames are answered, and the connection goes on.
+            await socket.send("not json")
+            assert (await next_frame("error"))["error"] == "MalformedFrame"
+            await socket.send(json.dumps({"type": "launch-missiles", "request": "r0"}))
+            error = await next_frame("error")
+            assert (error["request"], error["error"]) == ("r0", "MalformedFrame")
+            await socket.send(json.dumps({"type": "steer", "text": "use TypeScript", "request": "r1", "extra": 1}))
+            assert (await next_frame("error"))["request"] == "r1"
+            await socket.send(json.dumps({"type": "steer", "text": "use TypeScript", "request": "r2"}))
+            ack = await next_frame("ack")
+            assert (ack["request"], ack["ack"]["outcome"]) == ("r2", "applied")
+            await socket.send(json.dumps({"type": "cancel", "reason": "user pressed stop", "request": "r3"}))
+            ack = await next_frame("ack")
+            assert (ack["request"], ack["ack"]["control_type"], ack["ack"]["outcome"]) == ("r3", "cancel", "applied")
+            while True:
+                event = (await next_frame("event"))["event"]
+                if event["type"] == "run-end":
+                    break
+            assert (event["status"], event["reason"]) == ("cancelled", "user pressed stop")
+        events = await collect(client_hub.session("ws1").events(follow=False))
+        assert text_of(events) == "partial steered: use TypeScript "
+        # A bad cursor: the client is told why, and the socket closes with 1008.
+        async with ws_connect(url + "?after=nonsense") as socket:
+            refused = json.loads(await asyncio.wait_for(socket.recv(), TIMEOUT))
+            assert (refused["kind"], refused["error"]) == ("error", "InvalidCursor")
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(socket.recv(), TIMEOUT)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
