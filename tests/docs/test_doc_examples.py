@@ -20,7 +20,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-RUNNABLE_DOCS = ("docs/concepts.md", "docs/backends/memory.md", "docs/backends/nats.md", "docs/backends/ably.md")
+RUNNABLE_DOCS = (
+    "docs/concepts.md",
+    "docs/backends/memory.md",
+    "docs/backends/nats.md",
+    "docs/backends/ably.md",
+    "docs/integrations/gateway.md",
+)
 COMPILED_DOCS = (*RUNNABLE_DOCS, "docs/writing-a-backend.md")
 MARKER = "# doc-test"
 TIMEOUT = 60.0
