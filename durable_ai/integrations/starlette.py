@@ -36,6 +36,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from ..backends.kit import cancel_and_wait
 from ..cursor import Cursor
 from ..errors import (
     AckTimeout,
@@ -178,9 +179,7 @@ async def _pump(
                 return
             yield item
     finally:
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await reader
+        await cancel_and_wait(reader)
 
 
 # -- the app's hub and its agents ------------------------------------------------------------------------------
@@ -334,8 +333,7 @@ class _Socket:
             pass  # the client went away (a dropped socket is never a cancel)
         finally:
             for task in [*self.tasks, sender]:
-                task.cancel()
-            await asyncio.gather(*self.tasks, sender, return_exceptions=True)
+                await cancel_and_wait(task)
 
     async def _send(self) -> None:
         while True:
