@@ -248,14 +248,7 @@ async def test_channels_are_released_after_their_runs(emulator: AblyEmulator) ->
             if index % 50 == 0:
                 await agent.flush()
         await agent.flush()
-
-        async def settled() -> bool:
-            return bool(backend.channel_objects() <= 4)
-
-        deadline = time.monotonic() + TIMEOUT
-        while not await settled():
-            assert time.monotonic() < deadline, f"{backend.channel_objects()} channel objects are still held"
-            await asyncio.sleep(0.05)
+        await held_channels(backend, 4)
 
 
 async def held_channels(backend: Any, at_most: int) -> None:

@@ -227,14 +227,9 @@ class RestApi:
             if cursor:
                 items = [m for m in items if m.serial > cursor]
         page, rest = items[:limit], items[limit:]
-        base = {k: v for k, v in q.items() if k != "cursor"}
-        base.setdefault("limit", str(limit))
-        base.setdefault("direction", direction)
-        links = [f'<./messages?{urlencode(base, quote_via=quote)}>; rel="first"']
-        links.append(f'<./messages?{urlencode(dict(q.items()), quote_via=quote)}>; rel="current"')
-        if rest and page:
-            links.append(f'<./messages?{urlencode({**base, "cursor": page[-1].serial}, quote_via=quote)}>; rel="next"')
-        return encode([m.wire(binary) for m in page], binary, 200, {"Link": ", ".join(links)})
+        after = page[-1].serial if rest and page else None
+        link = _links("messages", q, {"limit": str(limit), "direction": direction}, after)
+        return encode([m.wire(binary) for m in page], binary, 200, {"Link": link})
 
     async def _channel_presence(self, request: Request) -> Response:
         """``GET /channels/{name}/presence``: the current members, paginated with ``limit`` and ``Link`` headers."""
@@ -258,15 +253,9 @@ class RestApi:
             if q.get("cursor"):
                 members = [m for m in members if m.key > q["cursor"]]
             page, rest = members[:limit], members[limit:]
-            base = {k: v for k, v in q.items() if k != "cursor"}
-            base.setdefault("limit", str(limit))
-            links = [f'<./presence?{urlencode(base, quote_via=quote)}>; rel="first"']
-            links.append(f'<./presence?{urlencode(dict(q.items()), quote_via=quote)}>; rel="current"')
-            if rest and page:
-                next_q = urlencode({**base, "cursor": page[-1].key}, quote_via=quote)
-                links.append(f'<./presence?{next_q}>; rel="next"')
+            link = _links("presence", q, {"limit": str(limit)}, page[-1].key if rest and page else None)
             body = [m.wire(PRESENCE_PRESENT, binary) for m in page]
-            return encode(body, binary, 200, {"Link": ", ".join(links)})
+            return encode(body, binary, 200, {"Link": link})
         except AblyError as error:
             return error_response(error, binary)
 
@@ -298,3 +287,15 @@ class RestApi:
             return encode({"versionSerial": version}, binary)
         except AblyError as error:
             return error_response(error, binary)
+
+
+def _links(path: str, query: Mapping[str, str], defaults: Mapping[str, str], after: str | None) -> str:
+    """The ``Link`` header of a paginated answer: its first and current pages, and the next one after ``after``."""
+    base = {**defaults, **{k: v for k, v in query.items() if k != "cursor"}}
+    links = [
+        f'<./{path}?{urlencode(base, quote_via=quote)}>; rel="first"',
+        f'<./{path}?{urlencode(dict(query.items()), quote_via=quote)}>; rel="current"',
+    ]
+    if after is not None:
+        links.append(f'<./{path}?{urlencode({**base, "cursor": after}, quote_via=quote)}>; rel="next"')
+    return ", ".join(links)
