@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypeAlias, runtime_checkable
+from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
 
 from ..cursor import LogPosition
 
@@ -19,6 +19,7 @@ __all__ = [
     "BackendLimits",
     "Channel",
     "ChannelKind",
+    "IssuesClientCredentials",
     "PresenceEntry",
     "PresenceRole",
     "ReadsSince",
@@ -157,4 +158,15 @@ class ReadsSince(Protocol):
         never raise ``LogReset`` for it merely because no message is at it) that yields every message stored in
         ``channel`` after ``published`` (a message of the same session's other log) was stored, and maybe a few
         stored shortly before."""
+        ...
+
+
+@runtime_checkable
+class IssuesClientCredentials(Protocol):
+    """An optional capability: a credential with which a browser or app client uses one session on the broker
+    itself (read its events, send it controls, nothing else), so a web server hands it out instead of relaying
+    the session's events. Issuing one is local (signing): it makes no request to the broker."""
+
+    def client_credential(self, session_id: str, client_id: str) -> dict[str, Any]:
+        """The JSON a client of ``session_id`` connects with, as ``client_id`` (e.g. an Ably TokenRequest)."""
         ...

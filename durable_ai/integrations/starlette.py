@@ -28,14 +28,18 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
-from typing import Any
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
+from typing import Any, Literal, TypeAlias
 
-from starlette.requests import Request
+import jwt
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from .._util import validate_name, validate_session_id
+from ..backends.base import IssuesClientCredentials
 from ..backends.kit import cancel_and_wait
 from ..cursor import Cursor
 from ..errors import (
@@ -54,7 +58,10 @@ from ..session import EventStream
 
 __all__ = [
     "EXCEPTION_HANDLERS",
+    "Action",
+    "Authorize",
     "DurableAI",
+    "SessionTokens",
     "event_source",
     "http_status",
     "requested_cursor",
@@ -122,33 +129,49 @@ def _frame(event: Event) -> bytes:
     return ("\n".join(lines) + "\n\n").encode()
 
 
+def _error_frame(exc: BaseException) -> bytes:
+    status = http_status(exc)
+    body = json.dumps({"error": type(exc).__name__, "message": str(exc), "status": status})
+    return f"event: error\ndata: {body}\n\n".encode()
+
+
 def event_source(
     stream: EventStream | AsyncIterator[Event],
     *,
     heartbeat: float = HEARTBEAT_SECONDS,
     headers: Mapping[str, str] | None = None,
     frame: Callable[[Event], bytes] = _frame,
+    end: bytes = b"",
+    error: Callable[[BaseException], bytes] = _error_frame,
 ) -> StreamingResponse:
     """A ``text/event-stream`` response of ``stream``'s events (see the module docstring).
 
-    ``frame`` turns an event into its SSE bytes (the default: ``id:`` cursor, ``event:`` type, ``data:`` JSON).
+    ``frame`` turns an event into its SSE bytes (the default: ``id:`` cursor, ``event:`` type, ``data:`` JSON;
+    empty bytes send nothing); ``end`` is sent after the stream's last event, and ``error`` makes the frame that
+    tells of an error the stream raised (the default: an ``event: error`` with its name, message and HTTP status).
     """
     return StreamingResponse(
-        _pump(stream, heartbeat, frame),
+        _pump(stream, heartbeat, frame, end, error),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
     )
 
 
 async def _pump(
-    stream: EventStream | AsyncIterator[Event], heartbeat: float, frame: Callable[[Event], bytes]
+    stream: EventStream | AsyncIterator[Event],
+    heartbeat: float,
+    frame: Callable[[Event], bytes],
+    end: bytes,
+    error: Callable[[BaseException], bytes],
 ) -> AsyncIterator[bytes]:
     queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(_QUEUE)
 
     async def read() -> None:
         try:
             async for event in stream:
-                await queue.put(frame(event))
+                data = frame(event)
+                if data:
+                    await queue.put(data)
         except Exception as exc:
             await queue.put(exc)
         else:
@@ -171,11 +194,13 @@ async def _pump(
                 yield b": heartbeat\n\n"
                 continue
             if item is None:
+                if end:
+                    yield end
                 return
             if isinstance(item, BaseException):
-                status = http_status(item)
-                body = json.dumps({"error": type(item).__name__, "message": str(item), "status": status})
-                yield f"event: error\ndata: {body}\n\n".encode()
+                yield error(item)
+                if end:
+                    yield end
                 return
             yield item
     finally:
@@ -184,6 +209,106 @@ async def _pump(
 
 # -- the app's hub and its agents ------------------------------------------------------------------------------
 
+ACTIONS: tuple[Action, ...] = ("read", "prompt", "cancel", "steer")
+
+Action: TypeAlias = Literal["read", "prompt", "cancel", "steer"]
+"""What a client asks to do with a session: read it (events, view, resume, messages), send it a message, stop
+a run, steer a run."""
+
+Authorize: TypeAlias = Callable[[HTTPConnection, str, Action], bool | Awaitable[bool]]
+"""``authorize(request_or_websocket, session_id, action)``: whether the client may; see :class:`DurableAI`."""
+
+
+class SessionTokens:
+    """Signed, expiring session tokens (JWT, HS256): an ``authorize`` hook for :class:`DurableAI`.
+
+    The app's own login decides who may use which session and calls :meth:`issue`; the client sends the token as
+    ``Authorization: Bearer <token>``, or as ``?token=`` where it cannot set headers (a browser's ``WebSocket`` or
+    ``EventSource``). A token allows one session, the actions it names, until it expires::
+
+        tokens = SessionTokens(os.environ["SESSION_TOKEN_SECRET"])
+        durable = DurableAI("memory://", authorize=tokens)
+        token = tokens.issue("chat-42", subject=user.id)               # hand it to the user's page
+
+    Args:
+        secret: the signing key, at least 32 bytes, kept on the server.
+        ttl: seconds a token issued without its own ``ttl`` is valid.
+        issuer: the ``iss`` claim written and required.
+    """
+
+    algorithm = "HS256"
+
+    def __init__(self, secret: str | bytes, *, ttl: float = 3600.0, issuer: str = "durable-ai") -> None:
+        key = secret.encode() if isinstance(secret, str) else secret
+        if len(key) < 32:
+            raise ConfigurationError("a session token secret must be at least 32 bytes")
+        if ttl <= 0:
+            raise ConfigurationError("ttl must be positive")
+        self._key = key
+        self.ttl = ttl
+        self.issuer = issuer
+
+    def issue(
+        self,
+        session_id: str,
+        *,
+        actions: Iterable[Action] = ACTIONS,
+        subject: str | None = None,
+        ttl: float | None = None,
+    ) -> str:
+        """A token for ``session_id`` that allows ``actions`` (default: all) for ``ttl`` seconds."""
+        validate_session_id(session_id)
+        allowed = sorted(set(actions))
+        unknown = set(allowed) - set(ACTIONS)
+        if unknown:
+            raise ConfigurationError(f"unknown actions {sorted(unknown)}; use {', '.join(ACTIONS)}")
+        issued = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": self.issuer,
+            "iat": issued,
+            "exp": issued + max(1, round(ttl if ttl is not None else self.ttl)),
+            "sid": session_id,
+            "act": allowed,
+        }
+        if subject is not None:
+            claims["sub"] = validate_name("subject", subject)
+        return jwt.encode(claims, self._key, algorithm=self.algorithm)
+
+    def claims(self, token: str) -> dict[str, Any] | None:
+        """The claims of a valid token (signature, issuer, expiry checked), or ``None``."""
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self._key,
+                algorithms=[self.algorithm],
+                issuer=self.issuer,
+                options={"require": ["exp", "iat", "iss", "sid", "act"]},
+            )
+        except jwt.PyJWTError:
+            return None
+        return claims
+
+    def allows(self, token: str, session_id: str, action: Action) -> bool:
+        """Whether ``token`` is valid and allows ``action`` on ``session_id``."""
+        claims = self.claims(token)
+        if claims is None or claims.get("sid") != session_id:
+            return False
+        actions = claims.get("act")
+        return isinstance(actions, list) and action in actions
+
+    @staticmethod
+    def token_of(connection: HTTPConnection) -> str | None:
+        """The token a request carries: ``Authorization: Bearer``, else ``?token=``."""
+        header = connection.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        return connection.query_params.get("token") or None
+
+    def __call__(self, connection: HTTPConnection, session_id: str, action: Action) -> bool:
+        token = self.token_of(connection)
+        return token is not None and self.allows(token, session_id, action)
+
 
 class DurableAI:
     """A hub for a Starlette or FastAPI app's lifetime, and the agents it launches (see the module docstring).
@@ -191,10 +316,24 @@ class DurableAI:
     Args:
         hub: a :class:`~durable_ai.Hub` (not yet open), or a backend URL to make one from.
         shutdown_grace: seconds the launched agents get to end after the hub closed, before they are cancelled.
+        authorize: asked on every route (and for every control on a WebSocket) whether the client may do
+            ``action`` on the session; a refusal is a 403 (or an error frame). Without it every client may do
+            everything: fine on loopback, never in production. :class:`SessionTokens` makes one.
+        client_id: the identity a client's broker credential carries (see :meth:`gateway_routes`), from its
+            request (e.g. the subject of its session token); by default ``"anonymous"``.
     """
 
-    def __init__(self, hub: Hub | str = "memory://", *, shutdown_grace: float = 5.0) -> None:
+    def __init__(
+        self,
+        hub: Hub | str = "memory://",
+        *,
+        shutdown_grace: float = 5.0,
+        authorize: Authorize | None = None,
+        client_id: Callable[[HTTPConnection], str] | None = None,
+    ) -> None:
         self._hub = hub if isinstance(hub, Hub) else Hub(hub)
+        self.authorize = authorize
+        self.client_id = client_id
         self._tasks: set[asyncio.Task[Any]] = set()
         self._open = False
         self.shutdown_grace = shutdown_grace
@@ -242,6 +381,16 @@ class DurableAI:
         task.add_done_callback(self._finished)
         return task
 
+    async def check_access(self, connection: HTTPConnection, session_id: str, action: Action) -> None:
+        """Ask the ``authorize`` hook; raises :class:`~durable_ai.errors.PermissionDenied` (403) on a refusal."""
+        if self.authorize is None:
+            return
+        verdict = self.authorize(connection, session_id, action)
+        if not isinstance(verdict, bool):
+            verdict = await verdict
+        if verdict is not True:
+            raise PermissionDenied(f"not allowed to {action} session {session_id!r}")
+
     def _finished(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
@@ -255,6 +404,9 @@ class DurableAI:
         - ``GET {prefix}/{id}/events``: SSE, resumable with ``Last-Event-ID`` or ``?after=``; ``?follow=false`` stops
           at the log's end.
         - ``GET {prefix}/{id}/view``: the session's view as JSON.
+        - ``GET {prefix}/{id}/credential``: on a backend whose clients connect to the broker themselves (Ably), the
+          client's credential for this session only (an Ably TokenRequest, for ably-js's ``authUrl`` or
+          ``authCallback``), so the server does not relay; 404 on a backend that has none.
         - ``WS {prefix}/{id}/ws?after=<cursor>``: the events as ``{"kind": "event", "cursor", "event"}`` frames, and
           controls upstream: ``{"type": "cancel" | "steer" | "prompt", ..., "request": <any id>}``, each answered
           with ``{"kind": "ack", "request", "ack": <control-ack>}``. A frame that is not such a control is answered
@@ -263,12 +415,14 @@ class DurableAI:
         return [
             Route(f"{prefix}/{{session_id}}/events", self._events, methods=["GET"]),
             Route(f"{prefix}/{{session_id}}/view", self._view, methods=["GET"]),
+            Route(f"{prefix}/{{session_id}}/credential", self._credential, methods=["GET"]),
             WebSocketRoute(f"{prefix}/{{session_id}}/ws", self._socket),
         ]
 
     async def _events(self, request: Request) -> Response:
         try:
             session = self._hub.session(request.path_params["session_id"])
+            await self.check_access(request, session.id, "read")
             after = requested_cursor(request)
             follow = request.query_params.get("follow", "true").lower() not in ("false", "0", "no")
             return event_source(session.events(after, follow=follow))
@@ -277,14 +431,31 @@ class DurableAI:
 
     async def _view(self, request: Request) -> Response:
         try:
-            view = await self._hub.session(request.path_params["session_id"]).view()
+            session = self._hub.session(request.path_params["session_id"])
+            await self.check_access(request, session.id, "read")
+            view = await session.view()
         except DurableAIError as exc:
             return await _error(request, exc)
         return Response(view.model_dump_json(), media_type="application/json")
 
+    async def _credential(self, request: Request) -> Response:
+        try:
+            session = self._hub.session(request.path_params["session_id"])
+            await self.check_access(request, session.id, "read")
+            backend = self._hub.backend
+            if not isinstance(backend, IssuesClientCredentials):
+                message = f"{type(backend).__name__} has no client credentials: read the session through this server"
+                return JSONResponse({"error": "NoClientCredentials", "message": message}, status_code=404)
+            client = self.client_id(request) if self.client_id is not None else "anonymous"
+            credential = backend.client_credential(session.id, client)
+        except DurableAIError as exc:
+            return await _error(request, exc)
+        return JSONResponse(credential, headers={"Cache-Control": "no-store"})
+
     async def _socket(self, websocket: WebSocket) -> None:
         try:
             session = self._hub.session(websocket.path_params["session_id"])
+            await self.check_access(websocket, session.id, "read")
             after = websocket.query_params.get("after") or None
             if after is not None:
                 Cursor.parse(after)
@@ -296,7 +467,7 @@ class DurableAI:
             await websocket.close(code=1008, reason=type(exc).__name__)
             return
         await websocket.accept()
-        gateway = _Socket(websocket, session, after)
+        gateway = _Socket(self, websocket, session, after)
         await gateway.run()
 
 
@@ -310,7 +481,8 @@ _CONTROL_FIELDS = {
 class _Socket:
     """One gateway WebSocket: the session's events down, controls up (see :meth:`DurableAI.gateway_routes`)."""
 
-    def __init__(self, websocket: WebSocket, session: Any, after: str | None) -> None:
+    def __init__(self, durable: DurableAI, websocket: WebSocket, session: Any, after: str | None) -> None:
+        self.durable = durable
         self.websocket = websocket
         self.session = session
         self.after = after
@@ -370,6 +542,7 @@ class _Socket:
             await self._error(request, f"unknown fields for {kind}: {sorted(unknown)}", "MalformedFrame")
             return
         try:
+            await self.durable.check_access(self.websocket, self.session.id, kind)
             send = getattr(self.session, kind)
             if kind == "steer":
                 handle = await send(fields.pop("text", None), **fields)

@@ -99,6 +99,7 @@ from ._log import (
 )
 from ._parts import PartPlanner
 from ._store import AblyStore
+from .auth import issue_client_token
 
 __all__ = ["AblyBackend", "AblyOptions", "from_url"]
 
@@ -344,6 +345,11 @@ class AblyBackend:
     @property
     def limits(self) -> BackendLimits:
         return self._limits
+
+    def client_credential(self, session_id: str, client_id: str) -> dict[str, Any]:
+        """A signed TokenRequest for one client of ``session_id`` (see :func:`~durable_ai_ably.issue_client_token`):
+        what a web server's credential route hands to ably-js's ``authCallback``."""
+        return issue_client_token(session_id, client_id, key=self.options)
 
     def channel_name(self, session: str, kind: str = "events") -> str:
         return self.options.channel_name(session, kind)

@@ -79,6 +79,7 @@ from ._common import (
 from ._http import AblyHttp, AblyHttpError, json_of
 from ._log import PLAIN_NAME, HistoryPass, bound_after, read_start
 from ._store import AblyStore
+from .auth import issue_client_token
 
 __all__ = ["AblyRestBackend", "from_url"]
 
@@ -187,6 +188,10 @@ class AblyRestBackend:
 
     def _check_open(self) -> None:
         self._reader  # noqa: B018 - raises HubClosed when the backend is not open
+
+    def client_credential(self, session_id: str, client_id: str) -> dict[str, Any]:
+        """A signed TokenRequest for one client of ``session_id`` (as :meth:`AblyBackend.client_credential`)."""
+        return issue_client_token(session_id, client_id, key=self.options)
 
     def channel_name(self, session: str, kind: str = "events") -> str:
         return self.options.channel_name(session, kind)
