@@ -385,6 +385,13 @@ async def _response_events(
                 return
 
 
+async def _finished(session: Session, run_id: str) -> AsyncGenerator[Event, None]:
+    """A finished run's events, from the log."""
+    async with session.stream(run_id) as stream:
+        async for event in stream:
+            yield event
+
+
 def _sse(encoder: UIMessageEncoder) -> Callable[[Event], bytes]:
     def frame(event: Event) -> bytes:
         chunks = encoder.feed(event)
@@ -500,15 +507,24 @@ class _ChatApp:
 
     # -- starting a response ---------------------------------------------------------------------------------
 
-    async def start(self, request: _Request) -> tuple[Session, _Launch, str | None]:
-        """Commit the user's message and launch its answer; returns where the answer's events are read from."""
+    async def start(self, request: _Request) -> tuple[str, AsyncGenerator[Event, None]]:
+        """Commit the user's message and launch its answer; returns the answer's run id and its events.
+
+        A message the chat already answered (a client retrying its request) is not answered twice: its answer is
+        replayed (from its start, then live if it is still streaming).
+        """
         session = self.session(request.chat_id)
         view = await session.view()
+        known = any(message.id == request.message_id for message in view.messages)
+        if known and request.trigger == "submit-message":
+            replay = self._replay(session, view, request.message_id)
+            if replay is not None:
+                return replay
         previous = self._last.get(request.chat_id)
         pending = previous is not None and not previous.failure.done() and not previous.entered.is_set()
         if self.strategy == "reject" and (_answering(view.active_runs) or pending):
             raise ChatBusy("the agent is still answering this chat; stop it or wait for the answer")
-        if not any(message.id == request.message_id for message in view.messages):
+        if not known:
             if request.trigger == "regenerate-message":
                 raise ChatRequestInvalid("the message to answer again is not in the chat")
             user = UserMessage(
@@ -525,7 +541,23 @@ class _ChatApp:
         self._last[request.chat_id] = launch
         launch.task = self.durable.launch(self._answer(session, launch, request, previous), name=f"chat {run.id}")
         launch.task.add_done_callback(lambda _: self._forget(request.chat_id, launch))
-        return session, launch, after
+        return run.id, _response_events(session, run.id, after, launch)
+
+    def _replay(
+        self, session: Session, view: SessionView, message_id: str
+    ) -> tuple[str, AsyncGenerator[Event, None]] | None:
+        answers = [
+            m
+            for m in view.messages
+            if m.role == "assistant" and m.parent_run_id is None and m.input_message_id == message_id
+        ]
+        if not answers or answers[-1].run_id is None:
+            return None
+        run_id = answers[-1].run_id
+        active = {info.run_id: info for info in view.active_runs}
+        if run_id in active:
+            return run_id, _response_events(session, run_id, _before(active[run_id].start_cursor), None)
+        return run_id, _finished(session, run_id)
 
     def _forget(self, chat_id: str, launch: _Launch) -> None:
         if self._last.get(chat_id) is launch:
@@ -601,11 +633,10 @@ class _ChatApp:
         try:
             parsed = _parse_request(await self._body(request))
             await self.durable.check_access(request, parsed.chat_id, "prompt")
-            session, launch, after = await self.start(parsed)
+            run_id, events = await self.start(parsed)
         except DurableAIError as exc:
             return _error_response(exc)
-        events = _response_events(session, launch.run.id, after, launch)
-        return self._ui_stream(events, launch.run.id)
+        return self._ui_stream(events, run_id)
 
     def _ui_stream(self, events: AsyncIterator[Event], run_id: str) -> Response:
         return event_source(
@@ -773,8 +804,7 @@ class _ChatSocket:
                 parsed = _parse_request({**frame, **frame.get("body", {})})
                 state.chat_id = parsed.chat_id
                 await self.app.durable.check_access(self.websocket, parsed.chat_id, "prompt")
-                session, launch, after = await self.app.start(parsed)
-                run_id, events = launch.run.id, _response_events(session, launch.run.id, after, launch)
+                run_id, events = await self.app.start(parsed)
             else:
                 chat_id = frame["id"]
                 state.chat_id = chat_id
