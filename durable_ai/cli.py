@@ -3,6 +3,9 @@
 - ``durable-ai check URL``: run the durable-session checks against a backend and print a scorecard.
 - ``durable-ai tail URL SESSION [--after CURSOR]``: follow a session, one line per event with its cursor.
 - ``durable-ai schema``: print the JSON Schema of the wire vocabulary.
+- ``durable-ai demo [--backend URL] [--host HOST] [--port PORT] [--tokens-per-second N] [--tokens N]``: serve the
+  demo app (:func:`durable_ai.demo.create_app`: a scripted agent behind the Vercel AI SDK chat routes and the native
+  gateway) with uvicorn. Needs the ``demo`` extra: ``pip install 'durable-ai[demo]'``.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -21,6 +25,8 @@ from .events import Event, control_schema, event_schema
 from .hub import Hub, connect
 
 __all__ = ["main"]
+
+logger = logging.getLogger("durable_ai")
 
 
 def _out(stream: TextIO, line: str = "") -> None:
@@ -89,6 +95,52 @@ async def _tail(url: str, session_id: str, after: str | None, follow: bool, stre
     return 0
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
+
+
+def _demo(backend: str, host: str, port: int, tokens_per_second: float, tokens: int) -> int:
+    from .demo import create_app
+
+    try:
+        import uvicorn
+
+        app = create_app(backend, tokens_per_second=tokens_per_second, tokens=tokens)  # imports Starlette
+    except ImportError as exc:
+        sys.stderr.write(
+            f"durable-ai demo needs the 'demo' extra (Starlette and uvicorn): pip install 'durable-ai[demo]' ({exc})\n"
+        )
+        return 2
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    where = f"[{host}]" if ":" in host else host
+    logger.info(
+        "durable-ai demo: serving on http://%s:%d (chat: /api/chat, gateway: /sessions), backend %s, %g tokens/s",
+        where,
+        port,
+        backend,
+        tokens_per_second,
+    )
+    uvicorn.run(app, host=host, port=port, ws_ping_interval=20, ws_ping_timeout=20)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="durable-ai", description="Durable sessions for AI chat and agent streams.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -102,6 +154,14 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--no-follow", action="store_true", help="stop at the end instead of following live")
     schema = commands.add_parser("schema", help="print the JSON Schema of events and controls")
     schema.add_argument("which", nargs="?", choices=["events", "controls"], default="events")
+    demo = commands.add_parser("demo", help="serve a scripted agent behind the chat routes and the gateway")
+    demo.add_argument("--backend", default="memory://", help="backend URL (default: memory://)")
+    demo.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
+    demo.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    demo.add_argument(
+        "--tokens-per-second", type=_positive, default=50.0, help="pace of the scripted answers (default: 50)"
+    )
+    demo.add_argument("--tokens", type=_count, default=320, help="text deltas in each answer (default: 320)")
     return parser
 
 
@@ -114,6 +174,8 @@ def main(argv: Sequence[str] | None = None, stream: TextIO | None = None) -> int
             return asyncio.run(_check(args.url, args.only, out))
         if args.command == "tail":
             return asyncio.run(_tail(args.url, args.session, args.after, not args.no_follow, out))
+        if args.command == "demo":
+            return _demo(args.backend, args.host, args.port, args.tokens_per_second, args.tokens)
         schema = event_schema() if args.which == "events" else control_schema()
         _out(out, json.dumps(schema, indent=2))
         return 0
