@@ -26,6 +26,7 @@ RUNNABLE_DOCS = (
     "docs/backends/nats.md",
     "docs/backends/ably.md",
     "docs/integrations/gateway.md",
+    "docs/integrations/vercel.md",
 )
 COMPILED_DOCS = (*RUNNABLE_DOCS, "docs/writing-a-backend.md")
 MARKER = "# doc-test"
