@@ -45,6 +45,7 @@ __all__ = [
     "delete_seen_everywhere",
     "eventually",
     "failed_run",
+    "follow_from_head_beside_a_follower",
     "idempotent_publish",
     "invalid_session_ids",
     "join_mid_run",
@@ -279,6 +280,45 @@ async def join_mid_run(target: Target) -> str:
     expect(so_far + text_of(rest, run_id) == "".join(tokens), "late joiner's view + live tail != the answer")
     expect(text_of(everything, run_id) == "".join(tokens), "the first subscriber's text differs")
     return "late joiner got the answer so far from view(), then the live tail"
+
+
+async def follow_from_head_beside_a_follower(target: Target) -> str:
+    """A reader that starts from ``head()`` while another reader of the same hub follows the session live gets
+    exactly what was written after the head, whatever the first reader's live feed already holds."""
+    sid = new_session_id("head")
+    async with _Hubs(target) as hubs:
+        client = hubs.client.session(sid)
+        written: list[str] = []
+
+        async def write(run: Run, token: str) -> None:
+            await run.text(token)
+            await run.flush()
+            written.append(token)
+
+        def holds(token: str) -> Callable[[Event], bool]:
+            return lambda e: isinstance(e, TextDelta) and token in e.delta
+
+        following = client.events()
+        async with hubs.agent.session(sid).run(agent="writer") as run:
+            await write(run, "before ")
+            await collect_open(following, until=holds("before"))  # the follower is attached and reading live
+            await write(run, "middle ")
+            await collect_open(following, until=holds("middle"))
+            head = await client.head()
+            after_head = client.events(after=head)
+            tail = asyncio.ensure_future(collect(after_head, until=run_end(run.id)))
+            try:
+                for token in ("after ", "the ", "head "):
+                    await write(run, token)
+            except BaseException:
+                tail.cancel()
+                raise
+        rest = await within(tail, "the reader from the head")
+        everything = await collect(following, until=run_end(run.id))
+    ids_unique(rest)
+    expect(text_of(rest, run.id) == "after the head ", f"the reader from the head read {text_of(rest, run.id)!r}")
+    expect(text_of(everything) != "", "the follower read nothing")
+    return "a reader from head() beside a live follower read exactly what came after it"
 
 
 async def cancel_from_another_client(target: Target) -> str:

@@ -62,6 +62,9 @@ class ConformanceSuite:
     async def test_cancel_from_another_client(self, target: Target) -> None:
         await _run(scenarios.cancel_from_another_client, target)
 
+    async def test_follow_from_head_beside_a_follower(self, target: Target) -> None:
+        await _run(scenarios.follow_from_head_beside_a_follower, target)
+
     # Ordering, loss, duplicates, cursors.
 
     async def test_ordering_across_subagents(self, target: Target) -> None:

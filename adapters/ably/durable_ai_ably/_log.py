@@ -298,12 +298,22 @@ class HistoryPass:
         self._reorder.add(split_message(serial, version, data))
         return self._emit(ready)
 
-    def finish(self) -> list[tuple[str, bytes]]:
-        """History has no more messages: the operations still held back."""
+    def finish(self, *, live_after: bool = False) -> list[tuple[str, bytes]]:
+        """History has no more messages: the operations still held back.
+
+        With ``live_after`` (history was read up to a realtime attachment, whose messages come next), an operation
+        at the start that history lacks may be one of those: it is left in :attr:`unmet` for the reader to find
+        there, instead of a reset.
+        """
         out = [] if self.done else self._emit(self._reorder.release())
-        if self._expected is not None:
+        if self._expected is not None and not live_after:
             raise LogReset("the message at the cursor is no longer retained")
         return out
+
+    @property
+    def unmet(self) -> str | None:
+        """The operation at the start, when history (read to its end) did not reach it."""
+        return self._expected
 
     def oldest_open(self) -> str | None:
         """The oldest part that may still grow after the last operation returned (where the next pass starts)."""

@@ -190,7 +190,8 @@ class AblyStore:
 
         Forwards from ``scan.fetch`` by default. With ``until_attach`` (a realtime attachment's serial), history up
         to that point, which Ably gives newest first: it is read back to ``scan.fetch`` and then passed on oldest
-        first. Everything after the attachment comes from the attachment itself.
+        first. Everything after the attachment comes from the attachment itself, so an operation at the start
+        that history lacks is left to be found there (``scan.unmet``).
         """
         source = self._forwards(name, scan) if until_attach is None else self._up_to(name, scan, until_attach)
         async with aclosing(source) as messages:
@@ -199,7 +200,7 @@ class AblyStore:
                     yield op
                 if scan.done:
                     return
-        for op in scan.finish():
+        for op in scan.finish(live_after=until_attach is not None):
             yield op
 
     async def _forwards(self, name: str, scan: HistoryPass) -> AsyncGenerator[Mapping[str, Any], None]:

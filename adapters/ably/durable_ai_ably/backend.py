@@ -625,6 +625,9 @@ class AblyBackend:
         # The parts the latest history pass saw: a live operation's position names the oldest part that may still
         # grow, which the feed alone cannot know of parts created before its attachment.
         seen = OpenParts()
+        # The operation at the start, when history read up to the attachment did not reach it: the attachment's
+        # first operation from there on must be it (what is before it was read before the cursor).
+        unmet: str | None = None
 
         async def attach() -> Tap:
             nonlocal tap
@@ -632,13 +635,16 @@ class AblyBackend:
             return tap
 
         async def backlog(position: LogPosition | None) -> AsyncIterator[StoredMessage]:
-            nonlocal seen
+            nonlocal seen, unmet
             here = begin if position is start else read_start(position, state.epoch, floor)
             scan = HistoryPass(floor=floor, first=here.first, oldest=here.oldest, exact=here.exact)
             seen = scan.parts
+            if here.oldest is not None:
+                seen.add(here.oldest)
             until = tap.until if tap is not None else None
             async for at, data in store.history(name, scan, until_attach=until or None):
                 yield StoredMessage(state.epoch, at, data)
+            unmet = scan.unmet
 
         def detach(old: Tap) -> None:
             nonlocal tap
@@ -650,6 +656,12 @@ class AblyBackend:
             start=start, follow=follow, backlog=backlog, attach=attach, detach=detach, order=_serial_of
         ):
             serial, oldest = parse_position(message.position)
+            if unmet is not None:
+                if serial < unmet:
+                    continue  # delivered live, but before the cursor
+                if serial != unmet:
+                    raise LogReset("the message at the cursor is no longer retained")
+                unmet = None
             earlier = seen.oldest(serial)
             if earlier is not None and (oldest is None or earlier < oldest):
                 message = StoredMessage(message.epoch, format_position(serial, earlier), message.data)
