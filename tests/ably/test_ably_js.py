@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -27,8 +25,9 @@ import durable_ai
 from durable_ai import Hub, Run
 from durable_ai_ably import issue_client_jwt, issue_client_token
 from durable_ai_ably.testing import AblyEmulator
+from tests.ably import node
 from tests.ably.holding_proxy import HoldingProxy
-from tests.ably.node import JS_DIR, NODE, skip_without_ably_js
+from tests.ably.node import JS_DIR, Record, skip_without_ably_js
 
 TIMEOUT = 20.0
 SECRET = "Zk3vQ9pX2mL7wR4tY8uI1oP6aS5dF0gHjKlMnBvCxZq"
@@ -40,9 +39,6 @@ SNIPPET_RUNNER = JS_DIR / "run_snippet.mjs"
 ABLY_DOC = Path(__file__).resolve().parents[2] / "docs" / "backends" / "ably.md"
 SNIPPET_SECTION = "## Browsers and phones: client credentials"
 DOCS_SESSION = "chat-42"  # the session the snippet names
-
-Record = dict[str, Any]
-
 
 skip_without_ably_js()
 
@@ -85,69 +81,14 @@ async def stream(run: Run, texts: Sequence[str], *, every: int = 3) -> None:
     await run.flush()
 
 
-class NodeClient:
-    """A node script in a child process: its JSON lines, read as they come, and commands sent on its stdin."""
-
-    def __init__(self, process: asyncio.subprocess.Process, name: str) -> None:
-        self.process = process
-        self.name = name
-        self.records: list[Record] = []
-
-    async def wait(self, predicate: Callable[[Record], bool], what: str = "", *, start: int = 0) -> Record:
-        """The first record from the `start`-th on (read before or now) that matches; every line read is kept."""
-        for earlier in self.records[start:]:
-            if predicate(earlier):
-                return earlier
-        assert self.process.stdout is not None
-        while True:
-            try:
-                line = await asyncio.wait_for(self.process.stdout.readline(), TIMEOUT)
-            except TimeoutError:
-                raise AssertionError(f"{self.name}: no {what or 'matching'} line in {TIMEOUT} s") from None
-            if not line:
-                raise AssertionError(f"{self.name} ended before a {what or 'matching'} line: {await self.failure()}")
-            record: Record = json.loads(line)
-            self.records.append(record)
-            if predicate(record):
-                return record
-
-    async def until(self, kind: str) -> Record:
-        return await self.wait(lambda r: r["kind"] == kind, kind)
+class NodeClient(node.NodeClient):
+    """A script of tests/js reading a session with ably-js: the events it rendered, as it reported them."""
 
     async def event(self, predicate: Callable[[Record], bool], what: str) -> Record:
         """The first rendered event (history or live) that matches."""
         record = await self.wait(lambda r: r["kind"] in ("history", "live") and predicate(r["event"]), what)
         event: Record = record["event"]
         return event
-
-    async def send(self, command: Record) -> Record:
-        """Send a command and wait for its answer."""
-        assert self.process.stdin is not None
-        start = len(self.records)
-        self.process.stdin.write(json.dumps(command).encode() + b"\n")
-        await self.process.stdin.drain()
-        return await self.wait(
-            lambda r: r["kind"] == "result" and r["cmd"] == command["cmd"], f"{command['cmd']} result", start=start
-        )
-
-    async def exit(self) -> int:
-        """Ask it to exit, then its exit code."""
-        if self.process.returncode is None:
-            assert self.process.stdin is not None
-            self.process.stdin.write(b'{"cmd":"exit"}\n')
-            await self.process.stdin.drain()
-        return await asyncio.wait_for(self.process.wait(), TIMEOUT)
-
-    async def failure(self) -> str:
-        assert self.process.stderr is not None
-        code = await asyncio.wait_for(self.process.wait(), TIMEOUT)
-        stderr = (await self.process.stderr.read()).decode(errors="replace")
-        return f"exit code {code}, stderr:\n{stderr}"
-
-    async def kill(self) -> None:
-        if self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
 
     def rendered(self, *kinds: str) -> list[Record]:
         """The events rendered (of `kinds`: history and live by default), in the order they were."""
@@ -167,18 +108,7 @@ class NodeClient:
 
 
 async def start_node(script: Path, args: Sequence[str], env: dict[str, str]) -> NodeClient:
-    assert NODE is not None
-    process = await asyncio.create_subprocess_exec(
-        NODE,
-        str(script),
-        *args,
-        cwd=JS_DIR,
-        env={**os.environ, **env},
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    return NodeClient(process, script.name)
+    return NodeClient(await node.start_node(script, args, env), script.name, TIMEOUT)
 
 
 async def start_reader(

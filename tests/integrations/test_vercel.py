@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -113,11 +114,12 @@ def memory() -> MemoryBackend:
 
 
 @contextlib.asynccontextmanager
-async def chat_app(
-    agent: Agent, backend: MemoryBackend | None = None, **options: Any
+async def serve_chat(
+    agent: Agent, backend: str | MemoryBackend, **options: Any
 ) -> AsyncIterator[tuple[httpx.AsyncClient, DurableAI]]:
-    """The chat routes for ``agent`` on a live server; yields a client for it and the app's DurableAI."""
-    durable = DurableAI(Hub(backend or MemoryBackend()))
+    """The chat routes for ``agent`` on ``backend``, on a live server; yields a client for it and the app's
+    DurableAI."""
+    durable = DurableAI(backend if isinstance(backend, str) else Hub(backend))
     app = Starlette(
         routes=[*chat_routes(durable, agent, **options), *durable.gateway_routes()], lifespan=durable.lifespan
     )
@@ -125,10 +127,19 @@ async def chat_app(
         yield client, durable
 
 
+ChatApp = Callable[..., contextlib.AbstractAsyncContextManager[tuple[httpx.AsyncClient, DurableAI]]]
+
+
+@pytest.fixture
+def chat_app(backend_url: str) -> ChatApp:
+    """``serve_chat`` on the test's backend: memory, NATS and the Ably emulator in turn (see conftest.py)."""
+    return functools.partial(serve_chat, backend=backend_url)
+
+
 # -- POST /api/chat ------------------------------------------------------------------------------------------
 
 
-async def test_a_message_streams_its_answer_as_a_ui_message_stream(agent: Agent) -> None:
+async def test_a_message_streams_its_answer_as_a_ui_message_stream(agent: Agent, chat_app: ChatApp) -> None:
     async with chat_app(agent) as (client, durable):
         async with client.stream("POST", "/api/chat", json=body("hello")) as response:
             assert response.status_code == 200
@@ -151,7 +162,7 @@ async def test_a_message_streams_its_answer_as_a_ui_message_stream(agent: Agent)
     assert answer.input_message_id == "m1"
 
 
-async def test_the_agent_sees_the_chat_from_the_log_not_from_the_client(agent: Agent) -> None:
+async def test_the_agent_sees_the_chat_from_the_log_not_from_the_client(agent: Agent, chat_app: ChatApp) -> None:
     async with chat_app(agent) as (client, _):
         await read_all(await client.send(client.build_request("POST", "/api/chat", json=body("one")), stream=True))
         forged = {
@@ -168,7 +179,7 @@ async def test_the_agent_sees_the_chat_from_the_log_not_from_the_client(agent: A
     assert second.body == {"mode": "fast"}
 
 
-async def test_a_client_that_goes_away_does_not_stop_the_answer(agent: Agent) -> None:
+async def test_a_client_that_goes_away_does_not_stop_the_answer(agent: Agent, chat_app: ChatApp) -> None:
     agent.gate.clear()
     async with chat_app(agent) as (client, durable):
         async with client.stream("POST", "/api/chat", json=body("hello")) as response:
@@ -183,7 +194,7 @@ async def test_a_client_that_goes_away_does_not_stop_the_answer(agent: Agent) ->
 
 async def test_a_retried_message_is_stored_once(agent: Agent) -> None:
     memory = MemoryBackend()
-    async with chat_app(agent, memory) as (client, durable):
+    async with serve_chat(agent, memory) as (client, durable):
         for _ in range(2):
             async with client.stream("POST", "/api/chat", json=body("hello")) as response:
                 await read_all(response)
@@ -219,7 +230,9 @@ async def test_a_retried_message_is_stored_once(agent: Agent) -> None:
         "too-big",
     ],
 )
-async def test_bad_requests_get_a_typed_error_and_start_nothing(agent: Agent, payload: bytes, status: int) -> None:
+async def test_bad_requests_get_a_typed_error_and_start_nothing(
+    agent: Agent, payload: bytes, status: int, chat_app: ChatApp
+) -> None:
     async with chat_app(agent) as (client, durable):
         response = await client.post("/api/chat", content=payload, headers={"content-type": "application/json"})
         assert response.status_code == status
@@ -231,7 +244,7 @@ async def test_bad_requests_get_a_typed_error_and_start_nothing(agent: Agent, pa
 # -- GET /api/chat/{id}/stream -------------------------------------------------------------------------------
 
 
-async def test_resume_replays_the_active_answer_from_its_start_then_live(agent: Agent) -> None:
+async def test_resume_replays_the_active_answer_from_its_start_then_live(agent: Agent, chat_app: ChatApp) -> None:
     agent.gate.clear()
     async with chat_app(agent) as (client, durable):
         async with client.stream("POST", "/api/chat", json=body("hello")) as response:
@@ -258,7 +271,7 @@ async def _until_text(source: httpx.Response | Chunks) -> Chunks:
             return
 
 
-async def test_resume_when_nothing_is_active_is_204_with_no_body(agent: Agent) -> None:
+async def test_resume_when_nothing_is_active_is_204_with_no_body(agent: Agent, chat_app: ChatApp) -> None:
     async with chat_app(agent) as (client, _):
         idle = await client.get(f"/api/chat/{CHAT}/stream")
         await read_all(await client.send(client.build_request("POST", "/api/chat", json=body("hi")), stream=True))
@@ -269,7 +282,7 @@ async def test_resume_when_nothing_is_active_is_204_with_no_body(agent: Agent) -
     assert (encoded.status_code, encoded.content) == (204, b"")
 
 
-async def test_resume_of_a_url_encoded_chat_id(agent: Agent) -> None:
+async def test_resume_of_a_url_encoded_chat_id(agent: Agent, chat_app: ChatApp) -> None:
     agent.gate.clear()
     chat = "team_alpha-1"
     async with chat_app(agent) as (client, _):
@@ -290,7 +303,9 @@ async def test_resume_of_a_url_encoded_chat_id(agent: Agent) -> None:
     [None, b"{}", json.dumps({"activeStreamId": "stale", "assistantMessage": {"parts": "forged"}}).encode()],
     ids=["empty", "empty-json", "vercel-fields"],
 )
-async def test_stop_is_a_typed_cancel_answered_once_acknowledged(agent: Agent, stop_body: bytes | None) -> None:
+async def test_stop_is_a_typed_cancel_answered_once_acknowledged(
+    agent: Agent, stop_body: bytes | None, chat_app: ChatApp
+) -> None:
     agent.gate.clear()
     async with chat_app(agent) as (client, durable):
         async with client.stream("POST", "/api/chat", json=body("hello")) as response:
@@ -309,7 +324,7 @@ async def test_stop_is_a_typed_cancel_answered_once_acknowledged(agent: Agent, s
     assert text_of(first + rest) == answer.text  # the partial answer is kept, from the log
 
 
-async def test_stop_when_nothing_is_active_answers_at_once(agent: Agent) -> None:
+async def test_stop_when_nothing_is_active_answers_at_once(agent: Agent, chat_app: ChatApp) -> None:
     async with chat_app(agent) as (client, _):
         response = await client.post(f"/api/chat/{CHAT}/stop")
     assert response.status_code == 200
@@ -319,7 +334,7 @@ async def test_stop_when_nothing_is_active_answers_at_once(agent: Agent) -> None
 # -- GET /api/chat/{id}/messages -----------------------------------------------------------------------------
 
 
-async def test_messages_give_a_reloaded_page_finished_and_stopped_answers(agent: Agent) -> None:
+async def test_messages_give_a_reloaded_page_finished_and_stopped_answers(agent: Agent, chat_app: ChatApp) -> None:
     async with chat_app(agent) as (client, _):
         await read_all(await client.send(client.build_request("POST", "/api/chat", json=body("one")), stream=True))
         agent.gate.clear()
@@ -372,7 +387,7 @@ async def test_the_encoder_and_the_messages_agree_on_sub_agents(hub: Hub) -> Non
 # -- follow-ups while an answer is streaming -----------------------------------------------------------------
 
 
-async def test_reject_refuses_a_follow_up_with_409(agent: Agent) -> None:
+async def test_reject_refuses_a_follow_up_with_409(agent: Agent, chat_app: ChatApp) -> None:
     agent.gate.clear()
     async with chat_app(agent, strategy="reject") as (client, durable):
         async with client.stream("POST", "/api/chat", json=body("one")) as response:
@@ -387,7 +402,7 @@ async def test_reject_refuses_a_follow_up_with_409(agent: Agent) -> None:
     assert [m.text for m in view.messages if m.role == "user"] == ["one"]
 
 
-async def test_enqueue_answers_a_follow_up_after_the_answer_before_it(agent: Agent) -> None:
+async def test_enqueue_answers_a_follow_up_after_the_answer_before_it(agent: Agent, chat_app: ChatApp) -> None:
     agent.gate.clear()
     async with chat_app(agent) as (client, durable):
         async with client.stream("POST", "/api/chat", json=body("one")) as first:
@@ -397,7 +412,7 @@ async def test_enqueue_answers_a_follow_up_after_the_answer_before_it(agent: Age
                 agent.gate.set()
                 _, two = await asyncio.gather(read_all(one), read_all(second))
         view = await durable.hub.session(CHAT).view()
-    assert text_of(two) == agent.answer("two")
+    assert text_of(two) == agent.answer("two"), two
     assert [(m.role, m.status) for m in view.messages] == [
         ("user", None),
         ("assistant", "completed"),
@@ -407,7 +422,7 @@ async def test_enqueue_answers_a_follow_up_after_the_answer_before_it(agent: Age
     assert [m.text for m in agent.turns[1].history] == ["one", agent.answer("one")]  # it saw the whole first answer
 
 
-async def test_interrupt_cancels_the_answer_and_starts_the_new_one(agent: Agent) -> None:
+async def test_interrupt_cancels_the_answer_and_starts_the_new_one(agent: Agent, chat_app: ChatApp) -> None:
     agent.gate.clear()
     async with chat_app(agent, strategy="interrupt") as (client, durable):
         async with client.stream("POST", "/api/chat", json=body("one")) as first:
@@ -429,7 +444,7 @@ async def test_interrupt_cancels_the_answer_and_starts_the_new_one(agent: Agent)
 async def test_a_shutdown_with_answers_in_flight_ends_each_cancelled(agent: Agent) -> None:
     agent.gate.clear()
     memory = MemoryBackend()
-    async with chat_app(agent, memory) as (client, _):
+    async with serve_chat(agent, memory) as (client, _):
         for chat in ("chat-a", "chat-b"):
             async with client.stream("POST", "/api/chat", json=body("hi", chat=chat)) as response:
                 [chunk async for chunk in _until_text(response)]
@@ -478,7 +493,7 @@ def sequenced(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [f["chunk"] for f in chunk_frames]
 
 
-async def test_websocket_send_streams_sequenced_chunks(agent: Agent) -> None:
+async def test_websocket_send_streams_sequenced_chunks(agent: Agent, chat_app: ChatApp) -> None:
     async with chat_app(agent) as (client, durable), ws_connect(ws_url(client)) as socket:
         await socket.send(send_frame("hello", "r1"))
         items = [frame async for frame in frames(socket, "r1")]
@@ -494,7 +509,9 @@ async def test_websocket_send_streams_sequenced_chunks(agent: Agent) -> None:
     assert streamed[-1] == {"type": "finish", "finishReason": "stop"}
 
 
-async def test_websocket_resume_replays_from_sequence_0_and_no_active_when_idle(agent: Agent) -> None:
+async def test_websocket_resume_replays_from_sequence_0_and_no_active_when_idle(
+    agent: Agent, chat_app: ChatApp
+) -> None:
     agent.gate.clear()
     async with chat_app(agent) as (client, durable):
         async with ws_connect(ws_url(client)) as socket:
@@ -520,7 +537,7 @@ async def test_websocket_resume_replays_from_sequence_0_and_no_active_when_idle(
 
 
 @pytest.mark.parametrize("abort", ["cancel", "detach"])
-async def test_websocket_abort_of_a_resumed_stream(agent: Agent, abort: str) -> None:
+async def test_websocket_abort_of_a_resumed_stream(agent: Agent, abort: str, chat_app: ChatApp) -> None:
     agent.gate.clear()
     async with chat_app(agent, abort=abort) as (client, durable), ws_connect(ws_url(client)) as socket:
         await socket.send(send_frame("hello", "r1"))
@@ -543,7 +560,9 @@ async def test_websocket_abort_of_a_resumed_stream(agent: Agent, abort: str) -> 
         assert await run_end(durable.hub) == ["cancelled" if abort == "cancel" else "completed"]
 
 
-async def test_websocket_malformed_frames_get_an_error_and_the_connection_goes_on(agent: Agent) -> None:
+async def test_websocket_malformed_frames_get_an_error_and_the_connection_goes_on(
+    agent: Agent, chat_app: ChatApp
+) -> None:
     async with chat_app(agent) as (client, _), ws_connect(ws_url(client)) as socket:
         await socket.send("not json")  # no request id to answer: ignored, never a frame the client would reject
         await socket.send(json.dumps({"type": "send"}))
@@ -565,7 +584,7 @@ async def test_websocket_malformed_frames_get_an_error_and_the_connection_goes_o
     assert len(agent.turns) == 1
 
 
-async def test_websocket_reject_is_an_error_frame(agent: Agent) -> None:
+async def test_websocket_reject_is_an_error_frame(agent: Agent, chat_app: ChatApp) -> None:
     agent.gate.clear()
     async with chat_app(agent, strategy="reject") as (client, _), ws_connect(ws_url(client)) as socket:
         await socket.send(send_frame("one", "r1"))
