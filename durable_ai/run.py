@@ -21,7 +21,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError
 
@@ -31,6 +31,9 @@ from ._writer import SessionWriter
 from .errors import ConfigurationError, EventTooLarge, RunClosed
 from .events import BaseEvent, Data, Status, ToolCall, ToolResult, encode
 from .inbox import Inbox, SteerMessage
+
+if TYPE_CHECKING:
+    from .integrations.langchain import DurableCallbackHandler
 
 __all__ = ["Run"]
 
@@ -312,3 +315,26 @@ class Run:
     def steering(self) -> AsyncIterator[SteerMessage]:
         """Iterate over steer messages for this run as they arrive; ends when the run ends."""
         return aiter(self.inbox)
+
+    def langchain(self, *, sub_agents: bool = True, handoff_timeout: float = 5.0) -> DurableCallbackHandler:
+        """A LangChain callback handler that writes into this run, attached in one line:
+        ``await chain.ainvoke(input, config={"callbacks": [run.langchain()]})``.
+
+        Text and reasoning stream token by token (from ``ainvoke``, ``astream`` and LangGraph nodes alike), tools
+        are written as tool calls and results under LangChain's ids, and a cancel of the run stops the chain. With
+        ``sub_agents``, a named nested agent writes into a sub-agent run of its own. It works from sync code too
+        (``.invoke()`` in a worker thread): a write the run's event loop does not take within ``handoff_timeout``
+        seconds raises ``DeliveryError``. Needs the ``langchain`` extra (``durable-ai[langchain]``); see
+        :class:`~durable_ai.integrations.langchain.DurableCallbackHandler`.
+        """
+        try:
+            from .integrations.langchain import DurableCallbackHandler
+        except ImportError as exc:
+            raise ImportError(
+                "run.langchain() needs langchain-core: install the extra, pip install 'durable-ai[langchain]'"
+            ) from exc
+        from .session import Session
+
+        return DurableCallbackHandler(
+            self, Session(self._runtime, self.session_id), sub_agents=sub_agents, handoff_timeout=handoff_timeout
+        )

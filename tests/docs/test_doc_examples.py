@@ -27,6 +27,7 @@ RUNNABLE_DOCS = (
     "docs/backends/ably.md",
     "docs/integrations/gateway.md",
     "docs/integrations/vercel.md",
+    "docs/integrations/langchain.md",
 )
 COMPILED_DOCS = (*RUNNABLE_DOCS, "docs/writing-a-backend.md")
 MARKER = "# doc-test"

@@ -53,3 +53,35 @@ def test_serve_chat_example() -> None:
     assert "interrupt: interrupted run" in out
     assert "assistant (cancelled): explain cursors:0" in out and "[ok: shorter please]" in out
     assert "assistant (completed): actually, explain cancel:0" in out
+
+
+def test_langchain_chat_example() -> None:
+    out = _run("examples/langchain_chat.py").splitlines()
+    assert out[:4] == [
+        "you: Which language should I use for a small CLI?",
+        "  tool call search({'query': 'CLI languages'})",
+        "  tool result: 3 articles about CLI languages",
+        "assistant (completed): Both Python and TypeScript suit a small CLI; Python is quic…",
+    ]
+    assert out[4:6] == ["you: Show me hello world.", "  steer: applied"]
+    # the Python answer was cut short; the rest of the answer, a part of its own, is the steered one
+    assert out[6].startswith("assistant (completed): In ") and out[6].endswith(
+        " | In TypeScript: console.log('hello world');"
+    )
+    assert out[7:9] == ["you: Now explain everything.", "  stop: applied"]
+    assert out[9].startswith("assistant (cancelled): Every") and len(out) == 10
+
+
+def test_multi_agent_example() -> None:
+    out = _run("examples/multi_agent.py").splitlines()
+    middle = out.index("round 2: the client stops everything")
+    first, second = out[:middle], out[middle:]
+    rows = {line.split()[0]: line.split()[1] for line in first[1:]}
+    assert rows == {
+        "orchestrator": "completed",
+        "researcher-currents": "cancelled",
+        "researcher-tides": "completed",
+        "researcher-winds": "completed",
+    }
+    assert "Summary: 2 reports (tides, winds)." in first[1]
+    assert {line.split()[0]: line.split()[1] for line in second[1:]} == dict.fromkeys(rows, "cancelled")
