@@ -4,8 +4,8 @@
 - ``durable-ai tail URL SESSION [--after CURSOR]``: follow a session, one line per event with its cursor.
 - ``durable-ai schema``: print the JSON Schema of the wire vocabulary.
 - ``durable-ai demo [--backend URL] [--host HOST] [--port PORT] [--tokens-per-second N] [--tokens N]``: serve the
-  demo app (:func:`durable_ai.demo.create_app`: a scripted agent behind the Vercel AI SDK chat routes and the native
-  gateway) with uvicorn. Needs the ``demo`` extra: ``pip install 'durable-ai[demo]'``.
+  demo app (:func:`durable_ai.demo.create_app`: a chat page at ``/``, a scripted agent behind the Vercel AI SDK chat
+  routes and the native gateway) with uvicorn. Needs the ``demo`` extra: ``pip install 'durable-ai[demo]'``.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def _demo(backend: str, host: str, port: int, tokens_per_second: float, tokens: 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     where = f"[{host}]" if ":" in host else host
     logger.info(
-        "durable-ai demo: serving on http://%s:%d (chat: /api/chat, gateway: /sessions), backend %s, %g tokens/s",
+        "durable-ai demo: open http://%s:%d/ (chat: /api/chat, gateway: /sessions), backend %s, %g tokens/s",
         where,
         port,
         backend,
@@ -154,7 +154,9 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--no-follow", action="store_true", help="stop at the end instead of following live")
     schema = commands.add_parser("schema", help="print the JSON Schema of events and controls")
     schema.add_argument("which", nargs="?", choices=["events", "controls"], default="events")
-    demo = commands.add_parser("demo", help="serve a scripted agent behind the chat routes and the gateway")
+    demo = commands.add_parser(
+        "demo", help="serve a chat page and a scripted agent behind the chat routes and the gateway"
+    )
     demo.add_argument("--backend", default="memory://", help="backend URL (default: memory://)")
     demo.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
     demo.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")

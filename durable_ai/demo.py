@@ -7,8 +7,8 @@ cancel stops it at its next ``await``, as it stops any agent. A message with the
 an orchestrator of three sub-agents, ``researcher-1`` to ``researcher-3``, each writing its own run straight to
 the session.
 
-:func:`create_app` serves it behind the Vercel AI SDK chat routes and the native gateway (install the ``demo``
-extra: ``durable-ai[demo]``)::
+:func:`create_app` serves it behind the Vercel AI SDK chat routes and the native gateway, with a chat page at ``/``
+(install the ``demo`` extra: ``durable-ai[demo]``)::
 
     from durable_ai.demo import create_app
 
@@ -32,11 +32,12 @@ from .session import Session
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
+    from starlette.routing import BaseRoute
 
     from .hub import Hub
     from .integrations.vercel import ChatTurn
 
-__all__ = ["ScriptedAgent", "create_app"]
+__all__ = ["ScriptedAgent", "create_app", "page_routes"]
 
 logger = logging.getLogger("durable_ai.demo")
 
@@ -234,6 +235,20 @@ def _titles(query: str) -> list[str]:
     return [f"An introduction to {topic}", f"{topic}: common pitfalls", f"What changed in {topic} this year"]
 
 
+_PAGE_FILES = {"/": "demo.html", "/demo.js": "demo.js", "/demo.css": "demo.css"}
+
+
+def page_routes() -> list[BaseRoute]:
+    """The demo's chat page: ``GET /`` (``/?session=<id>`` opens that session; without one the page makes one and
+    puts it in the URL), and its script and style sheet. Plain HTML, CSS and JavaScript: no build step, nothing
+    fetched from elsewhere. The page sends messages with ``POST /api/chat`` and follows the session with the
+    gateway's JS client (``/sessions/durable-ai.js``), so it needs the routes :func:`create_app` serves.
+    """
+    from .integrations._static import static_route
+
+    return [static_route(path, name) for path, name in _PAGE_FILES.items()]
+
+
 def create_app(
     backend: str | Hub = "memory://",
     *,
@@ -242,7 +257,8 @@ def create_app(
     **chat_options: Any,
 ) -> Starlette:
     """A Starlette app serving a :class:`ScriptedAgent` behind the Vercel AI SDK chat routes and the native
-    gateway, with its hub on ``backend`` (a URL, or a hub not yet open) for the app's lifetime.
+    gateway, with its hub on ``backend`` (a URL, or a hub not yet open) for the app's lifetime, and the chat page
+    at ``/`` (see :func:`page_routes`).
 
     ``chat_options`` go to :func:`~durable_ai.integrations.vercel.chat_routes` (``prefix``, ``strategy``,
     ``abort``, ``sub_agents``, ``chunks``...). The app's :class:`~durable_ai.integrations.starlette.DurableAI`
@@ -256,7 +272,11 @@ def create_app(
     agent = ScriptedAgent(tokens_per_second=tokens_per_second, tokens=tokens)
     durable = DurableAI(backend)
     app = Starlette(
-        routes=[*chat_routes(durable, agent, **chat_options), *durable.gateway_routes()],
+        routes=[
+            *page_routes(),
+            *chat_routes(durable, agent, **chat_options),
+            *durable.gateway_routes(),
+        ],
         lifespan=durable.lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
     )

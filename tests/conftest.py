@@ -1,15 +1,17 @@
-"""Shared fixtures: a memory backend and hubs on it, and a check that no test leaves a task running."""
+"""Shared fixtures: a memory backend and hubs on it, one nats-server for the tests that only need a broker, and a
+check that no test leaves a task running."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 import durable_ai
 from durable_ai import Hub
 from durable_ai.backends.memory import MemoryBackend
+from durable_ai_nats.testing import NatsServer
 
 
 @pytest.fixture(autouse=True)
@@ -39,3 +41,15 @@ async def client_hub(backend: MemoryBackend) -> AsyncIterator[Hub]:
     """A second hub on the same broker: a client in another process."""
     async with durable_ai.connect(backend) as hub:
         yield hub
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> Iterator[NatsServer]:
+    """One JetStream server on loopback (started on first use), shared by the tests that only need a broker; each
+    test takes a subject prefix of its own."""
+    server = NatsServer()
+    asyncio.run(server.start())
+    try:
+        yield server
+    finally:
+        asyncio.run(server.close())

@@ -55,6 +55,7 @@ from ..errors import (
 from ..events import Event, encode
 from ..hub import Hub
 from ..session import EventStream
+from ._static import static_route
 
 __all__ = [
     "EXCEPTION_HANDLERS",
@@ -401,6 +402,8 @@ class DurableAI:
     def gateway_routes(self, prefix: str = "/sessions") -> list[BaseRoute]:
         """The native gateway:
 
+        - ``GET {prefix}/durable-ai.js``: the JavaScript client for browsers (an ES module without dependencies; see
+          docs/integrations/js-client.md). It is the same for everyone, so it asks no ``authorize``.
         - ``GET {prefix}/{id}/events``: SSE, resumable with ``Last-Event-ID`` or ``?after=``; ``?follow=false`` stops
           at the log's end.
         - ``GET {prefix}/{id}/view``: the session's view as JSON.
@@ -413,6 +416,7 @@ class DurableAI:
           ``{"kind": "error", "request", "error", "message"}``, and the connection goes on.
         """
         return [
+            static_route(f"{prefix}/durable-ai.js", "durable-ai.js"),
             Route(f"{prefix}/{{session_id}}/events", self._events, methods=["GET"]),
             Route(f"{prefix}/{{session_id}}/view", self._view, methods=["GET"]),
             Route(f"{prefix}/{{session_id}}/credential", self._credential, methods=["GET"]),

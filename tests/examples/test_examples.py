@@ -24,7 +24,7 @@ def test_readme_quickstart_has_exactly_the_two_set_up_commands() -> None:
     block = re.search(r"```sh\n(.*?)```", quickstart, re.S)
     assert block is not None
     commands = [line.split("#")[0].strip() for line in block.group(1).splitlines() if line.strip()]
-    assert commands == ["uv run durable-ai check memory://", "uv run pytest"]
+    assert commands == ["uv run durable-ai demo", "uv run pytest"]
     assert "uv run pytest" in (ROOT / ".ci" / "run").read_text()
 
 

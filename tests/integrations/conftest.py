@@ -1,10 +1,9 @@
 """The backends the web routes are tested on: ``backend_url`` is a fresh ``memory://`` hub, a subject prefix of
-its own on a real nats-server (one for the whole package), or an Ably emulator of its own (``ably://``)."""
+its own on the session's nats-server (tests/conftest.py), or an Ably emulator of its own (``ably://``)."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from uuid import uuid4
 
 import pytest
@@ -14,17 +13,6 @@ from durable_ai_nats.testing import NatsServer
 
 ABLY_SECRET = "Zk3vQ9pX2mL7wR4tY8uI1oP6aS5dF0gHjKlMnBvCxZq"
 ABLY_KEY = f"app1.root:{ABLY_SECRET}"
-
-
-@pytest.fixture(scope="package")
-def nats_server() -> Iterator[NatsServer]:
-    """One JetStream server for the package's NATS tests; each test has a subject prefix of its own."""
-    server = NatsServer()
-    asyncio.run(server.start())
-    try:
-        yield server
-    finally:
-        asyncio.run(server.close())
 
 
 @pytest.fixture(params=["memory", "nats", "ably"])

@@ -323,6 +323,29 @@ async def test_create_app_serves_the_agent_behind_the_chat_routes_and_the_gatewa
     assert durable.hub.closed
 
 
+async def test_create_app_serves_the_chat_page_and_the_gateway_serves_its_js_client() -> None:
+    """The page, its script and style, and durable-ai.js: all from this server, nothing fetched from elsewhere
+    (tests/browser drives the page itself in Chromium)."""
+    app = create_app("memory://", tokens_per_second=FAST, tokens=30)
+    async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=TIMEOUT) as http:
+        page = await http.get("/")
+        assert page.status_code == 200 and page.headers["content-type"] == "text/html; charset=utf-8"
+        for needed in ('<label for="message">Message</label>', 'role="log" aria-label="Conversation"', "Agents"):
+            assert needed in page.text
+        assert 'src="demo.js"' in page.text and 'href="demo.css"' in page.text
+        files = {path: await http.get(path) for path in ("/demo.js", "/demo.css", "/sessions/durable-ai.js")}
+        assert {path: r.status_code for path, r in files.items()} == dict.fromkeys(files, 200)
+        assert files["/demo.js"].headers["content-type"] == "text/javascript; charset=utf-8"
+        assert files["/demo.css"].headers["content-type"] == "text/css; charset=utf-8"
+        client = files["/sessions/durable-ai.js"]
+        assert client.headers["content-type"] == "text/javascript; charset=utf-8"
+        assert "export class DurableSession" in client.text
+        assert 'from "./sessions/durable-ai.js"' in files["/demo.js"].text
+        for response in (page, *files.values()):
+            assert "http://" not in response.text and "https://" not in response.text  # no CDN, no other host
+            assert response.headers["cache-control"] == "no-cache"
+
+
 # -- the command -----------------------------------------------------------------------------------------------
 
 

@@ -1,25 +1,10 @@
-"""A nats-server for the NATS tests: one per test session for the conformance suite, fresh ones for fault tests."""
+"""The NATS tests share the session's nats-server (tests/conftest.py); fault tests start fresh ones."""
 
 from __future__ import annotations
 
-import asyncio
 import secrets
-from collections.abc import Iterator
 
 import pytest
-
-from durable_ai_nats.testing import NatsServer
-
-
-@pytest.fixture(scope="session")
-def nats_server() -> Iterator[NatsServer]:
-    """One JetStream server on loopback, shared by the tests that only need a broker."""
-    server = NatsServer()
-    asyncio.run(server.start())
-    try:
-        yield server
-    finally:
-        asyncio.run(server.close())
 
 
 @pytest.fixture
