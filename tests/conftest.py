@@ -14,15 +14,22 @@ from durable_ai.backends.memory import MemoryBackend
 from durable_ai_nats.testing import NatsServer
 
 
-@pytest.fixture(autouse=True)
-async def no_leaked_tasks() -> AsyncIterator[None]:
-    """Every background task a test started must be finished or cancelled when it ends."""
+async def tasks_all_ended() -> AsyncIterator[None]:
+    """The body of a fixture: every task started in the loop while the test ran must have ended when it ends
+    (those still running are cancelled, and the test fails naming them)."""
     before = asyncio.all_tasks()
     yield
     leaked = [t for t in asyncio.all_tasks() - before if t is not asyncio.current_task() and not t.done()]
     for task in leaked:
         task.cancel()
     assert not leaked, f"tasks left running: {[t.get_name() for t in leaked]}"
+
+
+@pytest.fixture(autouse=True)
+async def no_leaked_tasks() -> AsyncIterator[None]:
+    """Every background task a test started must be finished or cancelled when it ends."""
+    async for _ in tasks_all_ended():
+        yield
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ from durable_ai import Hub
 from durable_ai.demo import create_app
 from durable_ai.events import RunEnd
 from durable_ai_nats.testing import NatsServer
+from tests.conftest import tasks_all_ended
 from tests.integrations.test_starlette import serve
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
@@ -74,12 +75,8 @@ def nats_prefix_url(backend_name: str, request: pytest.FixtureRequest) -> str | 
 async def no_leaked_tasks_in_the_module_loop() -> AsyncIterator[None]:
     """Every task a test started in the module's loop must be finished or cancelled when it ends (the shared
     browser's own tasks were there before)."""
-    before = asyncio.all_tasks()
-    yield
-    leaked = [t for t in asyncio.all_tasks() - before if t is not asyncio.current_task() and not t.done()]
-    for task in leaked:
-        task.cancel()
-    assert not leaked, f"tasks left running: {[t.get_name() for t in leaked]}"
+    async for _ in tasks_all_ended():
+        yield
 
 
 @module_loop
