@@ -108,11 +108,6 @@ def agent() -> Agent:
     return Agent()
 
 
-@pytest.fixture
-def memory() -> MemoryBackend:
-    return MemoryBackend()
-
-
 @contextlib.asynccontextmanager
 async def serve_chat(
     agent: Agent, backend: str | MemoryBackend, **options: Any

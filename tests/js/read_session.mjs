@@ -35,9 +35,9 @@
 // Any failure of the connection or of --channel, or --timeout passing, prints "read_session: <reason>" on stderr and
 // exits 1.
 
-import { createInterface } from "node:readline";
 import { parseArgs } from "node:util";
 import * as Ably from "ably";
+import { emit, serveCommands } from "./commands.mjs";
 
 const { values: args } = parseArgs({
   options: {
@@ -50,10 +50,6 @@ const { values: args } = parseArgs({
     rewind: { type: "string" },
   },
 });
-
-function emit(record) {
-  process.stdout.write(`${JSON.stringify(record)}\n`);
-}
 
 let realtime = null;
 let finishing = false;
@@ -156,21 +152,7 @@ async function command(request) {
   }
 }
 
-// Commands are carried out one at a time, in the order they came.
-let commands = Promise.resolve();
-createInterface({ input: process.stdin }).on("line", (line) => {
-  if (!line.trim()) return;
-  const request = JSON.parse(line);
-  commands = commands.then(async () => {
-    let answer;
-    try {
-      answer = await command(request);
-    } catch (error) {
-      answer = failure(error);
-    }
-    if (answer !== null) emit({ kind: "result", cmd: request.cmd, ...answer });
-  });
-});
+serveCommands(command, failure);
 
 try {
   realtime = new Ably.Realtime({

@@ -19,9 +19,9 @@
 // throws, or --timeout passing, prints "run_snippet: <reason>" on stderr and exits 1.
 
 import { register } from "node:module";
-import { createInterface } from "node:readline";
 import { pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
+import { emit, serveCommands } from "./commands.mjs";
 
 const { values: args } = parseArgs({
   options: {
@@ -33,10 +33,6 @@ const { values: args } = parseArgs({
     msgpack: { type: "boolean", default: false },
   },
 });
-
-function emit(record) {
-  process.stdout.write(`${JSON.stringify(record)}\n`);
-}
 
 const port = Number(args.port);
 const timeoutMs = Number(args.timeout);
@@ -113,17 +109,14 @@ try {
 }
 emit({ kind: "ready" });
 
-let commands = Promise.resolve();
-createInterface({ input: process.stdin }).on("line", (line) => {
-  if (!line.trim()) return;
-  const request = JSON.parse(line);
-  commands = commands.then(async () => {
-    if (request.cmd === "exit") return finish(0);
-    try {
-      await snippet[request.name]();
-      emit({ kind: "result", cmd: request.cmd, ok: true });
-    } catch (error) {
-      emit({ kind: "result", cmd: request.cmd, ok: false, code: error?.code ?? null, message: String(error?.message ?? error) });
+serveCommands(
+  async (request) => {
+    if (request.cmd === "exit") {
+      await finish(0); // exits
+      return null;
     }
-  });
-});
+    await snippet[request.name]();
+    return { ok: true };
+  },
+  (error) => ({ ok: false, code: error?.code ?? null, message: String(error?.message ?? error) }),
+);

@@ -39,8 +39,8 @@
 // And {"kind":"unhandled","message":"..."} for a promise rejection nobody handled.
 
 import { readFileSync } from "node:fs";
-import { createInterface } from "node:readline";
 import { parseArgs } from "node:util";
+import { emit, serveCommands } from "./commands.mjs";
 
 const { values: args } = parseArgs({
   options: {
@@ -48,10 +48,6 @@ const { values: args } = parseArgs({
     timeout: { type: "string", default: "20000" },
   },
 });
-
-function emit(record) {
-  process.stdout.write(`${JSON.stringify(record)}\n`);
-}
 
 function fail(reason) {
   process.stderr.write(`vercel_chat: ${reason}\n`);
@@ -216,19 +212,6 @@ async function command(request) {
   }
 }
 
-let commands = Promise.resolve();
-createInterface({ input: process.stdin }).on("line", (line) => {
-  if (!line.trim()) return;
-  const request = JSON.parse(line);
-  commands = commands.then(async () => {
-    let answer;
-    try {
-      answer = await command(request);
-    } catch (error) {
-      answer = { ok: false, ...describe(error) };
-    }
-    if (answer !== null) emit({ kind: "result", cmd: request.cmd, req: request.req ?? null, ...answer });
-  });
-});
+serveCommands(command, (error) => ({ ok: false, ...describe(error) }), (request) => ({ req: request.req ?? null }));
 const { version } = JSON.parse(readFileSync(new URL(`node_modules/${args.sdk}/package.json`, import.meta.url)));
 emit({ kind: "ready", sdk: args.sdk, version });
