@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import importlib
 
-from ._harness import Benchmark, BenchmarkError, Group, Report, Row, Sizes
+from ._harness import Benchmark, BenchmarkError, Group, Report, Row, Sizes, Target
 
-__all__ = ["GROUPS", "Benchmark", "BenchmarkError", "Group", "Report", "Row", "Sizes", "load_group"]
+__all__ = ["GROUPS", "Benchmark", "BenchmarkError", "Group", "Report", "Row", "Sizes", "Target", "load_group"]
 
 GROUPS: dict[str, str] = {
     "memory": "benchmarks.core",

@@ -179,6 +179,23 @@ class Table:
         return {"title": self.title, "columns": list(self.columns), "rows": [list(row) for row in self.rows]}
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A goal the project sets for one figure, printed with the measurement that decides it.
+
+    ``goal`` says what must hold (``">= 0.9x nats-py"``), ``measured`` what this run measured, with the baseline
+    next to it; ``met`` is ``None`` where this run could not decide (a step that was not measured).
+    """
+
+    name: str
+    goal: str
+    measured: str
+    met: bool | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass(slots=True)
 class Report:
     """What one group's benchmarks measured."""
@@ -188,6 +205,10 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
+
+    def target(self, target: Target) -> None:
+        self.targets.append(target)
 
     def add(self, row: Row) -> None:
         self.rows.append(row)
@@ -488,6 +509,21 @@ def render_markdown(reports: Sequence[Report], *, sizes: Sizes, command: str, ma
         if report.notes:
             lines += ["", "Notes:", ""]
             lines += [f"- {note}" for note in report.notes]
+    targets = [(report.group, target) for report in reports for target in report.targets]
+    if targets:
+        lines += [
+            "",
+            "## Targets",
+            "",
+            "Each goal next to what this run measured and the baseline it is a ratio of.",
+            "",
+            "| Group | Target | Goal | Measured (SDK vs baseline) | Met |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for group, target in targets:
+            met = "n/a" if target.met is None else ("yes" if target.met else "**no**")
+            cells = [group, target.name, target.goal, target.measured, met]
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -504,6 +540,7 @@ def render_json(reports: Sequence[Report], *, sizes: Sizes, command: str, machin
                 "rows": [row.as_dict() for row in report.rows],
                 "tables": [table.as_dict() for table in report.tables],
                 "notes": list(report.notes),
+                "targets": [target.as_dict() for target in report.targets],
             }
             for report in reports
         ],

@@ -13,8 +13,9 @@ fan-out (:class:`Tap`, :class:`Fanout`), the read loop (:func:`follow_log`), sha
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import TypeAlias
 from urllib.parse import urlsplit
 
@@ -25,8 +26,11 @@ from .backends.base import (
     Channel,
     ChannelKind,
     IssuesClientCredentials,
+    Landed,
+    Outgoing,
     PresenceEntry,
     PresenceRole,
+    PublishesAhead,
     ReadsSince,
     StoredMessage,
 )
@@ -57,11 +61,14 @@ __all__ = [
     "Cursor",
     "Fanout",
     "IssuesClientCredentials",
+    "Landed",
     "LogPosition",
     "OpenCount",
+    "Outgoing",
     "PresenceEntry",
     "PresenceKeeper",
     "PresenceRole",
+    "PublishesAhead",
     "RateBudget",
     "ReadsSince",
     "StoredMessage",
@@ -102,10 +109,21 @@ def backend_from_url(url: str) -> Backend:
     scheme = urlsplit(url).scheme.lower()
     if scheme == "memory":  # without an entry-point lookup: the embedded default must start fast
         return memory_from_url(url)
-    installed = {"memory"}
+    found = _backend_entry_points()
+    if scheme not in found:
+        _backend_entry_points.cache_clear()  # installed since the last lookup?
+        found = _backend_entry_points()
+    if scheme in found:
+        factory: BackendFactory = found[scheme].load()
+        return factory(url)
+    raise UnknownBackend(scheme, _FIRST_PARTY.get(scheme), tuple(sorted({"memory", *found})))
+
+
+@functools.cache
+def _backend_entry_points() -> dict[str, EntryPoint]:
+    """The installed backends by scheme. Looking them up reads every installed distribution's metadata
+    (milliseconds), so it is done once per process, and again only for a scheme it did not find."""
+    found: dict[str, EntryPoint] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name == scheme:
-            factory: BackendFactory = ep.load()
-            return factory(url)
-        installed.add(ep.name)
-    raise UnknownBackend(scheme, _FIRST_PARTY.get(scheme), tuple(sorted(installed)))
+        found.setdefault(ep.name, ep)
+    return found

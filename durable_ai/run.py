@@ -259,7 +259,7 @@ class Run:
         if writer.overloaded:
             await writer.wait(self._last_seq)
         elif writer.flush_due:
-            await asyncio.sleep(0)  # let the flush loop run even if the agent never awaits anything else
+            await writer.kick()  # send now (or let the flush loop run) even if the agent never awaits anything else
 
     async def text(self, delta: str, *, part_id: str | None = None) -> None:
         """Append answer text.

@@ -8,7 +8,7 @@ these names from :mod:`durable_ai.backend`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
 
@@ -20,8 +20,11 @@ __all__ = [
     "Channel",
     "ChannelKind",
     "IssuesClientCredentials",
+    "Landed",
+    "Outgoing",
     "PresenceEntry",
     "PresenceRole",
+    "PublishesAhead",
     "ReadsSince",
     "StoredMessage",
 ]
@@ -158,6 +161,41 @@ class ReadsSince(Protocol):
         never raise ``LogReset`` for it merely because no message is at it) that yields every message stored in
         ``channel`` after ``published`` (a message of the same session's other log) was stored, and maybe a few
         stored shortly before."""
+        ...
+
+
+Landed: TypeAlias = "Callable[[LogPosition | BaseException], Outgoing | None]"
+"""Told where a message sent with :meth:`PublishesAhead.send` landed, or why it did not; may answer with the next
+message of the same channel to send."""
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A message to send with :meth:`PublishesAhead.send`, and who to tell where it landed (not frozen only
+    because a frozen dataclass is slower to create, once per message; nothing changes it)."""
+
+    channel: Channel
+    data: bytes
+    message_id: str
+    landed: Landed
+
+
+@runtime_checkable
+class PublishesAhead(Protocol):
+    """An optional capability: publishing without a task waiting for each acknowledgement.
+
+    :meth:`Backend.publish` returns once the broker has the message, so a writer that keeps one message in flight
+    per session wakes once per message. A backend with this capability sends the message and returns at once; when
+    the broker answers it calls ``landed`` from its own reader (no task, future or timer per message), and sends
+    the ``Outgoing`` that ``landed`` returns, if any: the next message of that session, so a stream of messages
+    goes out one acknowledgement after another without waking the writer. Anything unusual (a timeout, a refusal,
+    a duplicate, a log that was recreated) is reported to ``landed`` as an exception, and the writer publishes the
+    same message again through :meth:`Backend.publish` under the same id, which handles it in full.
+    """
+
+    async def send(self, outgoing: Outgoing) -> bool:
+        """Send ``outgoing``; ``True`` if it went out (``landed`` is then called exactly once, later), ``False`` if
+        it did not (nothing is called: use :meth:`Backend.publish`)."""
         ...
 
 

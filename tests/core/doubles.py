@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from durable_ai import BackendError, BackendUnavailable, LogReset
-from durable_ai.backend import Channel, LogPosition, PresenceRole, StoredMessage
+from durable_ai.backend import Channel, LogPosition, Outgoing, PresenceRole, StoredMessage
 from durable_ai.backends.memory import MemoryBackend
 
 
@@ -145,3 +145,57 @@ class SlowLiveBackend(MemoryBackend):
             await asyncio.sleep(0.5)
         async for message in super().read(channel, start=start, follow=follow):
             yield message
+
+
+class AheadBackend(MemoryBackend):
+    """A memory backend that publishes ahead (:class:`durable_ai.backend.PublishesAhead`), acknowledging each message
+    a loop turn later as a broker's reader would, and stumbling on purpose: of every ``stumble`` messages one is
+    stored but its acknowledgement lost, one is lost altogether, and one cannot be sent at all."""
+
+    def __init__(self, stumble: int = 0) -> None:
+        super().__init__()
+        self.stumble = stumble
+        self.sent = 0
+        self.chained = 0
+        self.publishes = 0
+        self._chains: set[asyncio.Task[None]] = set()
+
+    async def publish(self, channel: Channel, data: bytes, *, message_id: str) -> LogPosition:
+        self.publishes += 1
+        return await super().publish(channel, data, message_id=message_id)
+
+    async def send(self, outgoing: Outgoing) -> bool:
+        self.sent += 1
+        turn = self.sent % self.stumble if self.stumble else -1
+        if turn == 3:
+            return False
+        loop = asyncio.get_running_loop()
+        if turn == 2:
+            loop.call_soon(self._answer, outgoing, TimeoutError("lost with the message"))
+            return True
+        position = await MemoryBackend.publish(self, outgoing.channel, outgoing.data, message_id=outgoing.message_id)
+        outcome: LogPosition | BaseException = TimeoutError("acknowledgement lost") if turn == 1 else position
+        loop.call_soon(self._answer, outgoing, outcome)
+        return True
+
+    def _answer(self, outgoing: Outgoing, outcome: LogPosition | BaseException) -> None:
+        then = outgoing.landed(outcome)
+        if then is not None:
+            self.chained += 1
+            task = asyncio.get_running_loop().create_task(self._send_next(then))
+            self._chains.add(task)
+            task.add_done_callback(self._chains.discard)
+
+    async def _send_next(self, outgoing: Outgoing) -> None:
+        if not await self.send(outgoing):
+            outgoing.landed(BackendUnavailable("not sent"))
+
+    async def close(self) -> None:
+        while self._chains:
+            await asyncio.gather(*self._chains)
+        await super().close()
+
+    def stored(self, session: str) -> list[bytes]:
+        """Every raw message of the session's events log, as the broker holds it."""
+        log = self._logs.get(Channel(session, "events"))
+        return [] if log is None else [entry.data for entry in log.entries]

@@ -120,6 +120,7 @@ def test_unknown_scheme_names_the_package_to_install(
 ) -> None:
     # As on a machine where no adapter is installed.
     monkeypatch.setattr(durable_ai.backend, "entry_points", lambda group: [])
+    durable_ai.backend._backend_entry_points.cache_clear()
     with pytest.raises(UnknownBackend) as caught:
         durable_ai.connect(url)
     assert (caught.value.package is None) == (package is None)
@@ -127,6 +128,27 @@ def test_unknown_scheme_names_the_package_to_install(
         assert package in str(caught.value) and "from a clone" in str(caught.value)
     assert caught.value.installed == ("memory",)
     assert "(installed: memory://)" in str(caught.value)
+
+
+def test_installed_backends_are_looked_up_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading every distribution's metadata takes milliseconds: connect() does it once, not per hub."""
+    lookups: list[str] = []
+    real = importlib.metadata.entry_points
+
+    def counting(group: str) -> importlib.metadata.EntryPoints:
+        lookups.append(group)
+        return real(group=group)
+
+    monkeypatch.setattr(durable_ai.backend, "entry_points", counting)
+    durable_ai.backend._backend_entry_points.cache_clear()
+    for _ in range(3):
+        assert type(durable_ai.connect("nats://127.0.0.1:4222?prefix=app").backend).__name__ == "NatsBackend"
+        assert type(durable_ai.connect("ably://?key=app.k:s").backend).__name__ == "AblyBackend"
+    assert lookups == ["durable_ai.backends"]
+    # A scheme it did not find is looked up again (a package installed since), and still refused.
+    with pytest.raises(UnknownBackend):
+        durable_ai.connect("redis://localhost")
+    assert len(lookups) == 2
 
 
 def test_unknown_scheme_lists_the_installed_schemes() -> None:

@@ -24,6 +24,7 @@ import binascii
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -36,6 +37,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import DEFAULT_PENDING_SIZE
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy, StorageType, StreamConfig, StreamConsumerLimits, StreamInfo
 from nats.js.kv import KeyValue
@@ -47,6 +49,7 @@ from durable_ai.backend import (
     ChannelKind,
     LogPosition,
     OpenCount,
+    Outgoing,
     PresenceEntry,
     PresenceKeeper,
     PresenceRole,
@@ -70,6 +73,7 @@ from durable_ai.errors import (
 )
 
 from ._consumer import Backlog, ConsumerLimitReached, ConsumerSpec, Delivered, FeedGroup
+from ._replies import Replies
 
 __all__ = ["NatsBackend", "NatsOptions", "PendingBufferFull", "from_url", "names"]
 
@@ -80,6 +84,7 @@ _HEADER_ROOM = 1024
 _MAX_PENDING_ACKS = 4000
 _KV_OPERATION = "KV-Operation"
 _MSG_ID = "Nats-Msg-Id"
+_PLAIN_ACK = re.compile(rb'\{"stream":"[^"\\]*","seq":(\d{1,19})\}')
 _ROLE_TOKEN: dict[PresenceRole, str] = {"agent": "a", "client": "c"}
 _TOKEN_ROLE: dict[str, PresenceRole] = {"a": "agent", "c": "client"}
 _MAX_CONSUMERS_CODE = 10026
@@ -296,6 +301,7 @@ class NatsBackend:
         self._probe: asyncio.Task[None] | None = None
         self._limits = BackendLimits(self.options.max_message_bytes, None)
         self._ack_timeout = min(2.0, self.options.publish_timeout)
+        self._replies: Replies | None = None
         self._pending_limit = int(self.options.connect.get("pending_size", DEFAULT_PENDING_SIZE))
 
     # -- connection ----------------------------------------------------------------------------------------
@@ -345,6 +351,13 @@ class NatsBackend:
         self._jsm = nc.jsm(timeout=request_timeout)
         headroom = max(nc.max_payload - _HEADER_ROOM, 4096)
         self._limits = BackendLimits(min(self.options.max_message_bytes, headroom), None)
+        replies = Replies(nc, timeout=self._ack_timeout, limit=_MAX_PENDING_ACKS, spawn=self._spawn)
+        try:
+            await replies.open()
+        except Exception as exc:  # a connection that may not subscribe to its inbox: publish() still works
+            logger.info("publishing ahead is off: %r", exc)
+        else:
+            self._replies = replies
 
     async def close(self) -> None:
         if not self._usage.release() or self._nc is None or self._closed:
@@ -359,6 +372,9 @@ class NatsBackend:
                 await group.close()
             groups.clear()
         self._feed_of.clear()
+        replies, self._replies = self._replies, None
+        if replies is not None:
+            await replies.close(HubClosed("the NATS backend closed"))
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         if probe is not None:
@@ -638,6 +654,59 @@ class NatsBackend:
             epoch = await self._epoch(channel.kind, refresh=True)
         log.highest_seq = max(log.highest_seq, ack.seq)
         return LogPosition(epoch, str(ack.seq))
+
+    async def send(self, outgoing: Outgoing) -> bool:
+        """Publish an events message ahead (see :class:`durable_ai.backend.PublishesAhead`).
+
+        Only the plain case goes this way: connected, the stream known, room for another acknowledgement. What the
+        acknowledgement does not settle at once (a duplicate, a refusal, a sequence lower than one seen before, no
+        answer within the acknowledgement timeout) is reported as an error, and the writer's full ``publish`` of
+        the same message, under the same id, deals with it.
+        """
+        nc, replies, channel = self._nc, self._replies, outgoing.channel
+        log = self._logs["events"]
+        if (
+            nc is None
+            or replies is None
+            or self._closed
+            or channel.kind != "events"
+            or log.epoch is None
+            or not nc.is_connected
+            or not replies.has_room()
+            or len(outgoing.data) > self._limits.max_message_bytes
+        ):
+            return False
+        subject = self.names.subject(channel.session, "events")
+        headers = {_MSG_ID: f"{channel.session}:{outgoing.message_id}"}
+        return await replies.publish(subject, outgoing.data, headers, partial(self._acknowledged, log, outgoing))
+
+    def _acknowledged(
+        self, log: _Log, outgoing: Outgoing, reply: Msg | BaseException
+    ) -> Coroutine[Any, Any, None] | None:
+        then = outgoing.landed(self._position(log, reply))
+        return None if then is None else self._send_next(then)
+
+    async def _send_next(self, outgoing: Outgoing) -> None:
+        if not await self.send(outgoing):
+            outgoing.landed(BackendUnavailable("the next message could not be sent ahead"))
+
+    def _position(self, log: _Log, reply: Msg | BaseException) -> LogPosition | BaseException:
+        """Where an acknowledged message landed, or why that is not settled by the acknowledgement alone."""
+        if isinstance(reply, BaseException):
+            if isinstance(reply, TimeoutError):
+                self._check_alive()
+            return reply
+        if reply.headers and reply.headers.get("Status") == "503":
+            log.epoch = None  # no stream answered: create it again, as on first use
+            return BackendUnavailable("no JetStream stream answered")
+        # The plain acknowledgement, without a JSON decoder; anything else (a duplicate, an error) goes the long way.
+        plain = _PLAIN_ACK.fullmatch(reply.data)
+        epoch = log.epoch
+        seq = int(plain[1]) if plain is not None else -1
+        if seq < max(log.highest_seq, 1) or epoch is None:
+            return BackendError(f"JetStream answered {reply.data[:200]!r}")
+        log.highest_seq = seq
+        return LogPosition(epoch, str(seq))
 
     async def _check_duplicate(self, jsm: JetStreamManager, stream: str, seq: int, subject: str, mid: str) -> None:
         """A duplicate ack names the message stored first under the id: it must be on the same subject."""

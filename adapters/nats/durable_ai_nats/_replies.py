@@ -1,0 +1,126 @@
+"""Publishes whose JetStream acknowledgements come back to one subscription, with no task, future or timer each.
+
+nats-py's ``publish_async`` gives every publish a future, a random token and a semaphore slot, and an awaiting
+task wakes for every acknowledgement; a per-publish expiry timer comes on top. Here a publish registers a
+callback under a counter token, the acknowledgement subscription (one per connection) calls it, and a single timer
+expires what was never answered, oldest first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+__all__ = ["Answer", "Replies"]
+
+logger = logging.getLogger("durable_ai_nats")
+
+Answer = Callable[[Msg | BaseException], Coroutine[Any, Any, None] | None]
+"""Called once with the reply, or with ``TimeoutError`` (no reply in time) or the error that closed the sender."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    deadline: float
+    answer: Answer
+
+
+class Replies:
+    """Publishes with a reply subject of this connection's, each answered by a callback (see the module docstring).
+
+    An answer may return a coroutine (to send the next message, say): a reply's is awaited in the subscription's
+    own task, in order with the replies after it; an expiry's is run by ``spawn``.
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        timeout: float,
+        limit: int,
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
+    ) -> None:
+        self._nc = nc
+        self._timeout = timeout
+        self._limit = limit
+        self._spawn = spawn
+        self._pending: dict[str, _Pending] = {}
+        self._tokens = itertools.count(1)
+        self._prefix = ""
+        self._sub: Subscription | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def open(self) -> None:
+        self._prefix = f"{self._nc.new_inbox()}."
+        self._sub = await self._nc.subscribe(
+            f"{self._prefix}*", cb=self._reply, pending_msgs_limit=-1, pending_bytes_limit=-1
+        )
+
+    def has_room(self) -> bool:
+        return self._sub is not None and len(self._pending) < self._limit
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str], answer: Answer) -> bool:
+        """Publish; ``True`` if it went out (``answer`` is then called once), ``False`` if nats-py refused it."""
+        token = str(next(self._tokens))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        self._pending[token] = _Pending(deadline, answer)
+        try:
+            await self._nc.publish(subject, data, reply=self._prefix + token, headers=headers)
+        except Exception as exc:
+            logger.debug("could not send a publish ahead: %r", exc)
+            self._pending.pop(token, None)
+            return False
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._expire)
+        return True
+
+    async def _reply(self, msg: Msg) -> None:
+        pending = self._pending.pop(msg.subject[len(self._prefix) :], None)
+        if pending is not None:
+            then = pending.answer(msg)
+            if then is not None:
+                await then
+
+    def _expire(self) -> None:
+        """Answer every publish past its deadline with ``TimeoutError`` (they are in the order they were sent)."""
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._pending:
+            token, pending = next(iter(self._pending.items()))
+            if pending.deadline > now:
+                self._timer = loop.call_at(pending.deadline, self._expire)
+                return
+            del self._pending[token]
+            self._settle(pending, TimeoutError("no acknowledgement from JetStream"))
+
+    def _settle(self, pending: _Pending, error: BaseException) -> None:
+        then = pending.answer(error)
+        if then is not None:
+            self._spawn(then)
+
+    async def close(self, error: BaseException) -> None:
+        """Answer everything still pending with ``error`` and stop listening."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, {}
+        for each in pending.values():
+            self._settle(each, error)
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
