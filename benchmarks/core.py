@@ -388,12 +388,19 @@ async def write_session(target: Target, *, runs: int, tokens: int, policy: Coale
     seen = 0
     middle: str | None = None
     after = 0
-    async with target.hub() as reader, reader.session(session_id).events(follow=False) as stream:
+    # Read as a follower does (event by event, as stored): a catch-up read may merge the deltas it reads from the
+    # snapshot, so that the middle token would have no cursor of its own.
+    ended = 0
+    async with target.hub() as reader, reader.session(session_id).events() as stream:
         async for event in stream:
             if isinstance(event, TextDelta):
                 seen += len(event.delta)
                 if middle is None and seen * 2 >= total:
                     middle, after = event.cursor, total - seen
+            elif isinstance(event, RunEnd):
+                ended += 1
+                if ended == runs:
+                    break
     if seen != total or middle is None:
         raise BenchmarkError(f"session {session_id}: {seen} characters stored, {total} written")
     return WrittenSession(session_id, recording.events_published(session_id), total, middle, after)

@@ -20,6 +20,7 @@ from typing import TypeVar
 
 from pydantic import ValidationError
 
+from ._tail import SavedTail, Tail, split_snapshot
 from .backends.base import Backend, Channel, StoredMessage
 from .cursor import Cursor, LogPosition
 from .errors import BackendUnavailable, HubClosed, LogReset, ProtocolError
@@ -58,18 +59,32 @@ async def read_events(
     after: Cursor | None,
     follow: bool,
     options: ReadOptions,
+    use_tail: bool = False,
 ) -> AsyncIterator[Event]:
     """Yield the events after ``after`` in order, each with its cursor; ``reset`` where positions were lost.
 
     A cursor without a position (``<epoch>::-1``) reads the epoch from its start, and yields ``reset`` first if
     the log's first message is not its ``log-start`` (retention dropped the start).
+
+    With ``use_tail``, the events the session's snapshot keeps (see :mod:`durable_ai._tail`) are yielded from
+    there when they cover ``after``, and the log is read only after the snapshot's cursor.
     """
     channel = Channel(session, "events")
+    seen: OrderedDict[str, None] = OrderedDict()
+    saved = await _covering_tail(backend, channel, after, follow=follow) if use_tail else None
+    if saved is not None:
+        events, end = saved
+        for event in events:
+            if event.id:
+                seen[event.id] = None
+            yield event
+        if end is None:
+            return  # the log holds nothing after the snapshot, and the reader does not follow
+        after = end
     start = after.log_position if after is not None else None
     skip_position = after.position if after is not None else None
     skip_index = after.index if after is not None else -1
     check_opening = after is not None and after.position is None
-    seen: OrderedDict[str, None] = OrderedDict()
     partial: dict[str, dict[int, bytes]] = {}
     pending_reset: str | None = None
     reset_unannounced = False
@@ -171,6 +186,31 @@ async def read_events(
             backoff = min(backoff * 2, 2.0)
 
 
+async def _covering_tail(
+    backend: Backend, channel: Channel, after: Cursor | None, *, follow: bool
+) -> tuple[list[Event], Cursor | None] | None:
+    """The snapshot's events after ``after`` and the cursor to read the log after (``None``: nothing after), if
+    the snapshot's tail covers ``after`` and the log is still the one it was saved from."""
+    try:
+        raw = await backend.load_snapshot(channel.session)
+    except BackendUnavailable:
+        return None  # reading the log will say what is wrong
+    if raw is None:
+        return None
+    _, data = split_snapshot(raw)
+    saved = Tail.from_json(data) if data is not None else None
+    if saved is None:
+        return None
+    events = saved.events_after(after)
+    if events is None:
+        return None  # not covered: read the log as usual
+    head = await backend.head(channel)
+    end = Cursor.parse(saved.end)
+    if head is None or head.epoch != end.epoch:
+        return None  # the log was recreated since the snapshot was saved
+    return events, (None if head.position == end.position and not follow else end)
+
+
 @contextlib.asynccontextmanager
 async def closing(iterator: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
     """Close a backend's iterator when the reader stops, so subscriptions end at once, not at GC."""
@@ -241,14 +281,31 @@ async def _fragment(
 async def load_snapshot(backend: Backend, session: str) -> SessionView | None:
     """The session's latest readable snapshot, or ``None``."""
     raw = await backend.load_snapshot(session)
-    if raw is None:
-        return None
+    return _view(session, split_snapshot(raw)[0]) if raw is not None else None
+
+
+def _view(session: str, data: bytes) -> SessionView | None:
     try:
-        view = SessionView.model_validate_json(raw)
+        view = SessionView.model_validate_json(data)
     except ValidationError:
         logger.warning("ignoring an unreadable snapshot of session %r", session)
         return None
     return view if view.cursor is not None else None
+
+
+async def load_saved(backend: Backend, session: str) -> tuple[SessionView | None, SavedTail | None]:
+    """The session's latest readable snapshot and the tail saved with it (each ``None`` if missing or unreadable)."""
+    raw = await backend.load_snapshot(session)
+    if raw is None:
+        return None, None
+    view_data, tail_data = split_snapshot(raw)
+    view = _view(session, view_data)
+    if view is None:
+        return None, None
+    saved = Tail.from_json(tail_data) if tail_data is not None else None
+    if saved is not None and saved.end != view.cursor:
+        saved = None
+    return view, saved
 
 
 async def fold(
@@ -259,16 +316,38 @@ async def fold(
     A view that starts without a snapshot reads from the start of the log's epoch, so that events lost to
     retention are reported (``truncated``), not skipped.
     """
-    after: Cursor | None = None
     if builder is None:
         builder = ViewBuilder(session, await load_snapshot(backend, session), runs_only=runs_only)
+    await _fold(backend, session, builder, None, options)
+    return builder
+
+
+async def fold_with_tail(
+    backend: Backend, session: str, folded: tuple[ViewBuilder, Tail] | None, options: ReadOptions
+) -> tuple[ViewBuilder, Tail]:
+    """:func:`fold` for a snapshot: the view and the tail saved with it (see :mod:`durable_ai._tail`), kept from
+    the previous snapshot or loaded with the saved one."""
+    if folded is None:
+        view, saved = await load_saved(backend, session)
+        builder = ViewBuilder(session, view)
+        tail = saved.tail if saved is not None else Tail(builder.cursor)
+    else:
+        builder, tail = folded
+    await _fold(backend, session, builder, tail, options)
+    return builder, tail
+
+
+async def _fold(backend: Backend, session: str, builder: ViewBuilder, tail: Tail | None, options: ReadOptions) -> None:
+    after: Cursor | None = None
     if builder.cursor is not None:
         after = Cursor.parse(builder.cursor)
     else:
         head = await backend.head(Channel(session, "events"))
         if head is None:
-            return builder
+            return
         after = Cursor(head.epoch, None, -1)
+        if tail is not None and not tail.entries:
+            tail.restart(str(after))
     async with closing(read_events(backend, session, after=after, follow=False, options=options)) as stream:
         async for event in stream:
             if isinstance(event, Reset):
@@ -278,6 +357,9 @@ async def fold(
                 else:
                     builder.truncated = True
                 builder.cursor = event.cursor
+                if tail is not None:
+                    tail.restart(event.cursor)
                 continue
             builder.apply(event)
-    return builder
+            if tail is not None:
+                tail.add(event)

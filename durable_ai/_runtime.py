@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
 from ._control import ControlLoop
-from ._reader import ReadOptions, fold
+from ._reader import ReadOptions, fold, fold_with_tail
+from ._tail import Tail, join_snapshot
 from ._util import IdFactory, RateBudget, derived_id, now_ms
 from ._writer import SessionWriter
 from .backends.base import Backend, Channel
@@ -155,7 +156,7 @@ class HubRuntime:
         self._started: OrderedDict[str, None] = OrderedDict()
         self._snapshot_tasks: dict[str, asyncio.Task[None]] = {}
         self._snapshot_dirty: set[str] = set()
-        self._snapshot_views: OrderedDict[str, ViewBuilder] = OrderedDict()
+        self._snapshot_views: OrderedDict[str, tuple[ViewBuilder, Tail]] = OrderedDict()
         self.read_options = ReadOptions(
             reconnect_timeout=settings.reconnect_timeout,
             is_closed=lambda: self.closed,
@@ -223,12 +224,13 @@ class HubRuntime:
             while True:
                 self._snapshot_dirty.discard(session)
                 # The view folded for the previous snapshot is kept, so each snapshot folds only the new tail.
-                builder = self._snapshot_views.pop(session, None)
+                folded = self._snapshot_views.pop(session, None)
                 try:
-                    builder = await fold(self.backend, session, builder, self.read_options)
+                    builder, tail = folded = await fold_with_tail(self.backend, session, folded, self.read_options)
                     if builder.cursor is not None:
-                        await self.backend.save_snapshot(session, builder.build().model_dump_json().encode())
-                    self._snapshot_views[session] = builder
+                        view = builder.build().model_dump_json().encode()
+                        await self.backend.save_snapshot(session, join_snapshot(view, tail.to_json(builder.cursor)))
+                    self._snapshot_views[session] = folded
                     while len(self._snapshot_views) > _SNAPSHOT_VIEWS_KEPT:
                         self._snapshot_views.popitem(last=False)
                 except Exception as exc:

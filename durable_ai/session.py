@@ -299,7 +299,16 @@ class Session:
         runtime = self._runtime
         runtime.check_open()
         return EventStream(
-            read_events(runtime.backend, self.id, after=after, follow=follow, options=runtime.read_options)
+            read_events(
+                # A catch-up read is served from the snapshot's tail where it covers the cursor. A follower reads
+                # the log: it must be reading it, not the snapshot, when a deletion comes (to report it as one).
+                runtime.backend,
+                self.id,
+                after=after,
+                follow=follow,
+                options=runtime.read_options,
+                use_tail=not follow,
+            )
         )
 
     async def head(self) -> str | None:

@@ -23,6 +23,7 @@ import pytest
 
 import durable_ai
 from durable_ai import Hub, Run
+from durable_ai.testing.scenarios import collect, run_end
 from durable_ai_ably import issue_client_jwt, issue_client_token
 from durable_ai_ably.testing import AblyEmulator
 from tests.ably import node
@@ -61,11 +62,13 @@ def token_request(session: str = SESSION) -> str:
     return json.dumps(issue_client_token(session, USER, key=KEY))
 
 
-async def write_answer(agent: Hub, *texts: str, session: str = SESSION) -> None:
+async def write_answer(agent: Hub, *texts: str, session: str = SESSION) -> str:
+    """One finished run of ``texts``; its id."""
     async with agent.session(session).run(agent="writer") as run:
         for text in texts:
             await run.text(text)
     await agent.flush()
+    return run.id
 
 
 def words(label: str, count: int) -> list[str]:
@@ -224,8 +227,9 @@ async def test_ably_js_rewind_brings_the_tail_of_the_log(
     """`channels.get(name, {params: {rewind}})`: on attach the most recent messages arrive, and they are the log's
     tail (all of it when the rewind covers it), then the live tail follows."""
     await write_answer(agent, "The first ", "answer.")
-    await write_answer(agent, "The second ", "answer.")
-    log = [event async for event in agent.session(SESSION).events(follow=False)]
+    last = await write_answer(agent, "The second ", "answer.")
+    # The log as stored, one event per event written (a catch-up read may merge deltas the snapshot keeps).
+    log = await collect(agent.session(SESSION).events(), until=run_end(last))
     readers.append(reader := await start_reader(emulator.port, token_request(), 0, msgpack=msgpack, rewind=rewind))
     await reader.event(lambda e: e["id"] == log[-1].id, "the log's last event")
     rewound = reader.rendered()

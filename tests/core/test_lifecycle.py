@@ -22,6 +22,7 @@ from durable_ai import (
     SessionView,
     TextDelta,
 )
+from durable_ai._tail import split_snapshot
 from durable_ai.backends.memory import MemoryBackend
 from durable_ai.testing import RecordingBackend, stored_events
 from durable_ai.testing.scenarios import collect, text_of
@@ -170,7 +171,7 @@ async def test_close_cancels_runs_in_flight_and_drains_their_events_and_snapshot
     assert isinstance(end, RunEnd) and (end.status, end.reason) == ("cancelled", SHUTDOWN)
     assert text_of(events) == "buffered, never flushed by a timer"
     assert snapshot is not None
-    message = SessionView.model_validate_json(snapshot).messages[0]
+    message = SessionView.model_validate_json(split_snapshot(snapshot)[0]).messages[0]
     assert (message.status, message.text) == ("cancelled", "buffered, never flushed by a timer")
 
 
@@ -181,7 +182,7 @@ async def test_a_short_lived_hub_leaves_a_snapshot_of_what_it_wrote() -> None:
     async with Hub(backend):
         snapshot = await backend.load_snapshot("s")
     assert snapshot is not None
-    view = SessionView.model_validate_json(snapshot)
+    view = SessionView.model_validate_json(split_snapshot(snapshot)[0])
     assert [(m.status, m.text) for m in view.messages] == [("completed", "answer")] and not view.active_runs
 
 
