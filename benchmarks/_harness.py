@@ -19,6 +19,7 @@ import platform
 import resource
 import statistics
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -38,6 +39,7 @@ __all__ = [
     "Sizes",
     "Table",
     "captured_logs",
+    "cpu_hogs",
     "machine_description",
     "peak_rss",
     "percentile",
@@ -265,6 +267,23 @@ class Samples:
 async def sample(times: int, measure: Callable[[], Awaitable[float]], better: Better) -> Samples:
     """Run ``measure`` ``times`` times, one after the other."""
     return Samples(tuple([await measure() for _ in range(times)]), better)
+
+
+@contextlib.contextmanager
+def cpu_hogs(count: int | None = None) -> Iterator[int]:
+    """A loaded machine: ``count`` processes (default: one per CPU) spinning until the block ends.
+
+    The benchmark then shares every core with a process that never sleeps, as on a busy host. Yields the count.
+    """
+    count = count if count is not None else os.cpu_count() or 1
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield count
+    finally:
+        for hog in hogs:
+            hog.kill()
+        for hog in hogs:
+            hog.wait()
 
 
 def settle() -> None:

@@ -14,7 +14,9 @@ tokens, as an agent awaiting an LLM stream does: ``asyncio.sleep(interval)`` for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -23,7 +25,21 @@ from durable_ai.backends.memory import MemoryBackend
 from durable_ai.testing import MemoryTarget, RecordingBackend, Target
 from durable_ai.view import ViewBuilder
 
-from ._harness import Benchmark, BenchmarkError, Group, Report, Row, Sizes, sample, settle
+from ._harness import (
+    Benchmark,
+    BenchmarkError,
+    Group,
+    Report,
+    Row,
+    Sizes,
+    cpu_hogs,
+    percentile,
+    sample,
+    settle,
+)
+from ._harness import (
+    Target as Goal,
+)
 
 __all__ = [
     "GROUP",
@@ -81,16 +97,25 @@ async def produce(run: Run, tokens: int, *, group: int = 1, interval: float = 0.
 
 
 async def stream_through_sdk(
-    target: Target, *, sessions: int, runs_per_session: int, tokens: int, policy: Coalesce
+    target: Target,
+    *,
+    sessions: int,
+    runs_per_session: int,
+    tokens: int,
+    policy: Coalesce,
+    first_tokens: list[float] | None = None,
 ) -> float:
     """Seconds from the first run starting until every subscriber received the run-end of every run of its session.
 
     Agents write in one hub, subscribers read ``session.events()`` in another (both on ``target``); each session
-    has one subscriber and ``runs_per_session`` concurrent runs of ``tokens`` tokens each.
+    has one subscriber and ``runs_per_session`` concurrent runs of ``tokens`` tokens each. ``first_tokens`` gets,
+    for each session, the seconds from its first run's start (its first ``run.text()`` follows at once) to its
+    subscriber's first text delta.
     """
     ids = [_session_id("stream") for _ in range(sessions)]
     expected = runs_per_session * tokens * len(TOKEN)
     finished: list[float] = []
+    started: dict[str, float] = {}
     async with target.hub(coalesce=policy) as agents, target.hub() as clients:
 
         async def subscribe(session_id: str) -> None:
@@ -99,6 +124,8 @@ async def stream_through_sdk(
             async with clients.session(session_id).events() as stream:
                 async for event in stream:
                     if isinstance(event, TextDelta):
+                        if not received and first_tokens is not None:
+                            first_tokens.append(time.perf_counter() - started[session_id])
                         received += len(event.delta)
                     elif isinstance(event, RunEnd):
                         if event.status != "completed":
@@ -112,6 +139,7 @@ async def stream_through_sdk(
 
         async def agent(session_id: str) -> None:
             async with agents.session(session_id).run(agent="bench") as run:
+                started.setdefault(session_id, time.perf_counter())
                 await produce(run, tokens)
 
         settle()
@@ -515,17 +543,26 @@ async def open_view(target: Target, session_id: str) -> tuple[float, int, Sessio
     return seconds, recording.messages_read, view
 
 
-async def replay_view(target: Target, session_id: str) -> tuple[float, int, SessionView]:
-    """The same view without a snapshot: every event from the start folded with ``ViewBuilder``."""
+async def replay_view(target: Target, session_id: str, runs: int) -> tuple[float, int, SessionView]:
+    """The same view without a snapshot: every event of the log folded with ``ViewBuilder``.
+
+    It reads as a follower does, up to the last run's end: a catch-up read (``follow=False``) would be served from
+    the snapshot's tail.
+    """
     recording = RecordingBackend(target.backend())
     async with Hub(recording) as hub:
         session = hub.session(session_id)
         settle()
         start = time.perf_counter()
         builder = ViewBuilder(session_id)
-        async with session.events(follow=False) as stream:
+        ended = 0
+        async with session.events() as stream:
             async for event in stream:
                 builder.apply(event)
+                if isinstance(event, RunEnd):
+                    ended += 1
+                    if ended == runs:
+                        break
         view = builder.build()
         seconds = time.perf_counter() - start
     return seconds, recording.messages_read, view
@@ -556,7 +593,7 @@ async def bench_view(sizes: Sizes, report: Report) -> None:
         async def replay(
             reads: dict[str, int] = reads, target: Target = target, session_id: str = written.session_id
         ) -> float:
-            seconds, read, view = await replay_view(target, session_id)
+            seconds, read, view = await replay_view(target, session_id, runs)
             reads["replay"] = read
             _check_view(view, runs, tokens)
             return seconds * 1000
@@ -564,7 +601,7 @@ async def bench_view(sizes: Sizes, report: Report) -> None:
         view_samples = await sample(sizes.repeats, snapshot, "lower")
         replay_samples = await sample(sizes.repeats, replay, "lower")
         _, _, from_snapshot = await open_view(target, written.session_id)
-        _, _, replayed = await replay_view(target, written.session_id)
+        _, _, replayed = await replay_view(target, written.session_id, runs)
         if from_snapshot.messages != replayed.messages or from_snapshot.cursor != replayed.cursor:
             raise BenchmarkError("the view from the snapshot differs from the replayed view")
         configuration = f"{runs} finished runs x {tokens:,} tokens written with {label}, {written.messages:,} messages"
@@ -643,6 +680,114 @@ async def bench_snapshots(sizes: Sizes, report: Report) -> None:
     )
 
 
+# -- f) coalescing under load -------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _LoadSamples:
+    """What one (machine, policy) pair measured over the repeats."""
+
+    rates: list[float]
+    messages: list[int]
+    first_tokens: list[float]
+
+
+async def bench_load(sizes: Sizes, report: Report) -> None:
+    """Concurrent runs at full speed on an idle and on a loaded machine: windows that stretch under load, against
+    fixed windows (``stretch_under_load=1``). Messages per token should not grow with the load."""
+    k, m = sizes.runs, sizes.run_tokens
+    total = k * m
+    policies = {"stretching": Coalesce(), "fixed": Coalesce(stretch_under_load=1)}
+    machines = ("idle", "loaded")
+    samples = {(machine, name): _LoadSamples([], [], []) for machine in machines for name in policies}
+    hogs = 0
+    for _ in range(sizes.repeats):  # interleaved, so that drift in the machine hits every pair alike
+        for machine in machines:
+            for name, policy in policies.items():
+                target = memory_target()
+                pair = samples[machine, name]
+                with cpu_hogs() if machine == "loaded" else contextlib.nullcontext(0) as hogs_started:
+                    hogs = max(hogs, hogs_started)
+                    seconds = await stream_through_sdk(
+                        target, sessions=k, runs_per_session=1, tokens=m, policy=policy, first_tokens=pair.first_tokens
+                    )
+                pair.rates.append(total / seconds)
+                pair.messages.append(target.shared.published)
+    per_thousand: dict[tuple[str, str], float] = {}
+    for machine in machines:
+        where = f"{k} sessions x 1 run x {m:,} tokens at full speed, 1 subscriber each, {machine} machine"
+        if machine == "loaded":
+            where += f" ({hogs} spinning processes, one per CPU)"
+        sdk, base = samples[machine, "stretching"], samples[machine, "fixed"]
+        for pair in (sdk, base):
+            per_thousand[machine, "stretching" if pair is sdk else "fixed"] = (
+                statistics.median(pair.messages) / total * 1000
+            )
+        report.add(
+            Row(
+                id=f"load.messages-per-1000-tokens.{machine}",
+                benchmark="Broker messages per 1,000 tokens under load",
+                configuration=f"{where}, Coalesce()",
+                statistic="median",
+                unit="messages",
+                sdk=per_thousand[machine, "stretching"],
+                baseline=per_thousand[machine, "fixed"],
+                baseline_label="fixed windows",
+                extra={"tokens": float(total)},
+            )
+        )
+        report.add(
+            Row(
+                id=f"load.throughput.{machine}",
+                benchmark="Throughput under load",
+                configuration=f"{where}, Coalesce()",
+                statistic=f"best of {len(sdk.rates)}",
+                unit="tokens/s",
+                sdk=max(sdk.rates),
+                baseline=max(base.rates),
+                baseline_label="fixed windows",
+                extra={"sdk_median": statistics.median(sdk.rates), "baseline_median": statistics.median(base.rates)},
+            )
+        )
+        report.add(
+            Row(
+                id=f"load.first-token.{machine}",
+                benchmark="Time to first token under load",
+                configuration=f"{where}, Coalesce(); run start to the subscriber's first delta",
+                statistic=f"median of {len(sdk.first_tokens)}",
+                unit="ms",
+                sdk=statistics.median(sdk.first_tokens) * 1000,
+                baseline=statistics.median(base.first_tokens) * 1000,
+                baseline_label="fixed windows",
+                extra={
+                    "sdk_p99": percentile(sdk.first_tokens, 99) * 1000,
+                    "baseline_p99": percentile(base.first_tokens, 99) * 1000,
+                },
+            )
+        )
+    growth = per_thousand["loaded", "stretching"] / per_thousand["idle", "stretching"]
+    fixed_growth = per_thousand["loaded", "fixed"] / per_thousand["idle", "fixed"]
+    report.target(
+        Goal(
+            "messages per token on a loaded machine, Coalesce()",
+            "<= 1.1x the idle machine's",
+            f"{growth:.2f}x ({per_thousand['loaded', 'stretching']:.1f} vs {per_thousand['idle', 'stretching']:.1f} "
+            f"per 1,000 tokens; fixed windows: {fixed_growth:.2f}x)",
+            growth <= 1.1,
+        )
+    )
+    loaded_first = statistics.median(samples["loaded", "stretching"].first_tokens)
+    fixed_first = statistics.median(samples["loaded", "fixed"].first_tokens)
+    report.target(
+        Goal(
+            "time to first token on a loaded machine, Coalesce()",
+            "<= fixed windows' (the first delta is flushed at once)",
+            f"{loaded_first * 1000:.1f} ms vs {fixed_first * 1000:.1f} ms (medians)",
+            loaded_first <= fixed_first * 1.1,
+        )
+    )
+
+
 def _check_view(view: SessionView, runs: int, tokens: int) -> None:
     texts = [part.text for message in view.messages for part in message.parts if isinstance(part, TextPart)]
     if len(texts) != runs or any(len(text) != tokens * len(TOKEN) for text in texts):
@@ -660,5 +805,6 @@ GROUP = Group(
         Benchmark("catch-up", "a new subscriber reads a finished run, vs draining an asyncio.Queue", bench_catch_up),
         Benchmark("view", "session.view() from a snapshot vs replaying the session", bench_view),
         Benchmark("snapshots", "writing runs with a snapshot after each, vs snapshots=False", bench_snapshots),
+        Benchmark("load", "concurrent runs on an idle and a loaded machine, windows that stretch vs fixed", bench_load),
     ),
 )

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
 from ._control import ControlLoop
+from ._load import LoadGauge
 from ._reader import ReadOptions, fold, fold_with_tail
 from ._tail import Tail, join_snapshot
 from ._util import IdFactory, RateBudget, derived_id, now_ms
@@ -157,6 +158,7 @@ class HubRuntime:
         self._snapshot_tasks: dict[str, asyncio.Task[None]] = {}
         self._snapshot_dirty: set[str] = set()
         self._snapshot_views: OrderedDict[str, tuple[ViewBuilder, Tail]] = OrderedDict()
+        self.load = LoadGauge()  # whether the loop is short of CPU: the writers' windows stretch then
         self.read_options = ReadOptions(
             reconnect_timeout=settings.reconnect_timeout,
             is_closed=lambda: self.closed,
@@ -346,6 +348,7 @@ class SessionRuntime:
                 log_started=self.hub.log_started(self.session),
                 on_log_started=lambda: self.hub.mark_log_started(self.session),
                 on_idle=lambda: self._writer_idle(writer),
+                loaded=self.hub.load.loaded,
             )
         writer.keep()
         return writer

@@ -117,6 +117,7 @@ class SessionWriter:
         log_started: whether the session's log is known to have its ``log-start`` record already.
         on_log_started: called once the writer knows the log has it.
         on_idle: called when the writer is retiring and everything it was given is published.
+        loaded: whether the loop is short of CPU now (a window then stretches, see :class:`Coalesce`).
     """
 
     def __init__(
@@ -133,6 +134,7 @@ class SessionWriter:
         log_started: bool,
         on_log_started: Callable[[], None],
         on_idle: Callable[[], None],
+        loaded: Callable[[], bool] = lambda: False,
     ) -> None:
         self._backend = backend
         self._session = session
@@ -157,6 +159,11 @@ class SessionWriter:
         self._waiters: deque[_Waiter] = deque()
         self._urgent = False
         self._deadline: float | None = None
+        # Under load a window stays open past its deadline until it holds this many deltas, or for this long more.
+        self._loaded = loaded
+        self._deltas = 0
+        self._enough = policy.deltas_under_load
+        self._stretch = policy.max_delay * (policy.stretch_under_load - 1)
         self._wake = asyncio.Event()
         self._failure: BaseException | None = None
         self._task: asyncio.Task[None] | None = None
@@ -188,11 +195,15 @@ class SessionWriter:
         ):
             open_delta.chunks.append(delta)
             open_delta.size += size
+            self._deltas += 1
+            if self._deltas == self._enough and self._deadline is not None and time.monotonic() >= self._deadline:
+                urgent = True  # a window kept open for want of deltas has enough now
         else:
             self._seq += 1
             open_delta = _Delta(self._seq, self._new_id(), type, run_id, agent, now_ms(), part_id, [delta], size)
             self._items.append(open_delta)
             self._open_delta[run_id] = open_delta
+            self._deltas += 1
         self._pending_bytes += size
         self._schedule(urgent or not self._policy.batching or self._pending_bytes >= self._policy.max_bytes)
         return open_delta.seq
@@ -246,7 +257,24 @@ class SessionWriter:
         return not self._sending and self._due()
 
     def _due(self) -> bool:
-        return self._urgent or (self._deadline is not None and time.monotonic() >= self._deadline)
+        if self._urgent:
+            return True
+        deadline = self._deadline
+        if deadline is None:
+            return False
+        now = time.monotonic()
+        if now < deadline:
+            return False
+        # Past max_delay: due, unless the loop is short of CPU and the window is worth stretching.
+        return self._deltas >= self._enough or now >= deadline + self._stretch or not self._loaded()
+
+    def _until_due(self) -> float:
+        """Seconds until the open window is due (0 or less: now). Call only with a window open."""
+        assert self._deadline is not None
+        delay = self._deadline - time.monotonic()
+        if delay <= 0 and not self._due():
+            delay += self._stretch  # stretched under load: until then, or until it holds enough deltas
+        return delay
 
     async def kick(self) -> None:
         """Send what is due now, from the caller's task, if the backend can send ahead; else let the loop run."""
@@ -412,7 +440,7 @@ class SessionWriter:
                 await self._wake.wait()
                 continue
             if not self._outbox and not self._urgent and self._deadline is not None:
-                delay = self._deadline - time.monotonic()
+                delay = self._until_due()
                 if delay > 0:
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):
@@ -476,6 +504,7 @@ class SessionWriter:
         self._pending_bytes = 0
         self._urgent = False
         self._deadline = None
+        self._deltas = 0
         limit = self._max_message
         lines: list[bytes] = []
         size = 0

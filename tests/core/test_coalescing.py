@@ -7,12 +7,16 @@ trigger under test (first delta, non-delta event, ``max_bytes``, run end), never
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 
-from durable_ai import Coalesce, Event, Hub, RunEnd, Status, TextDelta
+import pytest
+
+from durable_ai import Coalesce, Event, Hub, Run, RunEnd, Status, TextDelta
+from durable_ai._load import LoadGauge
 from durable_ai.backends.memory import MemoryBackend
 from durable_ai.testing import RecordingBackend
-from durable_ai.testing.scenarios import collect, text_of
+from durable_ai.testing.scenarios import collect, collect_open, text_of
 
 HOUR = Coalesce(max_delay=3600)
 
@@ -170,3 +174,112 @@ async def test_an_agent_that_never_awaits_still_gets_its_first_token_out(backend
                 published_mid_loop = backend.published
     assert published_at_start == 1  # run-start
     assert published_mid_loop == 2  # and the first delta, while the loop was still running
+
+
+# -- windows under load ---------------------------------------------------------------------------------------
+
+
+class _Load:
+    """The hub's load gauge, held at what the test says."""
+
+    def __init__(self, loaded: bool) -> None:
+        self.value = loaded
+
+    def loaded(self) -> bool:
+        return self.value
+
+
+def _with_load(hub: Hub, loaded: bool) -> Hub:
+    hub._runtime.load = _Load(loaded)  # type: ignore[assignment]  # before the hub's first writer takes it
+    return hub
+
+
+async def _write_spaced(run: Run, count: int, *, spacing: float) -> None:
+    for _ in range(count):
+        await asyncio.sleep(spacing)
+        await run.text("x")
+
+
+@pytest.mark.parametrize("loaded", [True, False], ids=["loaded", "idle"])
+async def test_under_load_a_window_stays_open_until_it_holds_enough_deltas(loaded: bool) -> None:
+    # 20 deltas 3 ms apart span 60 ms, six 10 ms windows: an idle loop flushes several messages, a loaded one keeps
+    # the window open (for up to 1,000 s here) until it holds 20 deltas, then flushes them at once.
+    policy = Coalesce(max_delay=0.010, deltas_under_load=20, stretch_under_load=100_000)
+    recording = RecordingBackend(MemoryBackend())
+    async with _with_load(Hub(recording, coalesce=policy), loaded) as hub:
+        live = hub.session("s").events()
+        async with hub.session("s").run(agent="w") as run:
+            await run.text("first")
+            first = await collect_open(live, until=lambda e: isinstance(e, TextDelta), seconds=5)
+            await _write_spaced(run, 20, spacing=0.003)
+            received = ""
+
+            def all_in(event: Event) -> bool:
+                nonlocal received
+                received += text_of([event])
+                return len(received) == 20
+
+            await collect(live, until=all_in, seconds=5)
+            published = recording.events_published("s")
+    assert text_of(first) == "first"  # the first token is out at once, under load too
+    assert received == "x" * 20
+    if loaded:
+        assert published == 3  # run-start, the first delta, the 20 deltas together (flushed before the run ended)
+    else:
+        assert published > 3
+
+
+async def test_under_load_a_window_still_closes_after_stretch_times_max_delay() -> None:
+    # Never enough deltas (a slow model under load): each window closes after 5 x 10 ms, while the run goes on.
+    policy = Coalesce(max_delay=0.010, deltas_under_load=10_000, stretch_under_load=5)
+    async with _with_load(Hub(MemoryBackend(), coalesce=policy), True) as hub:
+        live = hub.session("s").events()
+        async with hub.session("s").run(agent="w") as run:
+            await run.text("first")
+            deltas = 0
+
+            async def write_until_two_arrive() -> None:
+                while deltas < 2:
+                    await _write_spaced(run, 1, spacing=0.005)
+
+            writer = asyncio.create_task(write_until_two_arrive())
+            try:
+
+                def count(event: Event) -> bool:
+                    nonlocal deltas
+                    deltas += isinstance(event, TextDelta)
+                    return deltas >= 2
+
+                await collect(live, until=count, seconds=5)
+            finally:
+                await writer
+    assert deltas == 2
+
+
+def test_the_load_gauge_enters_and_leaves_with_hysteresis() -> None:
+    clock = demand = 0.0
+    gauge = LoadGauge(period=1.0, enter=0.9, leave=0.75, clock=lambda: clock, demand=lambda: demand)
+    assert gauge.loaded() is False  # the first call starts the first period
+    clock, demand = 0.25, 0.25  # the first period is a fifth of the others: busy from the start is known soon
+    assert gauge.loaded() is True
+    clock, demand = 1.25, 1.05  # 80%: under load still (it leaves below 75%)
+    assert gauge.loaded() is True
+    clock, demand = 2.25, 1.75  # 70%
+    assert gauge.loaded() is False
+    clock, demand = 3.25, 2.60  # 85%: not enough to enter again
+    assert gauge.loaded() is False
+    clock, demand = 3.75, 3.10  # within the period: the last answer
+    assert gauge.loaded() is False
+    clock, demand = 4.25, 3.55  # 95% of the second since the last sample
+    assert gauge.loaded() is True
+
+
+async def test_the_load_gauge_reads_a_busy_and_an_idle_thread() -> None:
+    gauge = LoadGauge(period=0.02)
+    gauge.loaded()
+    end = time.monotonic() + 0.05
+    while time.monotonic() < end:  # the loop's thread busy: what a saturated event loop looks like
+        pass
+    assert gauge.loaded() is True, gauge.share
+    await asyncio.sleep(0.05)  # waiting for I/O: not short of CPU
+    assert gauge.loaded() is False, gauge.share
