@@ -17,6 +17,8 @@ stream with the configuration the backend creates (``NatsBackend.stream_config()
   the pipelined ``js.publish_async`` ceiling; and the default ``Coalesce()`` in tokens/s and broker messages.
 - ``latency``: p50/p99 from ``run.text()`` to a subscriber in another connection, against a JetStream publish
   and an ordered push consumer on two connections.
+- ``late-join``: ``session.view()`` of a session of finished answers from a new client hub, with the requests
+  its connection sent the server (read from the server's ``/connz``), against nats-py reading every message.
 - ``catch-up``: a new subscriber reads a finished 10,000-token run (as a model at 100 tokens/s writes it with
   ``Coalesce()``), from the start and from its middle, against an ordered push consumer reading the same
   messages until ``num_pending`` is 0.
@@ -45,7 +47,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, StreamConfig
 
-from durable_ai import Coalesce, Hub, RunEnd, RunStart, TextDelta, connect
+from durable_ai import Coalesce, Hub, RunEnd, RunStart, SessionView, TextDelta, connect
 from durable_ai.backend import Cursor
 from durable_ai.testing import RecordingBackend, UrlTarget
 from durable_ai_nats import NatsBackend, NatsOptions, names
@@ -1620,6 +1622,103 @@ async def bench_sessions(sizes: Sizes, report: Report) -> None:
     )
 
 
+# -- late join ----------------------------------------------------------------------------------------------------
+
+
+async def _client_messages(server: NatsServer, hub: Hub) -> int:
+    """Messages the server has received from ``hub``'s connection (each request is one), from ``/connz``."""
+    backend = hub.backend
+    if not isinstance(backend, NatsBackend):
+        raise BenchmarkError(f"the hub is not on NATS: {backend!r}")
+    cid = backend.connection.client_id
+    document = await server.monitor(f"/connz?cid={cid}")
+    connections = document.get("connections") or []
+    if len(connections) != 1:
+        raise BenchmarkError(f"the server does not list connection {cid}: {document}")
+    return int(connections[0]["in_msgs"])
+
+
+async def late_join(server: NatsServer, url: str, session_id: str) -> tuple[float, int, SessionView]:
+    """A fresh client hub's ``session.view()``: (seconds, messages its connection sent the server, the view)."""
+    async with connect(url) as hub:
+        await asyncio.sleep(0)
+        before = await _client_messages(server, hub)
+        settle()
+        began = time.perf_counter()
+        view = await hub.session(session_id).view()
+        seconds = time.perf_counter() - began
+        sent = await _client_messages(server, hub) - before
+    return seconds, sent, view
+
+
+async def bench_late_join(sizes: Sizes, report: Report) -> None:
+    """``session.view()`` of a session of finished answers from a new client: broker requests and time, against
+    nats-py reading every message of the session with an ordered push consumer."""
+    runs, tokens = sizes.view_runs, sizes.view_run_tokens
+    server = await nats_server()
+    async with _fresh_place() as place:
+        written = await write_session(
+            UrlTarget(place.url), runs=runs, tokens=tokens, policy=Coalesce.off(), group=_live_group(sizes)
+        )
+        requests: list[int] = []
+
+        async def sdk() -> float:
+            seconds, sent, view = await _bounded(lambda: late_join(server, place.url, written.session_id))
+            finished = [m for m in view.messages if m.status == "completed"]
+            if len(finished) != runs or sum(len(m.text) for m in finished) != written.characters:
+                raise BenchmarkError(f"the view has {len(finished)} finished answers, expected {runs}")
+            requests.append(sent)
+            return seconds * 1000
+
+        async def baseline() -> float:
+            seconds, count = await _bounded(lambda: raw_catch_up(place, written.session_id, start=None))
+            if count != written.messages:
+                raise BenchmarkError(f"nats-py read {count} messages, the session has {written.messages}")
+            return seconds * 1000
+
+        await sdk()  # warm-up
+        sdk_samples, base_samples = await _paired(3 * sizes.repeats, sdk, baseline, "lower")
+    configuration = (
+        f"{runs} finished answers x {tokens:,} tokens ({written.messages:,} messages), a new client hub, snapshot saved"
+    )
+    most = max(requests)
+    report.add(
+        Row(
+            id="nats.late-join.requests",
+            benchmark="Late join: broker requests of session.view()",
+            configuration=configuration,
+            statistic=f"most of {len(requests)}",
+            unit="requests",
+            sdk=float(most),
+            baseline=None,
+            baseline_label=None,
+            extra={"fewest": float(min(requests))},
+        )
+    )
+    report.add(
+        Row(
+            id="nats.late-join.time",
+            benchmark="Late join: session.view() time",
+            configuration=configuration,
+            statistic=sdk_samples.statistic,
+            unit="ms",
+            sdk=sdk_samples.best(),
+            baseline=base_samples.best(),
+            baseline_label="nats-py reading every message",
+            extra={"sdk_median": sdk_samples.median(), "baseline_median": base_samples.median()},
+        )
+    )
+    report.target(
+        Target(
+            f"late join of {runs} finished answers",
+            "<= 3 broker round trips",
+            f"{most} requests to the server ({sdk_samples.best():.1f} ms; nats-py reading all {written.messages:,} "
+            f"messages: {base_samples.best():.1f} ms)",
+            most <= 3,
+        )
+    )
+
+
 GROUP = Group(
     name="nats",
     title="the NATS JetStream backend against raw nats-py",
@@ -1631,6 +1730,9 @@ GROUP = Group(
         ),
         Benchmark("latency", "p50/p99 run.text() → subscriber, vs nats-py publish → ordered consumer", bench_latency),
         Benchmark("catch-up", "a new subscriber reads a finished run, vs a nats-py ordered consumer", bench_catch_up),
+        Benchmark(
+            "late-join", "session.view() of finished answers from a new client: requests and time", bench_late_join
+        ),
         Benchmark(
             "sessions",
             "N concurrent paced sessions with a live subscriber each, vs nats-py doing the same broker work",

@@ -38,6 +38,12 @@ EXPECTED_ROWS = {
     "view.time.uncoalesced",
     "view.messages-read.uncoalesced",
     "snapshots.write",
+    "load.messages-per-1000-tokens.idle",
+    "load.throughput.idle",
+    "load.first-token.idle",
+    "load.messages-per-1000-tokens.loaded",
+    "load.throughput.loaded",
+    "load.first-token.loaded",
     "nats.publish.one-run",
     "nats.publish.concurrent-runs",
     "nats.publish.pipelined-ceiling",
@@ -47,6 +53,8 @@ EXPECTED_ROWS = {
     "nats.latency.p99",
     "nats.catch-up.start",
     "nats.catch-up.middle",
+    "nats.late-join.requests",
+    "nats.late-join.time",
 }
 QUICK_SESSIONS = 3  # Sizes.quick().sessions: one step of 3 sessions
 EXPECTED_ROWS |= {f"nats.sessions.{figure}.n{QUICK_SESSIONS}" for figure in ("delivered", "p99", "cpu")}

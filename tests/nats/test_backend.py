@@ -447,3 +447,52 @@ async def test_a_live_consumer_deleted_on_the_server_is_replaced(nats_server: Na
     assert text_of(seen) == "before after"
     ids = [e.id for e in seen]
     assert len(ids) == len(set(ids))
+
+
+async def _sent(server: NatsServer, hub: durable_ai.Hub) -> int:
+    """Messages the server received from the hub's connection: each request is one."""
+    backend = hub.backend
+    assert isinstance(backend, NatsBackend)
+    document = await server.monitor(f"/connz?cid={backend.connection.client_id}")
+    return int(document["connections"][0]["in_msgs"])
+
+
+async def test_a_late_join_of_a_hundred_finished_answers_takes_three_requests(
+    nats_server: NatsServer, prefix: str
+) -> None:
+    url = _url(nats_server, prefix)
+    async with durable_ai.connect(url) as agent:
+        for i in range(100):
+            async with agent.session("s").run(agent="writer") as run:
+                await run.text(f"answer {i}")
+        await agent.flush()  # the snapshot is saved
+    async with durable_ai.connect(url) as client:
+        before = await _sent(nats_server, client)
+        view = await client.session("s").view()
+        sent = await _sent(nats_server, client) - before
+        assert [m.text for m in view.messages] == [f"answer {i}" for i in range(100)]
+        # The snapshot, the stream's epoch marker and the session's last message (the one the snapshot ends at):
+        # no consumer is made for a log that holds nothing after the snapshot.
+        assert sent == 3
+        assert await _consumers(nats_server, prefix) == 0
+
+
+async def test_a_catch_up_read_from_the_last_message_yields_it_and_one_from_before_reads_on(
+    nats_server: NatsServer, prefix: str
+) -> None:
+    backend = from_url(_url(nats_server, prefix))
+    await backend.open()
+    try:
+        channel = Channel("s", "events")
+        first = await backend.publish(channel, b'{"one":1}', message_id="m1")
+        last = await backend.publish(channel, b'{"two":2}\n{"three":3}', message_id="m2")
+        read = [m async for m in backend.read(channel, start=last, follow=False)]
+        assert [(m.position, m.data) for m in read] == [(last.position, b'{"two":2}\n{"three":3}')]
+        read = [m async for m in backend.read(channel, start=first, follow=False)]
+        assert [m.position for m in read] == [first.position, last.position]
+        with pytest.raises(LogReset):  # a position past the end is none of this log's
+            _ = [m async for m in backend.read(channel, start=LogPosition(last.epoch, "999999"), follow=False)]
+        with pytest.raises(LogReset):  # nor is one from another epoch
+            _ = [m async for m in backend.read(channel, start=LogPosition("other", last.position), follow=False)]
+    finally:
+        await backend.close()

@@ -723,13 +723,23 @@ class NatsBackend:
         self._parts()
         kind = channel.kind
         subject = self.names.subject(channel.session, kind)
-        # One marker request per read, not per message: a stream recreated by another process since this one
-        # last looked must reset old cursors, and only the server knows.
-        epoch = await self._epoch(kind, refresh=True)
-        if start is not None and start.epoch != epoch:
-            raise LogReset("the session's log was recreated (the NATS stream is a new one)")
         if start is not None and start.position is not None and not start.position.isdigit():
             raise LogReset(f"{start.position!r} is not a position of this log")
+        first = int(start.position) if start is not None and start.position is not None else None
+        # One marker request per read, not per message: a stream recreated by another process since this one
+        # last looked must reset old cursors, and only the server knows. A catch-up read from a position also
+        # asks for the subject's last message at once: when that is the message at the position (a late joiner
+        # after a snapshot saved at the end), it is the whole read, and no consumer is made.
+        last: StoredMessage | None = None
+        if first is not None and not follow:
+            epoch, last = await asyncio.gather(self._epoch(kind, refresh=True), self._last_message(kind, subject))
+        else:
+            epoch = await self._epoch(kind, refresh=True)
+        if start is not None and start.epoch != epoch:
+            raise LogReset("the session's log was recreated (the NATS stream is a new one)")
+        if last is not None and int(last.position) == first:
+            yield StoredMessage(epoch, last.position, last.data)
+            return
         groups: dict[Tap, FeedGroup] = {}
 
         async def attach() -> Tap:
@@ -867,10 +877,14 @@ class NatsBackend:
         task.add_done_callback(self._closing.discard)
 
     async def head(self, channel: Channel) -> LogPosition | None:
-        _, _, jsm = self._parts()
         kind = channel.kind
         epoch = await self._epoch(kind)
-        subject = self.names.subject(channel.session, kind)
+        message = await self._last_message(kind, self.names.subject(channel.session, kind))
+        return None if message is None else LogPosition(self._logs[kind].epoch or epoch, message.position)
+
+    async def _last_message(self, kind: ChannelKind, subject: str) -> StoredMessage | None:
+        """The last message stored on ``subject`` (its ``epoch`` is left empty), or ``None``."""
+        _, _, jsm = self._parts()
         log = self._logs[kind]
 
         async def last() -> Any:
@@ -888,7 +902,7 @@ class NatsBackend:
                 raise
 
         message = await self._call(last)
-        return None if message is None else LogPosition(log.epoch or epoch, str(message.seq))
+        return None if message is None else StoredMessage("", str(message.seq), message.data or b"")
 
     async def delete(self, session: str) -> None:
         _, _, jsm = self._parts()
