@@ -24,6 +24,23 @@ __all__ = ["DurableCallbackHandler", "call_on_loop"]
 
 logger = logging.getLogger("durable_ai")
 
+
+class _QuietStop(logging.Filter):
+    """Drops LangChain's warning about the :class:`RunClosed` a sync callback raises to stop a call after its run
+    ended (a cancel): that is the stop working, not an error. Every other callback error is still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (
+            isinstance(args, tuple)
+            and len(args) == 3
+            and args[0] == DurableCallbackHandler.__name__
+            and str(args[2]).startswith(f"{RunClosed.__name__}(")
+        )
+
+
+logging.getLogger("langchain_core.callbacks.manager").addFilter(_QuietStop())
+
 T = TypeVar("T")
 
 # The callbacks that LangChain may call from another thread or event loop, and those of them that start or
