@@ -68,13 +68,13 @@ __all__ = [
     "steer_into_run",
     "stop_answered_when_idle",
     "stored_events",
-    "written_events",
     "strategy_enqueue",
     "strategy_interrupt",
     "strategy_reject",
     "strategy_steer",
     "text_of",
     "truncated_from_the_start",
+    "written_events",
 ]
 
 TIMEOUT = 20.0

@@ -244,3 +244,10 @@ async def browser_context(browser: Any, start_demo: StartDemo, shots: Shots) -> 
                 await shots.take(page, f"end-tab{n}")
     finally:
         await context.close()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say where the screenshots of this run are, so a CI log points at the artifacts to keep."""
+    shots = sorted(ARTIFACTS.rglob("*.png")) if ARTIFACTS.is_dir() else []
+    if shots:
+        terminalreporter.write_line(f"browser screenshots: {len(shots)} in {ARTIFACTS}")

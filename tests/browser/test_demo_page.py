@@ -10,7 +10,9 @@ The core cases run on memory, NATS and the Ably emulator; screenshots: tests/bro
 
 from __future__ import annotations
 
+import itertools
 import re
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -235,6 +237,72 @@ async def test_a_new_page_makes_a_session_and_puts_it_in_the_url_with_nothing_fr
     await shots.take(page, "new-session")
     assert requested and all(url.startswith(demo.base + "/") for url in requested), requested
     assert demo.base + "/sessions/durable-ai.js" in requested
+
+
+@memory_only
+async def test_a_reload_reads_the_view_and_cursor_kept_in_local_storage_not_the_gateway(
+    start_demo: StartDemo, browser_context: BrowserContext, shots: Shots
+) -> None:
+    demo = await start_demo(tokens_per_second=PACE, tokens=SHORT)
+    chat = await ChatPage.open(browser_context, demo.base + "/")
+    await chat.send(QUESTION)
+    answer = await chat.started_answer()
+    key = f"durable-ai:{demo.base}/sessions/{chat.session_id}"
+    kept_cursor = "(key) => JSON.parse(localStorage.getItem(key) ?? 'null')?.view?.cursor ?? null"
+    await chat.page.wait_for_function(kept_cursor, arg=key)
+
+    views: list[str] = []
+    sockets: list[str] = []
+    chat.page.on("request", lambda request: views.append(request.url) if request.url.endswith("/view") else None)
+    chat.page.on("websocket", lambda socket: sockets.append(socket.url))
+    await chat.page.reload()
+    await expect(chat.connection).to_have_text(re.compile("^Live, resumed after cursor "))
+    await expect(answer).to_have_attribute("data-status", "completed")
+    await chat.matches_view(demo)
+    await shots.take(chat.page, "completed-from-storage")
+    assert views == [], "the reloaded page read the gateway's view instead of what it kept"
+    after = parse_qs(urlparse(sockets[0]).query)["after"][0]
+    assert re.fullmatch(r"[0-9a-f]+:\d+:-?\d+", after), after  # it followed on after the cursor it kept
+    kept = await chat.page.evaluate(kept_cursor, key)
+    assert kept is not None  # and keeps the cursor of what it shows now
+
+
+@memory_only
+async def test_reconnects_back_off_exponentially_while_the_gateway_refuses(
+    start_demo: StartDemo, browser_context: BrowserContext, shots: Shots
+) -> None:
+    demo = await start_demo(tokens_per_second=PACE, tokens=SHORT)
+    attempts: list[float] = []
+    refuse = 0
+
+    async def route(page_side: WebSocketRoute) -> None:
+        nonlocal refuse
+        attempts.append(time.monotonic())
+        if refuse > 0:
+            refuse -= 1
+            await page_side.close(code=1011, reason="refused by the test")  # as a gateway that is down
+        else:
+            page_side.connect_to_server()
+
+    await browser_context.route_web_socket(re.compile(r"/sessions/[^/]+/ws"), route)
+    chat = await ChatPage.open(browser_context, demo.base + "/")
+    await chat.send(QUESTION)
+    answer = await chat.started_answer()
+    refuse = 3
+    before = len(attempts)
+    await chat.page.get_by_role("button", name="Simulate network drop").click()
+    await expect(chat.connection).to_have_text(re.compile("^Connection lost: reconnecting in"))
+    await expect(chat.connection).to_have_text(re.compile("^Reconnected "), timeout=20_000)
+    await expect(answer).to_have_attribute("data-status", "completed")
+    await chat.matches_view(demo)
+    await shots.take(chat.page, "reconnected-after-refusals")
+    # Four attempts after the drop (three refused); each wait is at least half of 250 ms doubling (jitter takes
+    # off up to half): after the 1st refusal 250 ms or more, after the 2nd 500, after the 3rd 1,000.
+    tried = attempts[before:]
+    assert len(tried) == 4, tried
+    gaps = [later - earlier for earlier, later in itertools.pairwise(tried)]
+    for gap, least in zip(gaps, (0.25, 0.5, 1.0), strict=True):
+        assert gap >= least * 0.95, gaps
 
 
 @memory_only

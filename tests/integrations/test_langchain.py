@@ -58,7 +58,7 @@ from durable_ai.integrations.langchain import (
     StepSteeringMiddleware,
     steerable,
 )
-from durable_ai.testing.scenarios import collect, text_of, written_events
+from durable_ai.testing.scenarios import text_of, written_events
 from durable_ai_nats.testing import NatsServer
 
 ROOT = Path(__file__).resolve().parents[2]
