@@ -119,7 +119,9 @@ def _demo(backend: str, host: str, port: int, tokens_per_second: float, tokens: 
     from .demo import create_app
 
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (the server below)
+
+        from .integrations.starlette import uvicorn_server
 
         app = create_app(backend, tokens_per_second=tokens_per_second, tokens=tokens)  # imports Starlette
     except ImportError as exc:
@@ -137,7 +139,8 @@ def _demo(backend: str, host: str, port: int, tokens_per_second: float, tokens: 
         backend,
         tokens_per_second,
     )
-    uvicorn.run(app, host=host, port=port, ws_ping_interval=20, ws_ping_timeout=20)
+    server = uvicorn_server(app, app.state.durable, host=host, port=port, ws_ping_interval=20, ws_ping_timeout=20)
+    server.run()
     return 0
 
 

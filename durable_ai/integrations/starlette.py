@@ -66,6 +66,7 @@ __all__ = [
     "event_source",
     "http_status",
     "requested_cursor",
+    "uvicorn_server",
 ]
 
 logger = logging.getLogger("durable_ai")
@@ -367,6 +368,17 @@ class DurableAI:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def begin_shutdown(self) -> None:
+        """What a server calls when it starts to shut down, before it waits for open connections to close.
+
+        Servers run the lifespan's shutdown only once every connection is closed, and a live SSE stream or
+        WebSocket never closes on its own: so this closes the app's hub at once (every run ends ``cancelled`` with
+        the shutdown reason, and every stream served from the hub ends), then ends the launched agents. The
+        lifespan's own close is then a no-op. :func:`uvicorn_server` calls it.
+        """
+        self._open = False
+        await self.close()
+
     def launch(self, agent: Coroutine[Any, Any, Any], *, name: str = "durable-ai agent") -> asyncio.Task[Any]:
         """Run ``agent`` (a coroutine, typically ``async with session.run(...)``) detached from the request.
 
@@ -560,3 +572,21 @@ class _Socket:
             return
         wire = encode(ack).decode()
         await self.outgoing.put(f'{{"kind":"ack","request":{json.dumps(request)},"ack":{wire}}}')
+
+
+# -- serving ---------------------------------------------------------------------------------------------------
+
+
+def uvicorn_server(app: Any, durable: DurableAI, **config: Any) -> Any:
+    """A ``uvicorn.Server`` for ``app`` (``config``: ``uvicorn.Config``'s arguments) whose shutdown starts with
+    :meth:`DurableAI.begin_shutdown`, so that runs end ``cancelled`` and live streams end while clients are still
+    connected (uvicorn would otherwise wait for them to disconnect). ``uvicorn_server(app, durable).run()``.
+    Needs uvicorn."""
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            await durable.begin_shutdown()
+            await super().shutdown(sockets)
+
+    return _Server(uvicorn.Config(app, **config))

@@ -18,6 +18,7 @@ import secrets
 import shutil
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,10 +157,18 @@ async def start_demo(backend_url: str) -> AsyncIterator[StartDemo]:
         yield start
 
 
+@dataclass(frozen=True)
+class DemoProcess:
+    """A ``durable-ai demo`` child process and the base URL it serves."""
+
+    base: str
+    process: asyncio.subprocess.Process
+
+
 @contextlib.asynccontextmanager
-async def demo_command(*args: str) -> AsyncIterator[str]:
-    """``durable-ai demo --port 0 ARGS`` in a child process; yields its base URL (from uvicorn's log line) and
-    stops it (SIGTERM, then waits) at the end."""
+async def demo_command(*args: str) -> AsyncIterator[DemoProcess]:
+    """``durable-ai demo --port 0 ARGS`` in a child process; yields it with its base URL (from uvicorn's log line)
+    and stops it (SIGTERM, then waits) at the end, unless it ended already."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -188,7 +197,7 @@ async def demo_command(*args: str) -> AsyncIterator[str]:
                 pass
 
         drain = asyncio.create_task(read_the_rest(), name="durable-ai demo stderr")
-        yield found.group(1).decode()
+        yield DemoProcess(found.group(1).decode(), process)
     finally:
         if process.returncode is None:
             process.terminate()

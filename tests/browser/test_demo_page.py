@@ -203,7 +203,8 @@ async def test_the_durable_ai_demo_command_serves_the_chat_on_this_backend(
     backend_url: str, browser_context: BrowserContext, shots: Shots
 ) -> None:
     """The command itself, as a newcomer runs it (``--backend`` as given), in a child process."""
-    async with demo_command("--backend", backend_url, "--tokens-per-second", "100", "--tokens", "30") as base:
+    async with demo_command("--backend", backend_url, "--tokens-per-second", "100", "--tokens", "30") as demo:
+        base = demo.base
         chat = await ChatPage.open(browser_context, base + "/")
         await chat.send(QUESTION)
         await expect(chat.answers.first).to_have_attribute("data-status", "completed")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -30,7 +31,9 @@ from durable_ai.events import (
 )
 from durable_ai.integrations.vercel import ChatTurn
 from durable_ai.testing.scenarios import collect, collect_open, run_end, text_of
-from tests.integrations.test_starlette import serve
+from tests.browser.conftest import demo_command
+from tests.integrations.test_starlette import serve, sse
+from tests.integrations.test_vercel import body
 
 TIMEOUT = 10.0
 FAST = 2000.0  # tokens per second: fast tests, paced all the same
@@ -415,3 +418,28 @@ def test_demo_serves_create_app_with_websocket_pings(monkeypatch: pytest.MonkeyP
 def test_demo_with_an_unknown_backend_fails_before_serving(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--backend", "redis://x"]) == 2
     assert "no durable-ai backend is installed for 'redis://'" in capsys.readouterr().err
+
+
+async def test_the_demo_command_shuts_down_with_clients_connected_and_ends_the_answer_cancelled() -> None:
+    """Ctrl-C while an answer streams to its POST and a follower: the answer ends cancelled with the shutdown reason,
+    both streams end, and the process exits (servers wait for open connections before the lifespan's shutdown)."""
+    async with (
+        demo_command("--tokens-per-second", "50", "--tokens", str(ENDLESS)) as demo,
+        httpx.AsyncClient(base_url=demo.base, timeout=TIMEOUT) as http,
+        http.stream("POST", "/api/chat", json=body("Tell me everything.", chat="c1")) as answer,
+        http.stream("GET", "/sessions/c1/events") as follower,
+    ):
+        seen: list[dict[str, Any]] = []
+        async with asyncio.timeout(TIMEOUT):
+            async for frame in sse(follower):
+                if "data" in frame:
+                    seen.append(frame)
+                    if len(seen) == 4:  # the answer streams
+                        demo.process.send_signal(signal.SIGINT)
+            chunks = [line async for line in answer.aiter_lines() if line.startswith("data: ")]
+            code = await demo.process.wait()
+    end = seen[-2] if seen[-1]["event"] == "error" else seen[-1]  # the stream may tell of the hub closing
+    assert end["event"] == "run-end", seen[-3:]
+    assert (end["data"]["status"], end["data"]["reason"]) == ("cancelled", "the agent process is shutting down")
+    assert chunks[-1] == "data: [DONE]"
+    assert code in (0, 128 + signal.SIGINT, -signal.SIGINT)  # uvicorn re-raises the signal once it shut down
