@@ -91,6 +91,7 @@ ChunkSet: TypeAlias = Literal["common", "ai7"]
 UI_MESSAGE_STREAM_HEADERS = {"x-vercel-ai-ui-message-stream": "v1", "Connection": "keep-alive"}
 STOP_REASON = "the user pressed stop"
 ABORT_REASON = "the client aborted the request"
+_EARLY_STOP_SECONDS = 30.0  # how long a stop waits for an answer it cancelled before it started to end
 INTERRUPT_REASON = "a new message interrupted this answer"
 MAX_BODY_BYTES = 1_000_000
 _DONE = b"data: [DONE]\n\n"
@@ -668,12 +669,33 @@ class _ChatApp:
         return JSONResponse({"stopped": outcomes})
 
     async def cancel_active(self, session: Session, reason: str, run_id: str | None = None) -> list[dict[str, Any]]:
-        """Cancel the chat's active answers (or ``run_id``), each once its agent acknowledged it."""
-        run_ids = [run_id] if run_id is not None else [info.run_id for info in _answering(await session.active_runs())]
+        """Cancel the chat's active answers (or ``run_id``), each once its agent acknowledged it.
+
+        An answer this app launched that has not started yet (a Stop right after the message was sent) is
+        cancelled before it starts: it starts and ends at once, ``cancelled`` with ``reason``.
+        """
         results = []
+        early = self._last.get(session.id)
+        if (
+            early is None
+            or early.task is None
+            or early.entered.is_set()
+            or early.failure.done()
+            or run_id not in (None, early.run.id)
+        ):
+            early = None
+        else:
+            early.run.cancel(reason)  # it may be waiting for the answers before it: those are cancelled next
+        run_ids = [run_id] if run_id is not None else [info.run_id for info in _answering(await session.active_runs())]
         for target in run_ids:
+            if early is not None and target == early.run.id:
+                continue
             ack = await (await session.cancel(target, reason=reason)).ack()
             results.append({"runId": target, "outcome": ack.outcome, "reason": ack.reason})
+        if early is not None and early.task is not None:
+            await asyncio.wait([early.task], timeout=_EARLY_STOP_SECONDS)
+            outcome = "applied" if early.run.cancelled else "ignored"
+            results.append({"runId": early.run.id, "outcome": outcome, "reason": reason})
         return results
 
     async def messages(self, request: Request) -> Response:
@@ -801,7 +823,7 @@ class _ChatSocket:
     async def _serve(self, frame: dict[str, Any], request_id: str, state: _WsRequest) -> None:
         try:
             if frame["type"] == "send":
-                parsed = _parse_request({**frame, **frame.get("body", {})})
+                parsed = _parse_request({**frame.get("body", {}), **frame})  # the request's own fields win
                 state.chat_id = parsed.chat_id
                 await self.app.durable.check_access(self.websocket, parsed.chat_id, "prompt")
                 run_id, events = await self.app.start(parsed)

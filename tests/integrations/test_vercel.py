@@ -24,7 +24,7 @@ from websockets.asyncio.client import connect as ws_connect
 from durable_ai import Hub, Run
 from durable_ai.backends.memory import MemoryBackend
 from durable_ai.integrations.starlette import DurableAI
-from durable_ai.integrations.vercel import ChatTurn, UIMessageEncoder, chat_routes, ui_messages
+from durable_ai.integrations.vercel import STOP_REASON, ChatTurn, UIMessageEncoder, chat_routes, ui_messages
 from durable_ai.testing.scenarios import stored_events
 from tests.integrations.test_starlette import serve
 
@@ -415,6 +415,29 @@ async def test_enqueue_answers_a_follow_up_after_the_answer_before_it(agent: Age
         ("assistant", "completed"),
     ]
     assert [m.text for m in agent.turns[1].history] == ["one", agent.answer("one")]  # it saw the whole first answer
+
+
+async def test_stop_also_stops_an_answer_that_has_not_started_yet(agent: Agent, chat_app: ChatApp) -> None:
+    agent.gate.clear()
+    async with chat_app(agent) as (client, durable):
+        async with client.stream("POST", "/api/chat", json=body("one")) as first:
+            one = chunks(first)
+            [chunk async for chunk in _until_text(one)]
+            async with client.stream("POST", "/api/chat", json=body("two", "m2")) as second:
+                # "two" waits for its turn behind "one" (enqueue): Stop comes before it started.
+                stopped = await client.post(f"/api/chat/{CHAT}/stop")
+                rest_of_one, two = await asyncio.gather(read_all(one), read_all(second))
+        view = await durable.hub.session(CHAT).view()
+    assert stopped.status_code == 200
+    outcomes = stopped.json()["stopped"]
+    assert len(outcomes) == 2 and {o["outcome"] for o in outcomes} == {"applied"}, outcomes
+    for rest in (rest_of_one, two):
+        assert [c["type"] if isinstance(c, dict) else c for c in rest][-2:] == ["abort", "[DONE]"]
+    assert [(m.status, m.reason) for m in view.messages if m.role == "assistant"] == [
+        ("cancelled", STOP_REASON),
+        ("cancelled", STOP_REASON),
+    ]
+    assert text_of(two) == ""  # the second answer was stopped at its agent's first await
 
 
 async def test_interrupt_cancels_the_answer_and_starts_the_new_one(agent: Agent, chat_app: ChatApp) -> None:
