@@ -128,6 +128,16 @@ async def test_an_answer_is_status_reasoning_a_search_then_paced_text(unbatched:
     assert len(words(text_of(events))) == len(deltas)
 
 
+async def test_the_text_comes_at_the_pace_asked_for(unbatched: Hub) -> None:
+    """The demo's answers are paced like a model (50 tokens/s by default): never faster than asked."""
+    rate = 200.0
+    _, events = await answered(unbatched.session("pace"), ScriptedAgent(tokens_per_second=rate, tokens=100), "pace")
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    assert len(deltas) >= 100
+    seconds = (deltas[-1].ts - deltas[0].ts) / 1000
+    assert seconds >= 0.9 * (len(deltas) - 1) / rate, seconds  # a lower bound only: a busy machine is slower
+
+
 async def test_answers_are_deterministic_and_differ_by_message(hub: Hub) -> None:
     agent = ScriptedAgent(tokens_per_second=FAST, tokens=80)
     _, first = await answered(hub.session("same-1"), agent, "Tell me about cursors")
@@ -407,12 +417,13 @@ def test_demo_without_uvicorn_says_which_extra_to_install(
 def test_demo_serves_create_app_with_websocket_pings(monkeypatch: pytest.MonkeyPatch) -> None:
     import uvicorn
 
-    calls: list[tuple[Any, dict[str, Any]]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: calls.append((app, options)))
+    configs: list[Any] = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets=None: configs.append(server.config))
     assert main(["demo", "--port", "8123", "--tokens-per-second", "7"]) == 0
-    ((app, options),) = calls
-    assert options == {"host": "127.0.0.1", "port": 8123, "ws_ping_interval": 20, "ws_ping_timeout": 20}
-    assert app.state.durable.hub is not None
+    (config,) = configs
+    options = (config.host, config.port, config.ws_ping_interval, config.ws_ping_timeout)
+    assert options == ("127.0.0.1", 8123, 20, 20)
+    assert config.app.state.durable.hub is not None
 
 
 def test_demo_with_an_unknown_backend_fails_before_serving(capsys: pytest.CaptureFixture[str]) -> None:

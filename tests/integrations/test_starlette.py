@@ -25,6 +25,7 @@ import durable_ai
 from durable_ai import Hub
 from durable_ai.backends.memory import MemoryBackend
 from durable_ai.errors import BackendUnavailable, ControlTooLarge, InvalidCursor, InvalidSessionId, PermissionDenied
+from durable_ai.events import parse_event
 from durable_ai.integrations.starlette import EXCEPTION_HANDLERS, DurableAI, event_source, http_status
 from durable_ai.testing.scenarios import collect, compacted, text_of, written_events
 
@@ -121,6 +122,20 @@ async def test_events_follow_live_and_resume_from_last_event_id(durable: Durable
         answer = await http.get("/sessions/s1/events", params={"after": middle, "follow": "false"})
         records = [json.loads(line[6:]) for line in answer.text.splitlines() if line.startswith("data: ")]
         assert compacted(records) == compacted([f["data"] for f in resumed])
+
+
+async def test_events_from_a_cursor_of_a_log_that_is_gone_start_with_a_reset(
+    durable: DurableAI, client_hub: Hub
+) -> None:
+    app = Starlette(routes=durable.gateway_routes(), lifespan=durable.lifespan)
+    async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=TIMEOUT) as http:
+        await write_answer(client_hub, "s2", "Hello ", "there")
+        stale = "deadbeef0000:5:0"  # a cursor of a log this session no longer has (another epoch)
+        answer = await http.get("/sessions/s2/events", params={"after": stale, "follow": "false"})
+        frames = [json.loads(line[6:]) for line in answer.text.splitlines() if line.startswith("data: ")]
+        assert answer.status_code == 200
+        assert frames[0]["type"] == "reset" and frames[0]["reason"], frames[0]
+        assert text_of([parse_event(f) for f in frames[1:]]) == "Hello there"  # then the log from its start
 
 
 async def test_a_quiet_stream_sends_heartbeats(durable: DurableAI) -> None:
@@ -282,3 +297,13 @@ async def test_the_websocket_carries_events_down_and_controls_up(durable: Durabl
             with pytest.raises(ConnectionClosed) as closed:
                 await asyncio.wait_for(socket.recv(), TIMEOUT)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        # From a cursor: exactly the events after it, each with its cursor.
+        written = await written_events(client_hub, "ws1")
+        async with ws_connect(f"{url}?after={written[1].cursor}") as socket:
+            resumed = []
+            while len(resumed) < len(written) - 2:
+                frame = json.loads(await asyncio.wait_for(socket.recv(), TIMEOUT))
+                assert frame["kind"] == "event", frame
+                resumed.append(frame)
+        assert [f["event"]["id"] for f in resumed] == [e.id for e in written[2:]]
+        assert [f["cursor"] for f in resumed] == [e.cursor for e in written[2:]]
