@@ -172,9 +172,17 @@ async def client(sdk: str) -> AsyncIterator[VercelClient]:
 
 
 @pytest.fixture
-async def chat(client: VercelClient, backend_url: str, sdk: str, transport: Transport) -> AsyncIterator[Chat]:
+def chunks() -> str:
+    """The app's chunk set (``chunks=`` of the chat routes); a test parametrizes it to use another."""
+    return "common"
+
+
+@pytest.fixture
+async def chat(
+    client: VercelClient, backend_url: str, sdk: str, transport: Transport, chunks: str
+) -> AsyncIterator[Chat]:
     """The demo app on ``backend_url`` on a live server, and the SDK client (``sdk``, ``transport``) for a new chat."""
-    app = create_app(backend_url, tokens_per_second=TOKENS_PER_SECOND, tokens=TOKENS)
+    app = create_app(backend_url, tokens_per_second=TOKENS_PER_SECOND, tokens=TOKENS, chunks=chunks)
     async with contextlib.AsyncExitStack() as stack:
         base = await stack.enter_async_context(serve(app))
         port = int(base.rsplit(":", 1)[1])
@@ -313,3 +321,29 @@ async def test_an_abort_of_a_resumed_websocket_request_cancels_the_answer(chat: 
     answer, active = await chat.view()
     assert (answer.status, active) == ("cancelled", [])
     assert answer.text.startswith(text_deltas(chat.client.chunks("again")))
+
+
+# ------------------------------------------------------------------------------------------- chunk sets
+
+
+@pytest.mark.parametrize(
+    ("sdk", "transport", "chunks", "backend_name"),
+    [("ai7", "http", "ai7", "memory"), ("ai6", "http", "common", "memory"), ("ai7", "http", "common", "memory")],
+    ids=["ai7-opted-in", "ai6-common", "ai7-common"],
+)
+async def test_a_steer_is_a_steering_message_only_for_an_app_that_opts_into_ai7_chunks(chat: Chat, chunks: str) -> None:
+    await chat.send("r1", "Tell me about durable sessions.")
+    await chat.client.chunk("r1", "text-delta")
+    _, active = await chat.view()
+    steer = await chat.durable.hub.session(chat.id).steer("actually, use TypeScript", run_id=active[0])
+    assert (await steer.ack()).outcome == "applied"
+    assert await chat.client.end("r1") == "done"
+    assert chat.client.errors("r1") == []  # every chunk passed the SDK's validation
+    types = [chunk["type"] for chunk in chat.client.chunks("r1")]
+    parts = [part["type"] for part in chat.client.message("r1")["parts"]]
+    if chunks == "ai7":
+        assert types.count("steering-message") == 1 and "steering-message" in parts
+        (steering,) = [c for c in chat.client.chunks("r1") if c["type"] == "steering-message"]
+        assert steering["parts"] == [{"type": "text", "text": "actually, use TypeScript"}]
+    else:
+        assert "steering-message" not in types and "steering-message" not in parts
