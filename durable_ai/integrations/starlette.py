@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, Literal, TypeAlias
@@ -52,7 +53,7 @@ from ..errors import (
     PayloadTooLarge,
     PermissionDenied,
 )
-from ..events import Event, encode
+from ..events import AckOutcome, ControlAck, Event, encode
 from ..hub import Hub
 from ..session import EventStream
 from ._static import static_route
@@ -217,6 +218,9 @@ Action: TypeAlias = Literal["read", "prompt", "cancel", "steer"]
 """What a client asks to do with a session: read it (events, view, resume, messages), send it a message, stop
 a run, steer a run."""
 
+PromptAnswer: TypeAlias = Callable[[str, str, "str | None"], Awaitable["tuple[AckOutcome, str | None, str | None]"]]
+"""``answer(session_id, content, message_id)``: start answering a prompt; ``(outcome, reason, run_id)``."""
+
 Authorize: TypeAlias = Callable[[HTTPConnection, str, Action], bool | Awaitable[bool]]
 """``authorize(request_or_websocket, session_id, action)``: whether the client may; see :class:`DurableAI`."""
 
@@ -338,6 +342,7 @@ class DurableAI:
         self.client_id = client_id
         self._tasks: set[asyncio.Task[Any]] = set()
         self._open = False
+        self._prompts: PromptAnswer | None = None
         self.shutdown_grace = shutdown_grace
 
     @property
@@ -367,6 +372,18 @@ class DurableAI:
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+
+    def answer_prompts(self, answer: PromptAnswer | None) -> None:
+        """Who answers the ``prompt`` controls clients send over the gateway's WebSocket in this app:
+        ``answer(session_id, content, message_id)`` starts the answer and returns ``(outcome, reason, run_id)``,
+        which the client gets as the prompt's ``control-ack``. The chat routes register theirs (a prompt is then a
+        message of the chat). Without one, a prompt goes to the agent serving the session (``session.serve``)."""
+        self._prompts = answer
+
+    @property
+    def prompt_answer(self) -> PromptAnswer | None:
+        """What :meth:`answer_prompts` registered, if anything."""
+        return self._prompts
 
     async def begin_shutdown(self) -> None:
         """What a server calls when it starts to shut down, before it waits for open connections to close.
@@ -560,6 +577,10 @@ class _Socket:
         try:
             await self.durable.check_access(self.websocket, self.session.id, kind)
             send = getattr(self.session, kind)
+            answer = self.durable.prompt_answer
+            if kind == "prompt" and answer is not None:
+                await self._answered(request, answer, fields)
+                return
             if kind == "steer":
                 handle = await send(fields.pop("text", None), **fields)
             elif kind == "prompt":
@@ -570,8 +591,30 @@ class _Socket:
         except (DurableAIError, TypeError, AckTimeout) as exc:
             await self._error(request, exc)
             return
+        await self._ack(request, ack)
+
+    async def _ack(self, request: object, ack: ControlAck) -> None:
         wire = encode(ack).decode()
         await self.outgoing.put(f'{{"kind":"ack","request":{json.dumps(request)},"ack":{wire}}}')
+
+    async def _answered(self, request: object, answer: PromptAnswer, fields: dict[str, Any]) -> None:
+        """A prompt the app answers itself (see :meth:`DurableAI.answer_prompts`); its ack comes from here."""
+        content, message_id = fields.get("content"), fields.get("message_id")
+        if not isinstance(content, str) or not content or not (message_id is None or isinstance(message_id, str)):
+            await self._error(request, "a prompt needs its content (and a string message_id, if any)", "MalformedFrame")
+            return
+        outcome, reason, run_id = await answer(self.session.id, content, message_id)
+        ack = ControlAck(
+            id=secrets.token_hex(12),
+            session=self.session.id,
+            run_id=run_id,
+            ts=int(time.time() * 1000),
+            control_id=None,
+            control_type="prompt",
+            outcome=outcome,
+            reason=reason,
+        )
+        await self._ack(request, ack)
 
 
 # -- serving ---------------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
@@ -53,6 +54,7 @@ from ..backends.kit import cancel_and_wait
 from ..cursor import Cursor
 from ..errors import ConfigurationError, DurableAIError, HubClosed, PayloadTooLarge
 from ..events import (
+    AckOutcome,
     Data,
     ErrorEvent,
     Event,
@@ -499,6 +501,7 @@ class _ChatApp:
         self.chunks = chunks
         self.max_body_bytes = max_body_bytes
         self._last: dict[str, _Launch] = {}  # chat id -> the latest response launched here
+        durable.answer_prompts(self.answer_prompt)
 
     def session(self, chat_id: str) -> Session:
         return self.durable.hub.session(chat_id)
@@ -543,6 +546,19 @@ class _ChatApp:
         launch.task = self.durable.launch(self._answer(session, launch, request, previous), name=f"chat {run.id}")
         launch.task.add_done_callback(lambda _: self._forget(request.chat_id, launch))
         return run.id, _response_events(session, run.id, after, launch)
+
+    async def answer_prompt(
+        self, chat_id: str, content: str, message_id: str | None
+    ) -> tuple[AckOutcome, str | None, str | None]:
+        """A ``prompt`` sent over the gateway's WebSocket: a message of the chat, answered as a POST's would be
+        (the chat's strategy applies: ``reject`` refuses it while an answer streams)."""
+        request = _Request(chat_id, message_id or secrets.token_hex(12), content, "submit-message", {})
+        try:
+            run_id, events = await self.start(request)
+        except ChatBusy as exc:
+            return "rejected", str(exc), None
+        await events.aclose()  # the client follows the session over the gateway: nothing reads this response
+        return "applied", None, run_id
 
     def _replay(
         self, session: Session, view: SessionView, message_id: str

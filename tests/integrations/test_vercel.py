@@ -613,3 +613,33 @@ async def test_websocket_reject_is_an_error_frame(agent: Agent, chat_app: ChatAp
         (refused,) = [f async for f in frames(socket, "r2")]
         agent.gate.set()
     assert refused["type"] == "error" and "still answering" in refused["errorText"]
+
+
+# -- the gateway's WebSocket on a chat app ---------------------------------------------------------------------
+
+
+async def test_a_prompt_over_the_gateway_websocket_is_a_message_of_the_chat(agent: Agent, chat_app: ChatApp) -> None:
+    agent.gate.clear()
+    async with chat_app(agent, strategy="reject") as (client, durable):
+        url = str(client.base_url).replace("http://", "ws://") + f"/sessions/{CHAT}/ws"
+        async with ws_connect(url) as socket:
+
+            async def ack_of(request: str) -> dict[str, Any]:
+                async with asyncio.timeout(TIMEOUT):
+                    while True:
+                        frame = json.loads(await socket.recv())
+                        if frame["kind"] in ("ack", "error") and frame.get("request") == request:
+                            return dict(frame)
+
+            await socket.send(json.dumps({"type": "prompt", "content": "hello", "request": "p1"}))
+            first = await ack_of("p1")
+            await socket.send(json.dumps({"type": "prompt", "content": "and this?", "request": "p2"}))
+            second = await ack_of("p2")  # the chat answers one message at a time (strategy reject)
+            agent.gate.set()
+            ended = await run_end(durable.hub)
+        view = await durable.hub.session(CHAT).view()
+    assert (first["kind"], first["ack"]["control_type"], first["ack"]["outcome"]) == ("ack", "prompt", "applied")
+    assert (second["kind"], second["ack"]["outcome"]) == ("ack", "rejected") and second["ack"]["reason"]
+    assert ended == ["completed"]
+    assert view.messages[-1].run_id == first["ack"]["run_id"]
+    assert [(m.role, m.text) for m in view.messages] == [("user", "hello"), ("assistant", agent.answer("hello"))]
