@@ -643,3 +643,35 @@ async def test_a_prompt_over_the_gateway_websocket_is_a_message_of_the_chat(agen
     assert ended == ["completed"]
     assert view.messages[-1].run_id == first["ack"]["run_id"]
     assert [(m.role, m.text) for m in view.messages] == [("user", "hello"), ("assistant", agent.answer("hello"))]
+
+
+# -- FastAPI ---------------------------------------------------------------------------------------------------
+
+
+async def test_a_fastapi_app_adopts_the_routes_as_the_docs_show(agent: Agent) -> None:
+    """The server of docs/integrations/vercel.md, on FastAPI: nothing hand-written but the agent."""
+    from fastapi import FastAPI
+
+    from durable_ai.integrations.starlette import EXCEPTION_HANDLERS
+
+    durable = DurableAI("memory://")
+    app = FastAPI(
+        routes=[*chat_routes(durable, agent), *durable.gateway_routes()],
+        lifespan=durable.lifespan,
+        exception_handlers=dict(EXCEPTION_HANDLERS),
+    )
+    async with serve(app) as base, httpx.AsyncClient(base_url=base, timeout=TIMEOUT) as client:
+        async with client.stream("POST", "/api/chat", json=body("hi")) as response:
+            assert response.status_code == 200
+            answer = await read_all(response)
+        assert text_of(answer) == agent.answer("hi") and answer[-1] == "[DONE]"
+        resumed = await client.get(f"/api/chat/{CHAT}/stream")
+        assert (resumed.status_code, resumed.content) == (204, b"")
+        stopped = await client.post(f"/api/chat/{CHAT}/stop")
+        assert (stopped.status_code, stopped.json()) == (200, {"stopped": []})
+        messages = (await client.get(f"/api/chat/{CHAT}/messages")).json()
+        assert [m["role"] for m in messages] == ["user", "assistant"]
+        view = await client.get(f"/sessions/{CHAT}/view")
+        assert view.status_code == 200 and view.json()["messages"][-1]["status"] == "completed"
+        bad = await client.get("/api/chat/not%20a%20valid%20id!/messages")
+        assert bad.status_code == 400, bad.text
