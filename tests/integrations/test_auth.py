@@ -4,6 +4,7 @@ hands a client its own Ably credential instead of relaying (exchanged at the Abl
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -17,7 +18,7 @@ from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
 from websockets.asyncio.client import connect as ws_connect
 
-from durable_ai import Hub, Run
+from durable_ai import Event, Hub, Run, RunEnd, TextDelta
 from durable_ai.errors import ConfigurationError
 from durable_ai.integrations.starlette import Action, DurableAI, SessionTokens
 from durable_ai.integrations.vercel import ChatTurn, chat_routes
@@ -154,7 +155,50 @@ async def test_websockets_refuse_without_the_right_token() -> None:
             frame = json.loads(await socket.recv())
             assert (frame["type"], frame["requestId"]) == ("error", "r1")
             assert "not allowed to prompt" in frame["errorText"]
+        prompt_only = tokens.issue(CHAT, actions=["prompt"])
+        async with ws_connect(f"{ws}/api/chat/ws?token={prompt_only}") as socket:
+            resume = {"type": "resume", "requestId": "r2", "id": CHAT, "headers": {}, "body": {}}
+            await socket.send(json.dumps(resume))
+            frame = json.loads(await socket.recv())
+            assert (frame["type"], frame["requestId"]) == ("error", "r2")
+            assert "not allowed to read" in frame["errorText"]
         assert (await durable.hub.session(CHAT).view()).messages == []
+
+
+async def test_a_chat_websocket_abort_without_the_right_to_cancel_only_detaches() -> None:
+    tokens = SessionTokens(SECRET)
+    gate = asyncio.Event()
+
+    async def slow(run: Run, turn: ChatTurn) -> None:
+        await run.text("first ")
+        await gate.wait()
+        await run.text("rest")
+
+    durable = DurableAI("memory://", authorize=tokens)
+    app = Starlette(routes=[*chat_routes(durable, slow), *durable.gateway_routes()], lifespan=durable.lifespan)
+    async with serve(app) as base:
+        ws = base.replace("http://", "ws://")
+        no_cancel = tokens.issue(CHAT, actions=["prompt", "read"])
+        async with (
+            durable.hub.session(CHAT).events() as events,
+            ws_connect(f"{ws}/api/chat/ws?token={no_cancel}") as socket,
+        ):
+            await socket.send(json.dumps({"type": "send", "requestId": "r1", "headers": {}, "body": {}, **chat_body()}))
+            async with asyncio.timeout(10):
+                while json.loads(await socket.recv()).get("chunk", {}).get("type") != "text-delta":
+                    pass
+            await socket.send(json.dumps({"type": "abort", "requestId": "r1"}))
+            gate.set()
+            ends = [e async for e in _until_run_end(events)]
+    assert (ends[-1].status, "".join(e.delta for e in ends if isinstance(e, TextDelta))) == ("completed", "first rest")
+
+
+async def _until_run_end(events: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    async with asyncio.timeout(10):
+        async for event in events:
+            yield event
+            if isinstance(event, RunEnd):
+                return
 
 
 # -- a client's own broker credential ------------------------------------------------------------------------
