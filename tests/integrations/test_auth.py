@@ -188,6 +188,11 @@ async def test_a_chat_websocket_abort_without_the_right_to_cancel_only_detaches(
                 while json.loads(await socket.recv()).get("chunk", {}).get("type") != "text-delta":
                     pass
             await socket.send(json.dumps({"type": "abort", "requestId": "r1"}))
+            # Frames are handled in order: once the resume after it is answered, the abort was dealt with.
+            await socket.send(json.dumps({"type": "resume", "requestId": "r2", "id": CHAT, "headers": {}, "body": {}}))
+            async with asyncio.timeout(10):
+                while json.loads(await socket.recv()).get("requestId") != "r2":
+                    pass
             gate.set()
             ends = [e async for e in _until_run_end(events)]
     assert (ends[-1].status, "".join(e.delta for e in ends if isinstance(e, TextDelta))) == ("completed", "first rest")
