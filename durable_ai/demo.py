@@ -130,9 +130,9 @@ class ScriptedAgent:
     For each message it writes a ``status`` ("thinking"), a short reasoning, a ``search`` tool call (its input
     ``{"query": <the message, at most 200 characters>}``) and its result, then an answer of at least ``tokens``
     text deltas, each a word and a space. A steer that reaches the run writes a status ``steered: <text>`` and
-    the rest of the answer is about the steer. A message with the word "team" starts three sub-agent runs
-    concurrently on ``turn.session`` (parent: the run), each with ``tokens // 4`` tokens of its own, then a short
-    summary; cancelling the orchestrator cancels them too.
+    the rest of the answer is about the steer. A message with the word "team" makes a ``plan`` tool call, starts
+    three sub-agent runs concurrently on ``turn.session`` (parent: the run), each with ``tokens // 3`` tokens of
+    its own, then writes a short summary; cancelling the orchestrator cancels them too.
 
     Args:
         tokens_per_second: the pace of every delta the agent writes (positive).
@@ -177,7 +177,11 @@ class ScriptedAgent:
     async def _orchestrate(self, run: Run, session: Session, text: str, pacer: _Pacer) -> None:
         await run.status("planning")
         await self._reason(run, ["Splitting the question", f"among {RESEARCHERS} researchers."], pacer)
-        share = max(1, self.tokens // 4)
+        query = text[:MAX_QUERY]
+        call = await run.tool_call("plan", {"question": query, "researchers": RESEARCHERS})
+        parts = [f"part {n} of {_quote(query, 60)}" for n in range(1, RESEARCHERS + 1)]
+        await run.tool_result(call, {"parts": parts})
+        share = max(1, self.tokens // RESEARCHERS)  # the team writes at least as much as one answer
         async with asyncio.TaskGroup() as group:
             tasks = [
                 group.create_task(self._research(session, run, n, text, share), name=f"durable-ai demo researcher-{n}")
