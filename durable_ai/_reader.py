@@ -71,9 +71,10 @@ async def read_events(
     """
     channel = Channel(session, "events")
     seen: OrderedDict[str, None] = OrderedDict()
+    opened: AsyncIterator[StoredMessage] | None = None  # the log's read the tail's check began, to go on with
     saved = await _covering_tail(backend, channel, after, follow=follow) if use_tail else None
     if saved is not None:
-        events, end = saved
+        events, end, opened = saved
         for event in events:
             if event.id:
                 seen[event.id] = None
@@ -81,6 +82,26 @@ async def read_events(
         if end is None:
             return  # the log holds nothing after the snapshot, and the reader does not follow
         after = end
+    try:
+        async with closing(_read_log(backend, channel, session, after, follow, options, seen, opened)) as log:
+            async for event in log:
+                yield event
+    finally:
+        if opened is not None:
+            await _close(opened)
+
+
+async def _read_log(
+    backend: Backend,
+    channel: Channel,
+    session: str,
+    after: Cursor | None,
+    follow: bool,
+    options: ReadOptions,
+    seen: OrderedDict[str, None],
+    opened: AsyncIterator[StoredMessage] | None,
+) -> AsyncIterator[Event]:
+    """:func:`read_events` from the log (``opened``: a read of it from ``after`` already begun)."""
     start = after.log_position if after is not None else None
     skip_position = after.position if after is not None else None
     skip_index = after.index if after is not None else -1
@@ -110,7 +131,8 @@ async def read_events(
                 if pending_reset is not None and await backend.head(channel) is None:
                     yield _reset(session, pending_reset, None, options)
                     pending_reset = None
-            async with closing(backend.read(channel, start=start, follow=follow)) as messages:
+            source, opened = opened or backend.read(channel, start=start, follow=follow), None
+            async with closing(source) as messages:
                 async for message in messages:
                     down_since, backoff = None, 0.05
                     records = _records(channel, message)
@@ -188,9 +210,9 @@ async def read_events(
 
 async def _covering_tail(
     backend: Backend, channel: Channel, after: Cursor | None, *, follow: bool
-) -> tuple[list[Event], Cursor | None] | None:
-    """The snapshot's events after ``after`` and the cursor to read the log after (``None``: nothing after), if
-    the snapshot's tail covers ``after`` and the log is still the one it was saved from."""
+) -> tuple[list[Event], Cursor | None, AsyncIterator[StoredMessage] | None] | None:
+    """If the snapshot's tail covers ``after`` and the log is still the one it was saved from: the tail's events
+    after ``after``, the cursor to read the log after (``None``: nothing after), and that read, begun."""
     try:
         raw = await backend.load_snapshot(channel.session)
     except BackendUnavailable:
@@ -204,11 +226,46 @@ async def _covering_tail(
     events = saved.events_after(after)
     if events is None:
         return None  # not covered: read the log as usual
-    head = await backend.head(channel)
+    # The log must still hold the message the snapshot ends at, in the same epoch (a read checks the epoch with
+    # the broker, where a head() may answer from what this process knew): read from there, and see whether
+    # anything follows it.
     end = Cursor.parse(saved.end)
-    if head is None or head.epoch != end.epoch:
-        return None  # the log was recreated since the snapshot was saved
-    return events, (None if head.position == end.position and not follow else end)
+    messages = backend.read(channel, start=end.log_position, follow=follow)
+    peeked: list[StoredMessage] = []
+    try:
+        async for message in messages:
+            peeked.append(message)
+            if len(peeked) > 1 or message.position != end.position:
+                break
+    except (LogReset, BackendUnavailable):
+        peeked = []  # the log was recreated or trimmed since (or cannot be read): reading it says which
+    except BaseException:
+        await _close(messages)
+        raise
+    if not peeked or peeked[0].position != end.position:
+        await _close(messages)
+        return None
+    if len(peeked) == 1 and not follow:
+        await _close(messages)
+        return events, None, None
+    return events, end, _resumed(peeked, messages)
+
+
+async def _resumed(peeked: list[StoredMessage], rest: AsyncIterator[StoredMessage]) -> AsyncIterator[StoredMessage]:
+    """The messages already read from ``rest``, then the rest of it (closed with this)."""
+    try:
+        for message in peeked:
+            yield message
+        async for message in rest:
+            yield message
+    finally:
+        await _close(rest)
+
+
+async def _close(iterator: AsyncIterator[StoredMessage]) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 @contextlib.asynccontextmanager

@@ -55,7 +55,8 @@ async def test_a_finished_answer_is_caught_up_from_the_snapshot_exactly_from_eve
                 got = await collect(client.session("s").events(after=cursor, follow=False))
                 # The same events, text and order after the cursor; adjacent deltas of a part come merged.
                 assert compacted(got) == compacted(written[k:]), f"after cursor {k}: {cursor}"
-                assert backend.messages_read == 0, "the catch-up read the log"
+                # Of the log it reads only the message the snapshot ends at: the proof the log is still that one.
+                assert backend.messages_read <= 1, "the catch-up read the log"
                 # Resuming from any cursor the catch-up gave is exact too.
                 for event in got[:3]:
                     index = next(i for i, e in enumerate(written) if e.cursor == event.cursor)
@@ -100,7 +101,7 @@ async def test_an_answer_longer_than_the_tail_keeps_its_end_and_reads_its_start_
                 got = await collect(client.session("s").events(after=written[k].cursor, follow=False))
                 assert compacted(got) == compacted(written[k + 1 :]), f"after event {k}"
                 if k == len(written) - 20:
-                    assert backend.messages_read == 0  # near the end: from the tail
+                    assert backend.messages_read <= 1  # near the end: from the tail (and the message it ends at)
                 if k == 1:
                     assert backend.messages_read > 1000  # near the start: before the tail, from the log
 
