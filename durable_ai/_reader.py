@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
@@ -66,13 +66,15 @@ async def read_events(
     A cursor without a position (``<epoch>::-1``) reads the epoch from its start, and yields ``reset`` first if
     the log's first message is not its ``log-start`` (retention dropped the start).
 
-    With ``use_tail``, the events the session's snapshot keeps (see :mod:`durable_ai._tail`) are yielded from
-    there when they cover ``after``, and the log is read only after the snapshot's cursor.
+    With ``use_tail``, a catch-up read (not ``follow``) yields the events the session's snapshot keeps (see
+    :mod:`durable_ai._tail`) when they cover ``after``, and reads the log only after the snapshot's cursor. A
+    follower always reads the log: it must be reading it, not the snapshot, when a deletion comes (to report it as
+    one).
     """
     channel = Channel(session, "events")
     seen: OrderedDict[str, None] = OrderedDict()
     opened: AsyncIterator[StoredMessage] | None = None  # the log's read the tail's check began, to go on with
-    saved = await _covering_tail(backend, channel, after, follow=follow) if use_tail else None
+    saved = await _covering_tail(backend, channel, after) if use_tail and not follow else None
     if saved is not None:
         events, end, opened = saved
         for event in events:
@@ -209,7 +211,7 @@ async def _read_log(
 
 
 async def _covering_tail(
-    backend: Backend, channel: Channel, after: Cursor | None, *, follow: bool
+    backend: Backend, channel: Channel, after: Cursor | None
 ) -> tuple[list[Event], Cursor | None, AsyncIterator[StoredMessage] | None] | None:
     """If the snapshot's tail covers ``after`` and the log is still the one it was saved from: the tail's events
     after ``after``, the cursor to read the log after (``None``: nothing after), and that read, begun."""
@@ -230,25 +232,25 @@ async def _covering_tail(
     # the broker, where a head() may answer from what this process knew): read from there, and see whether
     # anything follows it.
     end = Cursor.parse(saved.end)
-    messages = backend.read(channel, start=end.log_position, follow=follow)
+    messages = backend.read(channel, start=end.log_position, follow=False)
     peeked: list[StoredMessage] = []
+    handed_on = False
     try:
         async for message in messages:
             peeked.append(message)
             if len(peeked) > 1 or message.position != end.position:
                 break
+        if not peeked or peeked[0].position != end.position:
+            return None
+        if len(peeked) == 1:
+            return events, None, None
+        handed_on = True  # more follows: the caller reads on from here
+        return events, end, _resumed(peeked, messages)
     except (LogReset, BackendUnavailable):
-        peeked = []  # the log was recreated or trimmed since (or cannot be read): reading it says which
-    except BaseException:
-        await _close(messages)
-        raise
-    if not peeked or peeked[0].position != end.position:
-        await _close(messages)
-        return None
-    if len(peeked) == 1 and not follow:
-        await _close(messages)
-        return events, None, None
-    return events, end, _resumed(peeked, messages)
+        return None  # the log was recreated or trimmed since (or cannot be read): reading it says which
+    finally:
+        if not handed_on:
+            await _close(messages)
 
 
 async def _resumed(peeked: list[StoredMessage], rest: AsyncIterator[StoredMessage]) -> AsyncIterator[StoredMessage]:
@@ -262,7 +264,7 @@ async def _resumed(peeked: list[StoredMessage], rest: AsyncIterator[StoredMessag
         await _close(rest)
 
 
-async def _close(iterator: AsyncIterator[StoredMessage]) -> None:
+async def _close(iterator: AsyncIterator[Any]) -> None:
     aclose = getattr(iterator, "aclose", None)
     if aclose is not None:
         await aclose()
@@ -274,9 +276,7 @@ async def closing(iterator: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]
     try:
         yield iterator
     finally:
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await _close(iterator)
 
 
 def _records(channel: Channel, message: StoredMessage) -> list[dict[str, object]]:

@@ -300,14 +300,12 @@ class Session:
         runtime.check_open()
         return EventStream(
             read_events(
-                # A catch-up read is served from the snapshot's tail where it covers the cursor. A follower reads
-                # the log: it must be reading it, not the snapshot, when a deletion comes (to report it as one).
                 runtime.backend,
                 self.id,
                 after=after,
                 follow=follow,
                 options=runtime.read_options,
-                use_tail=not follow,
+                use_tail=True,  # a catch-up read is served from the snapshot's tail where it covers the cursor
             )
         )
 
