@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, Literal, TypeAlias
@@ -39,7 +38,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from .._util import validate_name, validate_session_id
+from .._util import IdFactory, now_ms, validate_name, validate_session_id
 from ..backends.base import IssuesClientCredentials
 from ..backends.kit import cancel_and_wait
 from ..cursor import Cursor
@@ -75,6 +74,7 @@ logger = logging.getLogger("durable_ai")
 #: seconds between SSE heartbeat comments while a stream is quiet
 HEARTBEAT_SECONDS = 15.0
 _QUEUE = 256  # events a slow client may be behind before the reader waits for it
+_new_id = IdFactory()  # ids of the acks the gateway writes itself (for prompts the app answers)
 
 
 # -- errors --------------------------------------------------------------------------------------------------------
@@ -605,10 +605,10 @@ class _Socket:
             return
         outcome, reason, run_id = await answer(self.session.id, content, message_id)
         ack = ControlAck(
-            id=secrets.token_hex(12),
+            id=_new_id(),
             session=self.session.id,
             run_id=run_id,
-            ts=int(time.time() * 1000),
+            ts=now_ms(),
             control_id=None,
             control_type="prompt",
             outcome=outcome,

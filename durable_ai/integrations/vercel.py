@@ -39,7 +39,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
@@ -49,7 +48,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from .._util import derived_id, now_ms, validate_name
+from .._util import IdFactory, derived_id, now_ms, validate_name
 from ..backends.kit import cancel_and_wait
 from ..cursor import Cursor
 from ..errors import ConfigurationError, DurableAIError, HubClosed, PayloadTooLarge
@@ -93,6 +92,7 @@ ChunkSet: TypeAlias = Literal["common", "ai7"]
 UI_MESSAGE_STREAM_HEADERS = {"x-vercel-ai-ui-message-stream": "v1", "Connection": "keep-alive"}
 STOP_REASON = "the user pressed stop"
 ABORT_REASON = "the client aborted the request"
+_new_id = IdFactory()  # message ids for prompts that come without one
 _EARLY_STOP_SECONDS = 30.0  # how long a stop waits for an answer it cancelled before it started to end
 INTERRUPT_REASON = "a new message interrupted this answer"
 MAX_BODY_BYTES = 1_000_000
@@ -552,7 +552,7 @@ class _ChatApp:
     ) -> tuple[AckOutcome, str | None, str | None]:
         """A ``prompt`` sent over the gateway's WebSocket: a message of the chat, answered as a POST's would be
         (the chat's strategy applies: ``reject`` refuses it while an answer streams)."""
-        request = _Request(chat_id, message_id or secrets.token_hex(12), content, "submit-message", {})
+        request = _Request(chat_id, message_id or _new_id(), content, "submit-message", {})
         try:
             run_id, events = await self.start(request)
         except ChatBusy as exc:
