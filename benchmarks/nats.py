@@ -1626,16 +1626,11 @@ async def bench_sessions(sizes: Sizes, report: Report) -> None:
 
 
 async def _client_messages(server: NatsServer, hub: Hub) -> int:
-    """Messages the server has received from ``hub``'s connection (each request is one), from ``/connz``."""
+    """Messages the server has received from ``hub``'s connection (each request is one)."""
     backend = hub.backend
     if not isinstance(backend, NatsBackend):
         raise BenchmarkError(f"the hub is not on NATS: {backend!r}")
-    cid = backend.connection.client_id
-    document = await server.monitor(f"/connz?cid={cid}")
-    connections = document.get("connections") or []
-    if len(connections) != 1:
-        raise BenchmarkError(f"the server does not list connection {cid}: {document}")
-    return int(connections[0]["in_msgs"])
+    return await server.messages_from(backend.connection.client_id)
 
 
 async def late_join(server: NatsServer, url: str, session_id: str) -> tuple[float, int, SessionView]:

@@ -453,8 +453,7 @@ async def _sent(server: NatsServer, hub: durable_ai.Hub) -> int:
     """Messages the server received from the hub's connection: each request is one."""
     backend = hub.backend
     assert isinstance(backend, NatsBackend)
-    document = await server.monitor(f"/connz?cid={backend.connection.client_id}")
-    return int(document["connections"][0]["in_msgs"])
+    return await server.messages_from(backend.connection.client_id)
 
 
 async def test_a_late_join_of_a_hundred_finished_answers_takes_three_requests(

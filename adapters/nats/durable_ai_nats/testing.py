@@ -232,6 +232,17 @@ class NatsServer:
             raise NatsServerError(f"no {path} from {self.url}: {response}") from None
         return document
 
+    async def messages_from(self, client_id: int | None) -> int:
+        """How many messages the server has received from connection ``client_id`` (nats-py's
+        ``connection.client_id``), from ``/connz``: each request, publish and acknowledgement is one."""
+        if client_id is None:
+            raise NatsServerError("the connection has no client id: it is not connected")
+        document = await self.monitor(f"/connz?cid={client_id}")
+        connections = document.get("connections") or []
+        if len(connections) != 1:
+            raise NatsServerError(f"{self.url} does not list connection {client_id}: {document}")
+        return int(connections[0]["in_msgs"])
+
     async def _wait_exit(self, limit: float) -> bool:
         proc, deadline = self._res.proc, time.monotonic() + limit
         while proc is not None and proc.poll() is None:
