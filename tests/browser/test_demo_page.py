@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, urlparse
 import httpx
 import pytest
 
-from tests.browser.conftest import LOOP, TIMEOUT_MS, Gateway, Shots, StartDemo, demo_command, missing_browser
+from tests.browser.conftest import LOOP, TIMEOUT_MS, Demo, Gateway, Shots, StartDemo, demo_command, missing_browser
 
 _why = missing_browser()
 if _why is not None:
@@ -116,16 +116,21 @@ def memory_only(test: Any) -> Any:
     return pytest.mark.parametrize("backend_name", ["memory"])(test)
 
 
+async def answering(start_demo: StartDemo, context: BrowserContext, tokens: int) -> tuple[Demo, ChatPage, Locator]:
+    """A demo whose answers are ``tokens`` long, a page on it that asked QUESTION, and the answer once it streams."""
+    demo = await start_demo(tokens_per_second=PACE, tokens=tokens)
+    chat = await ChatPage.open(context, demo.base + "/")
+    await chat.send(QUESTION)
+    return demo, chat, await chat.started_answer()
+
+
 # -- every backend: memory, nats, ably ------------------------------------------------------------------------------
 
 
 async def test_a_reload_mid_answer_shows_the_answer_so_far_and_completes_it_identically(
     start_demo: StartDemo, browser_context: BrowserContext, shots: Shots, backend_name: str
 ) -> None:
-    demo = await start_demo(tokens_per_second=PACE, tokens=SHORT)
-    chat = await ChatPage.open(browser_context, demo.base + "/")
-    await chat.send(QUESTION)
-    answer = await chat.started_answer()
+    demo, chat, answer = await answering(start_demo, browser_context, SHORT)
     so_far = await chat.answer_text(answer)
     await shots.take(chat.page, "before-reload")
 
@@ -187,10 +192,7 @@ async def test_a_second_tab_follows_the_live_answer_and_its_stop_cancels_the_run
 async def test_the_network_drop_button_reconnects_and_resumes_without_loss(
     start_demo: StartDemo, browser_context: BrowserContext, shots: Shots
 ) -> None:
-    demo = await start_demo(tokens_per_second=PACE, tokens=SHORT)
-    chat = await ChatPage.open(browser_context, demo.base + "/")
-    await chat.send(QUESTION)
-    answer = await chat.started_answer()
+    demo, chat, answer = await answering(start_demo, browser_context, SHORT)
 
     await chat.page.get_by_role("button", name="Simulate network drop").click()
     await expect(chat.connection).to_have_text(re.compile("^Reconnected 1 time, resumed after cursor "))
@@ -244,10 +246,7 @@ async def test_a_new_page_makes_a_session_and_puts_it_in_the_url_with_nothing_fr
 async def test_a_reload_reads_the_view_and_cursor_kept_in_local_storage_not_the_gateway(
     start_demo: StartDemo, browser_context: BrowserContext, shots: Shots
 ) -> None:
-    demo = await start_demo(tokens_per_second=PACE, tokens=SHORT)
-    chat = await ChatPage.open(browser_context, demo.base + "/")
-    await chat.send(QUESTION)
-    answer = await chat.started_answer()
+    demo, chat, answer = await answering(start_demo, browser_context, SHORT)
     key = f"durable-ai:{demo.base}/sessions/{chat.session_id}"
     kept_cursor = "(key) => JSON.parse(localStorage.getItem(key) ?? 'null')?.view?.cursor ?? null"
     await chat.page.wait_for_function(kept_cursor, arg=key)
@@ -332,10 +331,7 @@ async def test_a_page_whose_view_cannot_be_read_follows_the_log_from_its_start(
 async def test_steer_changes_the_rest_of_the_answer(
     start_demo: StartDemo, browser_context: BrowserContext, shots: Shots
 ) -> None:
-    demo = await start_demo(tokens_per_second=PACE, tokens=ENDLESS)
-    chat = await ChatPage.open(browser_context, demo.base + "/")
-    await chat.send(QUESTION)
-    answer = await chat.started_answer()
+    demo, chat, answer = await answering(start_demo, browser_context, ENDLESS)
 
     await chat.page.get_by_role("textbox", name="Steer").fill("focus on NATS")
     await chat.page.get_by_role("button", name="Steer").click()
@@ -374,10 +370,7 @@ async def test_a_team_message_lists_four_agents_with_their_status(
 async def test_a_deleted_session_resets_the_page_which_then_follows_the_new_log(
     start_demo: StartDemo, browser_context: BrowserContext, shots: Shots
 ) -> None:
-    demo = await start_demo(tokens_per_second=PACE, tokens=BRIEF)
-    chat = await ChatPage.open(browser_context, demo.base + "/")
-    await chat.send(QUESTION)
-    answer = await chat.started_answer()
+    demo, chat, answer = await answering(start_demo, browser_context, BRIEF)
     await expect(answer).to_have_attribute("data-status", "completed")
 
     await demo.hub.session(chat.session_id).delete()
