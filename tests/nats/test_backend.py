@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator
 
@@ -495,3 +496,32 @@ async def test_a_catch_up_read_from_the_last_message_yields_it_and_one_from_befo
             _ = [m async for m in backend.read(channel, start=LogPosition("other", last.position), follow=False)]
     finally:
         await backend.close()
+
+
+async def test_a_run_starts_its_control_loop_without_a_backlog_consumer(nats_server: NatsServer, prefix: str) -> None:
+    # A run's control loop reads the control log from where it ends. When the log's last message is that end, or
+    # the log is empty, the backlog is known to be empty: the read asks for the last message, not for a consumer.
+    watcher = await nats.connect(nats_server.url)
+    created: list[tuple[str, list[str]]] = []  # (deliver policy, filter subjects) of each consumer asked for
+
+    async def on_create(msg: nats.aio.msg.Msg) -> None:
+        config = json.loads(msg.data).get("config", {})
+        subjects = config.get("filter_subjects") or [config.get("filter_subject")]
+        created.append((config.get("deliver_policy"), subjects))
+
+    await watcher.subscribe("$JS.API.CONSUMER.CREATE.>", cb=on_create)
+    await watcher.flush()
+    control = names(prefix).subject("s", "control")
+    try:
+        async with durable_ai.connect(_url(nats_server, prefix)) as hub:
+            async with hub.session("s").run(agent="w") as run:  # the control log is empty
+                await run.text("one")
+            await hub.session("s").steer("shorter")  # no run to take it: the log ends with it
+        other = durable_ai.connect(_url(nats_server, prefix))  # a new process: it reads on from that control
+        async with other, other.session("s").run(agent="w") as run:
+            await run.text("two")
+        await watcher.flush()
+    finally:
+        await watcher.close()
+    # Each process's live feed (new messages only), and no backlog consumer.
+    assert [policy for policy, subjects in created if control in subjects] == ["new", "new"]

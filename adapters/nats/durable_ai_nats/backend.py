@@ -756,7 +756,7 @@ class NatsBackend:
         messages = follow_log(
             start=start,
             follow=follow,
-            backlog=partial(self._backlog, kind, subject, epoch),
+            backlog=partial(self._backlog, kind, subject, epoch, peek=follow),
             attach=attach,
             detach=detach,
             order=int,
@@ -768,12 +768,24 @@ class NatsBackend:
             await messages.aclose()  # type: ignore[attr-defined]
 
     async def _backlog(
-        self, kind: ChannelKind, subject: str, epoch: str, start: LogPosition | None
+        self, kind: ChannelKind, subject: str, epoch: str, start: LogPosition | None, *, peek: bool = False
     ) -> AsyncIterator[StoredMessage]:
-        """What the subject holds from ``start`` (inclusive), checking that nothing goes missing while it reads."""
+        """What the subject holds from ``start`` (inclusive), checking that nothing goes missing while it reads.
+
+        With ``peek`` (a follower, whose live feed is attached already), the subject's last message is asked for
+        first: when it is the message at ``start``, or there is none and the read is from the earliest, that is the
+        whole backlog, and no consumer is made (a run's control loop, or a follower of a quiet session).
+        """
         nc, _, jsm = self._parts()
         stream = self.names.stream_of(kind)
         first = int(start.position) if start is not None and start.position is not None else None
+        if peek:
+            last = await self._last_message(kind, subject)
+            if last is None and first is None:
+                return
+            if last is not None and int(last.position) == first:
+                yield StoredMessage(epoch, last.position, last.data)
+                return
         spec = (
             ConsumerSpec(stream, (subject,), DeliverPolicy.BY_START_SEQUENCE, first)
             if first is not None
