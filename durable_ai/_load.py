@@ -1,4 +1,4 @@
-"""Whether the event loop's thread is short of CPU: what stretches coalescing windows under load.
+"""Whether the event loop's thread is short of CPU, and how late the loop runs: what stretches coalescing windows.
 
 A writer's window is time-based (``Coalesce.max_delay``), so on a machine that is busy the same runs write fewer
 tokens per window and therefore more broker messages per token, and each message costs the busy machine more: the
@@ -7,18 +7,29 @@ thread wanted the CPU for most of the last tenth of a second (running, or runnab
 is how a machine loaded by other processes shows); they then keep a window open past ``max_delay`` until it
 holds enough deltas to be worth a message (see :class:`~durable_ai.coalesce.Coalesce`).
 
+A loop that is short of CPU may still keep up; one that runs late (a callback it is given waits more than
+:data:`LATE` to run) has more work than it can do. While it runs late, the gauge widens the stretch by a quarter
+every period, and narrows it again the same way once the loop is on time, so that the windows settle where the loop
+keeps up with its messages.
+
 Demand is read from ``/proc/thread-self/schedstat`` on Linux (CPU time plus run-queue wait of the calling
 thread); elsewhere, from the thread's CPU time alone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
-__all__ = ["LoadGauge", "thread_demand"]
+__all__ = ["LATE", "LoadGauge", "thread_demand"]
 
 _SCHEDSTAT = "/proc/thread-self/schedstat"
+
+LATE = 0.020
+"""Seconds a callback waits to run, on average, from which the loop runs late."""
+_WIDEN = 1.25
+_MAX_WIDENING = 64.0
 
 
 def thread_demand() -> float:
@@ -34,8 +45,9 @@ def thread_demand() -> float:
 class LoadGauge:
     """Samples the loop thread's demand for CPU at most once a ``period`` and says whether it is under load.
 
-    Under load from a share of ``enter`` of the wall time or more; no longer once it falls below ``leave``.
-    Call it from the loop's thread only.
+    Under load from a share of ``enter`` of the wall time or more; no longer once it falls below ``leave``. Each
+    sample also asks the running loop to run a callback, and keeps a moving average of how long that took
+    (:attr:`delay`). Call it from the loop's thread only.
     """
 
     def __init__(
@@ -56,8 +68,13 @@ class LoadGauge:
         self._demand_since = 0.0
         self._loaded = False
         self._sampled = False
+        self._probing = False
         self.share = 0.0
         """The share of the last sampled period the thread wanted the CPU."""
+        self.delay = 0.0
+        """Seconds the loop takes to run a callback it is given (a moving average over the sampled periods)."""
+        self.widening = 1.0
+        """How many times its usual stretch a window under load may stretch now (see :meth:`stretching`)."""
 
     def loaded(self) -> bool:
         """Whether the loop's thread is short of CPU (re-sampled when a period has passed since the last)."""
@@ -73,4 +90,35 @@ class LoadGauge:
             self.share = (demand - self._demand_since) / elapsed
             self._loaded = self.share >= (self._leave if self._loaded else self._enter)
             self._since, self._demand_since = now, demand
+            self._adjust()
+            self._probe(now)
         return self._loaded
+
+    def stretching(self) -> float:
+        """How far a window may stretch past ``max_delay`` now, in multiples of the policy's stretch: 0 when the
+        loop has CPU to spare, 1 under load, more while the loop also runs late."""
+        return self.widening if self.loaded() else 0.0
+
+    def note_delay(self, seconds: float) -> None:
+        """Fold one measured callback delay into :attr:`delay`."""
+        self.delay += 0.3 * (seconds - self.delay)
+
+    def _adjust(self) -> None:
+        if self._loaded and self.delay > LATE:
+            self.widening = min(_MAX_WIDENING, self.widening * _WIDEN)
+        elif self.widening > 1.0 and (not self._loaded or self.delay < LATE / 2):
+            self.widening = max(1.0, self.widening / _WIDEN)
+
+    def _probe(self, now: float) -> None:
+        if self._probing:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # sampled outside a loop (a test's clock): no delay to measure
+        self._probing = True
+        loop.call_soon(self._probed, now)
+
+    def _probed(self, asked: float) -> None:
+        self._probing = False
+        self.note_delay(self._clock() - asked)

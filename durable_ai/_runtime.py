@@ -348,7 +348,7 @@ class SessionRuntime:
                 log_started=self.hub.log_started(self.session),
                 on_log_started=lambda: self.hub.mark_log_started(self.session),
                 on_idle=lambda: self._writer_idle(writer),
-                loaded=self.hub.load.loaded,
+                stretching=self.hub.load.stretching,
             )
         writer.keep()
         return writer

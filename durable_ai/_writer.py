@@ -117,7 +117,8 @@ class SessionWriter:
         log_started: whether the session's log is known to have its ``log-start`` record already.
         on_log_started: called once the writer knows the log has it.
         on_idle: called when the writer is retiring and everything it was given is published.
-        loaded: whether the loop is short of CPU now (a window then stretches, see :class:`Coalesce`).
+        stretching: how far a window may stretch past ``max_delay`` now, in multiples of the policy's stretch
+            (0: not at all; see :class:`Coalesce` and :class:`~durable_ai._load.LoadGauge`).
     """
 
     def __init__(
@@ -134,7 +135,7 @@ class SessionWriter:
         log_started: bool,
         on_log_started: Callable[[], None],
         on_idle: Callable[[], None],
-        loaded: Callable[[], bool] = lambda: False,
+        stretching: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self._backend = backend
         self._session = session
@@ -159,11 +160,16 @@ class SessionWriter:
         self._waiters: deque[_Waiter] = deque()
         self._urgent = False
         self._deadline: float | None = None
-        # Under load a window stays open past its deadline until it holds this many deltas, or for this long more.
-        self._loaded = loaded
+        # Under load a window stays open past its deadline until it holds this many deltas, or for the stretch
+        # (times the stretching asked for when the deadline passed, up to the longest); then _stretched is set.
+        self._stretching = stretching
+        self._stretched = False
         self._deltas = 0
         self._enough = policy.deltas_under_load
         self._stretch = policy.max_delay * (policy.stretch_under_load - 1)
+        self._longest = max(self._stretch, policy.max_delay_under_load - policy.max_delay) if self._stretch else 0.0
+        self._batching = policy.batching
+        self._max_bytes = policy.max_bytes
         self._wake = asyncio.Event()
         self._failure: BaseException | None = None
         self._task: asyncio.Task[None] | None = None
@@ -184,28 +190,35 @@ class SessionWriter:
     ) -> int:
         """Buffer a delta (``size``: its UTF-8 bytes), concatenating it to the run's open delta of the same part
         when the policy allows. Returns the sequence to ``wait`` on."""
-        self._check()
+        if self._stopped:
+            raise HubClosed("the hub was closed; nothing more can be written")
         open_delta = self._open_delta.get(run_id)
         if (
-            self._policy.batching
-            and open_delta is not None
-            and open_delta.type == type
+            open_delta is not None
+            and self._batching
             and open_delta.part_id == part_id
-            and open_delta.size + size <= self._policy.max_bytes
+            and open_delta.type == type
+            and open_delta.size + size <= self._max_bytes
         ):
             open_delta.chunks.append(delta)
             open_delta.size += size
             self._deltas += 1
-            if self._deltas == self._enough and self._deadline is not None and time.monotonic() >= self._deadline:
+            self._pending_bytes += size
+            if self._deltas == self._enough and self._stretched:
                 urgent = True  # a window kept open for want of deltas has enough now
+            elif not urgent and self._deadline is not None and self._pending_bytes < self._max_bytes:
+                # The common case: a window is open, and its flush loop was started when it opened.
+                if self._task is None or self._task.done():
+                    self._start()
+                return open_delta.seq
         else:
             self._seq += 1
             open_delta = _Delta(self._seq, self._new_id(), type, run_id, agent, now_ms(), part_id, [delta], size)
             self._items.append(open_delta)
             self._open_delta[run_id] = open_delta
             self._deltas += 1
-        self._pending_bytes += size
-        self._schedule(urgent or not self._policy.batching or self._pending_bytes >= self._policy.max_bytes)
+            self._pending_bytes += size
+        self._schedule(urgent or not self._batching or self._pending_bytes >= self._max_bytes)
         return open_delta.seq
 
     def add_encoded(self, *, id: str, run_id: str | None, data: bytes) -> int:
@@ -265,16 +278,23 @@ class SessionWriter:
         now = time.monotonic()
         if now < deadline:
             return False
-        # Past max_delay: due, unless the loop is short of CPU and the window is worth stretching.
-        return self._deltas >= self._enough or now >= deadline + self._stretch or not self._loaded()
+        if self._stretched or not self._longest or self._deltas >= self._enough:
+            return True
+        # Past max_delay: due, unless the loop is short of CPU and the window is worth stretching; then it stays
+        # open for the stretch (or until it holds enough deltas), once.
+        stretching = self._stretching()
+        if stretching <= 0:
+            return True
+        self._stretched = True
+        self._deadline = deadline + min(self._longest, self._stretch * stretching)
+        return now >= self._deadline
 
     def _until_due(self) -> float:
         """Seconds until the open window is due (0 or less: now). Call only with a window open."""
+        if self._due():
+            return 0.0
         assert self._deadline is not None
-        delay = self._deadline - time.monotonic()
-        if delay <= 0 and not self._due():
-            delay += self._stretch  # stretched under load: until then, or until it holds enough deltas
-        return delay
+        return self._deadline - time.monotonic()
 
     async def kick(self) -> None:
         """Send what is due now, from the caller's task, if the backend can send ahead; else let the loop run."""
@@ -504,6 +524,7 @@ class SessionWriter:
         self._pending_bytes = 0
         self._urgent = False
         self._deadline = None
+        self._stretched = False
         self._deltas = 0
         limit = self._max_message
         lines: list[bytes] = []

@@ -26,6 +26,11 @@ class Coalesce:
     ``stretch_under_load`` times ``max_delay`` in all (160 ms by default). A busy machine then writes about as
     many tokens per broker message as an idle one, instead of more messages that each cost it more; the first
     delta of a part is still flushed at once. ``stretch_under_load=1`` keeps windows to ``max_delay`` always.
+
+    A loop that also runs late (a callback waits more than 10 ms to run, on average) has more work than it can do:
+    while it does, the stretch widens by a quarter every tenth of a second, up to ``max_delay_under_load`` (1 s) for
+    a whole window, and narrows again the same way once the loop is on time. Windows then settle near the width at
+    which the loop keeps up with its messages; delivery is as late as the loop already is.
     """
 
     max_delay: float = 0.040
@@ -33,6 +38,7 @@ class Coalesce:
     flush_first_delta: bool = True
     stretch_under_load: float = 4.0
     deltas_under_load: int = 128
+    max_delay_under_load: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_delay < 0:
@@ -43,6 +49,8 @@ class Coalesce:
             raise ConfigurationError("stretch_under_load must be at least 1 (1: windows never stretch)")
         if self.deltas_under_load < 1:
             raise ConfigurationError("deltas_under_load must be at least 1")
+        if self.max_delay_under_load < 0:
+            raise ConfigurationError("max_delay_under_load cannot be negative")
 
     @property
     def batching(self) -> bool:

@@ -180,17 +180,21 @@ async def test_an_agent_that_never_awaits_still_gets_its_first_token_out(backend
 
 
 class _Load:
-    """The hub's load gauge, held at what the test says."""
+    """The hub's load gauge, held at what the test says (``widening``: how late the loop runs, in effect)."""
 
-    def __init__(self, loaded: bool) -> None:
+    def __init__(self, loaded: bool, widening: float = 1.0) -> None:
         self.value = loaded
+        self.widening = widening
 
     def loaded(self) -> bool:
         return self.value
 
+    def stretching(self) -> float:
+        return self.widening if self.value else 0.0
 
-def _with_load(hub: Hub, loaded: bool) -> Hub:
-    hub._runtime.load = _Load(loaded)  # type: ignore[assignment]  # before the hub's first writer takes it
+
+def _with_load(hub: Hub, loaded: bool, widening: float = 1.0) -> Hub:
+    hub._runtime.load = _Load(loaded, widening)  # type: ignore[assignment]  # before the hub's first writer takes it
     return hub
 
 
@@ -254,6 +258,105 @@ async def test_under_load_a_window_still_closes_after_stretch_times_max_delay() 
             finally:
                 await writer
     assert deltas == 2
+
+
+@pytest.mark.parametrize("widening", [1.0, 50.0], ids=["on-time", "late"])
+async def test_while_the_loop_runs_late_a_window_under_load_widens(widening: float) -> None:
+    # 20 deltas 3 ms apart span 60 ms. Under load a window closes after 2 x 10 ms while the loop is on time, so
+    # several messages; while it runs late the stretch widens 50 times: one window of 510 ms holds every delta.
+    policy = Coalesce(max_delay=0.010, stretch_under_load=2, deltas_under_load=10_000, max_delay_under_load=5.0)
+    recording = RecordingBackend(MemoryBackend())
+    async with _with_load(Hub(recording, coalesce=policy), True, widening) as hub:
+        live = hub.session("s").events()
+        async with hub.session("s").run(agent="w") as run:
+            await run.text("first")
+            await collect_open(live, until=lambda e: isinstance(e, TextDelta), seconds=5)
+            began = time.monotonic()
+            await _write_spaced(run, 20, spacing=0.003)
+            received = ""
+
+            def all_in(event: Event) -> bool:
+                nonlocal received
+                received += text_of([event])
+                return len(received) == 20
+
+            await collect(live, until=all_in, seconds=5)
+            waited = time.monotonic() - began
+            published = recording.events_published("s")
+    assert received == "x" * 20
+    if widening > 1:
+        assert published == 3  # run-start, the first delta, the 20 deltas in one window
+        assert waited >= 0.5  # the widened window: 10 ms + 50 x 10 ms
+    else:
+        assert published > 3
+
+
+async def test_a_widened_window_still_closes_after_max_delay_under_load() -> None:
+    # The loop runs so late that the stretch would be 1,000 x 10 ms: max_delay_under_load (50 ms) closes the
+    # windows all the same, while the run goes on.
+    policy = Coalesce(max_delay=0.010, stretch_under_load=2, deltas_under_load=10_000, max_delay_under_load=0.05)
+    async with _with_load(Hub(MemoryBackend(), coalesce=policy), True, 1000.0) as hub:
+        live = hub.session("s").events()
+        async with hub.session("s").run(agent="w") as run:
+            await run.text("first")
+            deltas = 0
+
+            async def write_until_two_arrive() -> None:
+                while deltas < 2:
+                    await _write_spaced(run, 1, spacing=0.005)
+
+            writer = asyncio.create_task(write_until_two_arrive())
+            try:
+
+                def count(event: Event) -> bool:
+                    nonlocal deltas
+                    deltas += isinstance(event, TextDelta)
+                    return deltas >= 2
+
+                await collect(live, until=count, seconds=5)
+            finally:
+                await writer
+    assert deltas == 2
+
+
+def test_the_load_gauge_widens_while_the_loop_runs_late_and_narrows_once_on_time() -> None:
+    clock = demand = 0.0
+    gauge = LoadGauge(period=1.0, clock=lambda: clock, demand=lambda: demand)
+    assert gauge.stretching() == 0.0  # the first call starts the first period
+    widths = []
+    for _ in range(4):  # under load, and callbacks wait 50 ms to run
+        gauge.note_delay(0.050)
+        gauge.note_delay(0.050)
+        clock, demand = clock + 1.0, demand + 1.0
+        widths.append(gauge.stretching())
+    assert widths[0] >= 1.0
+    assert widths == sorted(widths) and widths[-1] > widths[0]  # wider every period
+    for _ in range(40):  # on time again: back to the usual stretch, never below it
+        gauge.note_delay(0.0)
+        clock, demand = clock + 1.0, demand + 1.0
+        gauge.stretching()
+    assert gauge.stretching() == 1.0
+    for _ in range(3):  # late, but with CPU to spare: waiting for I/O, nothing to widen
+        gauge.note_delay(0.050)
+        clock, demand = clock + 1.0, demand + 0.1
+        assert gauge.stretching() == 0.0
+    assert gauge.widening == 1.0
+
+
+async def test_the_load_gauge_measures_how_late_the_loop_runs_a_callback() -> None:
+    gauge = LoadGauge(period=0.01)
+    gauge.loaded()
+    await asyncio.sleep(0.02)
+
+    def busy() -> None:  # a callback that holds the loop for 50 ms
+        end = time.monotonic() + 0.05
+        while time.monotonic() < end:
+            pass
+
+    asyncio.get_running_loop().call_soon(busy)
+    gauge.loaded()  # a sample: its callback runs after the busy one
+    await asyncio.sleep(0.01)
+    assert gauge.delay >= 0.3 * 0.05  # the moving average's first step towards 50 ms
 
 
 def test_the_load_gauge_enters_and_leaves_with_hysteresis() -> None:
