@@ -27,7 +27,7 @@ class Coalesce:
     many tokens per broker message as an idle one, instead of more messages that each cost it more; the first
     delta of a part is still flushed at once. ``stretch_under_load=1`` keeps windows to ``max_delay`` always.
 
-    A loop that also runs late (a callback waits more than 10 ms to run, on average) has more work than it can do:
+    A loop that also runs late (a callback waits more than 20 ms to run, on average) has more work than it can do:
     while it does, the stretch widens by a quarter every tenth of a second, up to ``max_delay_under_load`` (1 s) for
     a whole window, and narrows again the same way once the loop is on time. Windows then settle near the width at
     which the loop keeps up with its messages; delivery is as late as the loop already is.
