@@ -31,7 +31,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._util import now_ms
 from .backends.base import Backend, Channel, Outgoing, PublishesAhead
@@ -66,21 +66,38 @@ class _Delta:
     agent: str
     ts: int
     part_id: str
-    chunks: list[str]
+    text: str
     size: int
+    # The deltas concatenated to the first one, with it (a list only once there is a second one: a buffered delta
+    # is then one object the garbage collector tracks, not two, which matters when a fast writer buffers many).
+    chunks: list[str] | None = None
+
+    def append(self, delta: str, size: int) -> None:
+        if self.chunks is None:
+            self.chunks = [self.text, delta]
+        else:
+            self.chunks.append(delta)
+        self.size += size
 
     def encode(self, session: str) -> bytes:
-        """The event's line, byte for byte what ``json.dumps(..., ensure_ascii=False, separators=(",", ":"))`` gives
-        for the same fields in the same order (``type`` is one of two fixed names), four times faster."""
-        q = _quote
-        return (
-            f'{{"v":1,"id":{q(self.id)},"type":"{self.type}","session":{q(session)},"run_id":{q(self.run_id)},'
-            f'"agent":{q(self.agent)},"ts":{self.ts},"part_id":{q(self.part_id)},"delta":{q("".join(self.chunks))}}}'
-        ).encode()
+        text = self.text if self.chunks is None else "".join(self.chunks)
+        return _delta_line(self.id, self.type, session, self.run_id, self.agent, self.ts, self.part_id, text)
 
 
-@dataclass(slots=True)
-class _Encoded:
+def _delta_line(id: str, type: str, session: str, run_id: str, agent: str, ts: int, part_id: str, text: str) -> bytes:
+    """A delta event's line, byte for byte what ``json.dumps(..., ensure_ascii=False, separators=(",", ":"))``
+    gives for the same fields in the same order (``type`` is one of two fixed names), four times faster."""
+    q = _quote
+    return (
+        f'{{"v":1,"id":{q(id)},"type":"{type}","session":{q(session)},"run_id":{q(run_id)},'
+        f'"agent":{q(agent)},"ts":{ts},"part_id":{q(part_id)},"delta":{q(text)}}}'
+    ).encode()
+
+
+class _Encoded(NamedTuple):
+    """An event encoded already. A tuple: the garbage collector stops tracking one that holds no future, so a
+    writer that buffers many events (one message each, far ahead of the broker) does not make collections costly."""
+
     seq: int
     id: str
     data: bytes
@@ -150,7 +167,7 @@ class SessionWriter:
         self._log_started = log_started
         self._on_log_started = on_log_started
         self._on_idle = on_idle
-        self._items: list[_Delta | _Encoded] = []
+        self._items: deque[_Delta | _Encoded] = deque()
         self._pending_bytes = 0
         self._open_delta: dict[str, _Delta] = {}
         self._outbox: deque[_Message] = deque()
@@ -200,8 +217,7 @@ class SessionWriter:
             and open_delta.type == type
             and open_delta.size + size <= self._max_bytes
         ):
-            open_delta.chunks.append(delta)
-            open_delta.size += size
+            open_delta.append(delta, size)
             self._deltas += 1
             self._pending_bytes += size
             if self._deltas == self._enough and self._stretched:
@@ -211,9 +227,18 @@ class SessionWriter:
                 if self._task is None or self._task.done():
                     self._start()
                 return open_delta.seq
+        elif not self._batching:
+            # One message per event: encoded now, and kept as the line alone until it is sent.
+            self._seq += 1
+            event_id = self._new_id()
+            line = _delta_line(event_id, type, self._session, run_id, agent, now_ms(), part_id, delta)
+            self._items.append(_Encoded(self._seq, event_id, line))
+            self._pending_bytes += len(line)
+            self._schedule(True)
+            return self._seq
         else:
             self._seq += 1
-            open_delta = _Delta(self._seq, self._new_id(), type, run_id, agent, now_ms(), part_id, [delta], size)
+            open_delta = _Delta(self._seq, self._new_id(), type, run_id, agent, now_ms(), part_id, delta, size)
             self._items.append(open_delta)
             self._open_delta[run_id] = open_delta
             self._deltas += 1
@@ -518,14 +543,25 @@ class SessionWriter:
             self._release_waiters()
 
     def _seal(self) -> None:
-        """Turn the buffered items into broker messages that fit the broker's size limit."""
-        items, self._items = self._items, []
-        self._open_delta.clear()
-        self._pending_bytes = 0
-        self._urgent = False
-        self._deadline = None
-        self._stretched = False
-        self._deltas = 0
+        """Turn the buffered items into broker messages that fit the broker's size limit.
+
+        Without batching (one message per event) only the first item is sealed: a writer far ahead of the broker
+        then keeps each waiting event as one object, not as a sealed message too (fewer objects for the garbage
+        collector to go through while they wait).
+        """
+        items: deque[_Delta | _Encoded] | tuple[_Delta | _Encoded]
+        if self._batching or len(self._items) <= 1:
+            items, self._items = self._items, deque()
+            self._open_delta.clear()
+            self._pending_bytes = 0
+            self._urgent = False
+            self._deadline = None
+            self._stretched = False
+            self._deltas = 0
+        else:
+            first = self._items.popleft()
+            items = (first,)
+            self._pending_bytes -= first.size if isinstance(first, _Delta) else len(first.data)
         limit = self._max_message
         lines: list[bytes] = []
         size = 0

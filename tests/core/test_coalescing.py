@@ -18,6 +18,8 @@ from durable_ai.backends.memory import MemoryBackend
 from durable_ai.testing import RecordingBackend
 from durable_ai.testing.scenarios import collect, collect_open, text_of
 
+from .doubles import GatedBackend
+
 HOUR = Coalesce(max_delay=3600)
 
 
@@ -386,3 +388,32 @@ async def test_the_load_gauge_reads_a_busy_and_an_idle_thread() -> None:
     assert gauge.loaded() is True, gauge.share
     await asyncio.sleep(0.05)  # waiting for I/O: not short of CPU
     assert gauge.loaded() is False, gauge.share
+
+
+async def test_a_writer_far_ahead_of_a_held_broker_is_held_back_and_loses_nothing() -> None:
+    # One message per event: a run writes 1 KB deltas as fast as it can. 20,000 go out while the broker keeps up;
+    # then the broker holds every publish, and the run stops once about 8 MB (the writer's bound on what it
+    # buffers) wait, however much went out before. Then everything arrives once, in order.
+    backend = GatedBackend()
+    written = 0
+
+    async def write(run: Run, count: int) -> None:
+        nonlocal written
+        for _ in range(count):
+            await run.text(f"{written:09d}," + "x" * 990)
+            written += 1
+
+    async with Hub(backend, coalesce=Coalesce.off(), snapshots=False) as hub:
+        async with hub.session("s").run(agent="w") as run:
+            await write(run, 20_000)
+            await run.flush()
+            backend.gate.clear()
+            task = asyncio.create_task(write(run, 20_000))
+            done, _ = await asyncio.wait({task}, timeout=2.0)
+            assert not done
+            assert 27_000 <= written <= 29_000, written
+            backend.gate.set()
+            await task
+        events = await collect(hub.session("s").events(follow=False))
+    deltas = [e.delta for e in events if isinstance(e, TextDelta)]
+    assert [int(d[:9]) for d in deltas] == list(range(40_000))
