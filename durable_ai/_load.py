@@ -9,8 +9,8 @@ holds enough deltas to be worth a message (see :class:`~durable_ai.coalesce.Coal
 
 A loop that is short of CPU may still keep up; one that runs late (a callback it is given waits more than
 :data:`LATE` to run) has more work than it can do. While it runs late, the gauge widens the stretch by a quarter
-every period, and narrows it again the same way once the loop is on time, so that the windows settle where the loop
-keeps up with its messages.
+every period (up to 16 times), and narrows it again the same way once the loop is on time, so that the windows
+settle where the loop keeps up with its messages; once the loop has CPU to spare, the stretch is back to usual.
 
 Demand is read from ``/proc/thread-self/schedstat`` on Linux (CPU time plus run-queue wait of the calling
 thread); elsewhere, from the thread's CPU time alone.
@@ -29,7 +29,7 @@ _SCHEDSTAT = "/proc/thread-self/schedstat"
 LATE = 0.020
 """Seconds a callback waits to run, on average, from which the loop runs late."""
 _WIDEN = 1.25
-_MAX_WIDENING = 64.0
+_MAX_WIDENING = 16.0
 
 
 def thread_demand() -> float:
@@ -104,9 +104,11 @@ class LoadGauge:
         self.delay += 0.3 * (seconds - self.delay)
 
     def _adjust(self) -> None:
-        if self._loaded and self.delay > LATE:
+        if not self._loaded:
+            self.widening = 1.0  # CPU to spare: windows do not stretch, and start from the usual stretch again
+        elif self.delay > LATE:
             self.widening = min(_MAX_WIDENING, self.widening * _WIDEN)
-        elif self.widening > 1.0 and (not self._loaded or self.delay < LATE / 2):
+        elif self.delay < LATE / 2:
             self.widening = max(1.0, self.widening / _WIDEN)
 
     def _probe(self, now: float) -> None:
