@@ -206,73 +206,15 @@ async def _write_spaced(run: Run, count: int, *, spacing: float) -> None:
         await run.text("x")
 
 
-@pytest.mark.parametrize("loaded", [True, False], ids=["loaded", "idle"])
-async def test_under_load_a_window_stays_open_until_it_holds_enough_deltas(loaded: bool) -> None:
-    # 20 deltas 3 ms apart span 60 ms, six 10 ms windows: an idle loop flushes several messages, a loaded one keeps
-    # the window open (for up to 1,000 s here) until it holds 20 deltas, then flushes them at once.
-    policy = Coalesce(max_delay=0.010, deltas_under_load=20, stretch_under_load=100_000)
+async def _twenty_spaced(policy: Coalesce, loaded: bool, widening: float = 1.0) -> tuple[str, int, float]:
+    """A run's first delta, then 20 deltas 3 ms apart, under the load given: (the first delta as the subscriber
+    got it, the broker messages of the events log, seconds from the first of the 20 until all had arrived)."""
     recording = RecordingBackend(MemoryBackend())
-    async with _with_load(Hub(recording, coalesce=policy), loaded) as hub:
+    async with _with_load(Hub(recording, coalesce=policy), loaded, widening) as hub:
         live = hub.session("s").events()
         async with hub.session("s").run(agent="w") as run:
             await run.text("first")
             first = await collect_open(live, until=lambda e: isinstance(e, TextDelta), seconds=5)
-            await _write_spaced(run, 20, spacing=0.003)
-            received = ""
-
-            def all_in(event: Event) -> bool:
-                nonlocal received
-                received += text_of([event])
-                return len(received) == 20
-
-            await collect(live, until=all_in, seconds=5)
-            published = recording.events_published("s")
-    assert text_of(first) == "first"  # the first token is out at once, under load too
-    assert received == "x" * 20
-    if loaded:
-        assert published == 3  # run-start, the first delta, the 20 deltas together (flushed before the run ended)
-    else:
-        assert published > 3
-
-
-async def test_under_load_a_window_still_closes_after_stretch_times_max_delay() -> None:
-    # Never enough deltas (a slow model under load): each window closes after 5 x 10 ms, while the run goes on.
-    policy = Coalesce(max_delay=0.010, deltas_under_load=10_000, stretch_under_load=5)
-    async with _with_load(Hub(MemoryBackend(), coalesce=policy), True) as hub:
-        live = hub.session("s").events()
-        async with hub.session("s").run(agent="w") as run:
-            await run.text("first")
-            deltas = 0
-
-            async def write_until_two_arrive() -> None:
-                while deltas < 2:
-                    await _write_spaced(run, 1, spacing=0.005)
-
-            writer = asyncio.create_task(write_until_two_arrive())
-            try:
-
-                def count(event: Event) -> bool:
-                    nonlocal deltas
-                    deltas += isinstance(event, TextDelta)
-                    return deltas >= 2
-
-                await collect(live, until=count, seconds=5)
-            finally:
-                await writer
-    assert deltas == 2
-
-
-@pytest.mark.parametrize("widening", [1.0, 50.0], ids=["on-time", "late"])
-async def test_while_the_loop_runs_late_a_window_under_load_widens(widening: float) -> None:
-    # 20 deltas 3 ms apart span 60 ms. Under load a window closes after 2 x 10 ms while the loop is on time, so
-    # several messages; while it runs late the stretch widens 50 times: one window of 510 ms holds every delta.
-    policy = Coalesce(max_delay=0.010, stretch_under_load=2, deltas_under_load=10_000, max_delay_under_load=5.0)
-    recording = RecordingBackend(MemoryBackend())
-    async with _with_load(Hub(recording, coalesce=policy), True, widening) as hub:
-        live = hub.session("s").events()
-        async with hub.session("s").run(agent="w") as run:
-            await run.text("first")
-            await collect_open(live, until=lambda e: isinstance(e, TextDelta), seconds=5)
             began = time.monotonic()
             await _write_spaced(run, 20, spacing=0.003)
             received = ""
@@ -283,9 +225,29 @@ async def test_while_the_loop_runs_late_a_window_under_load_widens(widening: flo
                 return len(received) == 20
 
             await collect(live, until=all_in, seconds=5)
-            waited = time.monotonic() - began
-            published = recording.events_published("s")
-    assert received == "x" * 20
+            assert received == "x" * 20
+            return text_of(first), recording.events_published("s"), time.monotonic() - began
+
+
+@pytest.mark.parametrize("loaded", [True, False], ids=["loaded", "idle"])
+async def test_under_load_a_window_stays_open_until_it_holds_enough_deltas(loaded: bool) -> None:
+    # 20 deltas 3 ms apart span 60 ms, six 10 ms windows: an idle loop flushes several messages, a loaded one keeps
+    # the window open (for up to 1,000 s here) until it holds 20 deltas, then flushes them at once.
+    policy = Coalesce(max_delay=0.010, deltas_under_load=20, stretch_under_load=100_000)
+    first, published, _ = await _twenty_spaced(policy, loaded)
+    assert first == "first"  # the first token is out at once, under load too
+    if loaded:
+        assert published == 3  # run-start, the first delta, the 20 deltas together (flushed before the run ended)
+    else:
+        assert published > 3
+
+
+@pytest.mark.parametrize("widening", [1.0, 50.0], ids=["on-time", "late"])
+async def test_while_the_loop_runs_late_a_window_under_load_widens(widening: float) -> None:
+    # Under load a window closes after 2 x 10 ms while the loop is on time, so the 20 deltas take several
+    # messages; while it runs late the stretch widens 50 times: one window of 510 ms holds every delta.
+    policy = Coalesce(max_delay=0.010, stretch_under_load=2, deltas_under_load=10_000, max_delay_under_load=5.0)
+    _, published, waited = await _twenty_spaced(policy, True, widening)
     if widening > 1:
         assert published == 3  # run-start, the first delta, the 20 deltas in one window
         assert waited >= 0.5  # the widened window: 10 ms + 50 x 10 ms
@@ -293,11 +255,18 @@ async def test_while_the_loop_runs_late_a_window_under_load_widens(widening: flo
         assert published > 3
 
 
-async def test_a_widened_window_still_closes_after_max_delay_under_load() -> None:
-    # The loop runs so late that the stretch would be 1,000 x 10 ms: max_delay_under_load (50 ms) closes the
-    # windows all the same, while the run goes on.
-    policy = Coalesce(max_delay=0.010, stretch_under_load=2, deltas_under_load=10_000, max_delay_under_load=0.05)
-    async with _with_load(Hub(MemoryBackend(), coalesce=policy), True, 1000.0) as hub:
+@pytest.mark.parametrize(
+    ("policy", "widening"),
+    [
+        # Never enough deltas (a slow model under load): each window closes after 5 x 10 ms.
+        (Coalesce(max_delay=0.010, deltas_under_load=10_000, stretch_under_load=5), 1.0),
+        # The loop runs so late that the stretch would be 1,000 x 10 ms: max_delay_under_load (50 ms) closes them.
+        (Coalesce(max_delay=0.010, stretch_under_load=2, deltas_under_load=10_000, max_delay_under_load=0.05), 1000.0),
+    ],
+    ids=["stretch-times-max-delay", "max-delay-under-load"],
+)
+async def test_under_load_a_window_still_closes_while_the_run_goes_on(policy: Coalesce, widening: float) -> None:
+    async with _with_load(Hub(MemoryBackend(), coalesce=policy), True, widening) as hub:
         live = hub.session("s").events()
         async with hub.session("s").run(agent="w") as run:
             await run.text("first")
