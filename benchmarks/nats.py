@@ -390,6 +390,38 @@ async def bench_publish(sizes: Sizes, report: Report) -> None:
                 )
             )
 
+        # What a run's life costs beyond its events: runs of one token (run-start, a delta, run-end).
+        async def short_runs() -> float:
+            seconds, _ = await _bounded(
+                lambda: sdk_publish(place, sessions=many.sessions, tokens=1, policy=Coalesce.off())
+            )
+            return seconds
+
+        async def three_messages() -> float:
+            return await _bounded(lambda: raw_publish(place, subjects=many.sessions, messages=3, payload=payload))
+
+        short_sdk, short_base = await _paired(sizes.repeats, short_runs, three_messages, "lower")
+        report.add(
+            Row(
+                id="nats.publish.run-lifecycle",
+                benchmark="A run's life, until stored",
+                configuration=(
+                    f"{many.sessions} sessions x 1 run x 1 token (run-start, 1 delta, run-end), one connection, "
+                    "Coalesce.off()"
+                ),
+                statistic=short_sdk.statistic,
+                unit="µs per run",
+                sdk=short_sdk.best() / many.sessions * 1e6,
+                baseline=short_base.best() / many.sessions * 1e6,
+                baseline_label="nats-py publishing the same 3 messages per subject",
+                extra={
+                    "sdk_median": short_sdk.median() / many.sessions * 1e6,
+                    "baseline_median": short_base.median() / many.sessions * 1e6,
+                    "runs": float(many.sessions),
+                },
+            )
+        )
+
         # The ceiling: nats-py pipelining the publishes of one subject.
         messages = one.tokens + 2
 

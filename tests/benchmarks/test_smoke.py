@@ -46,6 +46,7 @@ EXPECTED_ROWS = {
     "load.first-token.loaded",
     "nats.publish.one-run",
     "nats.publish.concurrent-runs",
+    "nats.publish.run-lifecycle",
     "nats.publish.pipelined-ceiling",
     "nats.publish.coalesced",
     "nats.publish.coalesced-messages",
