@@ -397,15 +397,23 @@ async def test_reject_refuses_a_follow_up_with_409(agent: Agent, chat_app: ChatA
     assert [m.text for m in view.messages if m.role == "user"] == ["one"]
 
 
+@contextlib.asynccontextmanager
+async def _second_behind_first(client: httpx.AsyncClient) -> AsyncIterator[tuple[Chunks, httpx.Response]]:
+    """Message "one" streaming (its text begun) and message "two" posted behind it: the rest of one's chunks and
+    two's response."""
+    async with client.stream("POST", "/api/chat", json=body("one")) as first:
+        one = chunks(first)
+        [chunk async for chunk in _until_text(one)]
+        async with client.stream("POST", "/api/chat", json=body("two", "m2")) as second:
+            yield one, second
+
+
 async def test_enqueue_answers_a_follow_up_after_the_answer_before_it(agent: Agent, chat_app: ChatApp) -> None:
     agent.gate.clear()
     async with chat_app(agent) as (client, durable):
-        async with client.stream("POST", "/api/chat", json=body("one")) as first:
-            one = chunks(first)
-            [chunk async for chunk in _until_text(one)]
-            async with client.stream("POST", "/api/chat", json=body("two", "m2")) as second:
-                agent.gate.set()
-                _, two = await asyncio.gather(read_all(one), read_all(second))
+        async with _second_behind_first(client) as (one, second):
+            agent.gate.set()
+            _, two = await asyncio.gather(read_all(one), read_all(second))
         view = await durable.hub.session(CHAT).view()
     assert text_of(two) == agent.answer("two"), two
     assert [(m.role, m.status) for m in view.messages] == [
@@ -420,13 +428,10 @@ async def test_enqueue_answers_a_follow_up_after_the_answer_before_it(agent: Age
 async def test_stop_also_stops_an_answer_that_has_not_started_yet(agent: Agent, chat_app: ChatApp) -> None:
     agent.gate.clear()
     async with chat_app(agent) as (client, durable):
-        async with client.stream("POST", "/api/chat", json=body("one")) as first:
-            one = chunks(first)
-            [chunk async for chunk in _until_text(one)]
-            async with client.stream("POST", "/api/chat", json=body("two", "m2")) as second:
-                # "two" waits for its turn behind "one" (enqueue): Stop comes before it started.
-                stopped = await client.post(f"/api/chat/{CHAT}/stop")
-                rest_of_one, two = await asyncio.gather(read_all(one), read_all(second))
+        async with _second_behind_first(client) as (one, second):
+            # "two" waits for its turn behind "one" (enqueue): Stop comes before it started.
+            stopped = await client.post(f"/api/chat/{CHAT}/stop")
+            rest_of_one, two = await asyncio.gather(read_all(one), read_all(second))
         view = await durable.hub.session(CHAT).view()
     assert stopped.status_code == 200
     outcomes = stopped.json()["stopped"]
