@@ -207,8 +207,7 @@ class SessionWriter:
     ) -> int:
         """Buffer a delta (``size``: its UTF-8 bytes), concatenating it to the run's open delta of the same part
         when the policy allows. Returns the sequence to ``wait`` on."""
-        if self._stopped:
-            raise HubClosed("the hub was closed; nothing more can be written")
+        self._check()
         open_delta = self._open_delta.get(run_id)
         if (
             open_delta is not None
