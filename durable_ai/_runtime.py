@@ -32,7 +32,7 @@ from ._reader import ReadOptions, fold, fold_with_tail
 from ._tail import Tail, join_snapshot
 from ._util import IdFactory, RateBudget, derived_id, now_ms
 from ._writer import SessionWriter
-from .backends.base import Backend, Channel
+from .backends.base import Backend, Channel, PublishesAhead, ReadsSince
 from .backends.kit import cancel_and_wait
 from .cursor import Cursor, LogPosition
 from .errors import ConfigurationError, HubClosed, PublishError, RunIdInUse
@@ -149,6 +149,9 @@ class HubRuntime:
 
     def __init__(self, backend: Backend, settings: Settings) -> None:
         self.backend = backend
+        # The optional capabilities, checked once: a runtime protocol check costs more than a writer's set-up.
+        self.sends_ahead = backend if isinstance(backend, PublishesAhead) else None
+        self.reads_since = backend if isinstance(backend, ReadsSince) else None
         self.settings = settings
         self.new_id = IdFactory()
         self.supervisor = Supervisor()
@@ -338,6 +341,7 @@ class SessionRuntime:
             settings = self.hub.settings
             writer = self._writer = SessionWriter(
                 backend=self.hub.backend,
+                ahead=self.hub.sends_ahead,
                 session=self.session,
                 policy=settings.coalesce,
                 budget=self._rate_budget.acquire if self._rate_budget is not None else None,

@@ -130,6 +130,8 @@ class SessionWriter:
     """Buffers, batches and publishes the events of one session (see the module docstring).
 
     Args:
+        ahead: the backend, if it :class:`~durable_ai.backend.PublishesAhead` (checked once by the hub, not per
+            writer: a runtime protocol check is slow).
         spawn: starts the flush loop as an owned task.
         log_started: whether the session's log is known to have its ``log-start`` record already.
         on_log_started: called once the writer knows the log has it.
@@ -142,6 +144,7 @@ class SessionWriter:
         self,
         *,
         backend: Backend,
+        ahead: PublishesAhead | None,
         session: str,
         policy: Coalesce,
         budget: Callable[[], Awaitable[None]] | None,
@@ -194,11 +197,12 @@ class SessionWriter:
         self._stopped = False
         self._finished = False
         # Sending ahead: the backend's capability (only without a rate budget, which paces every message).
-        self._ahead = backend if isinstance(backend, PublishesAhead) and budget is None else None
+        self._ahead = ahead if budget is None else None
         # A message is in flight (sent ahead, or being published by the flush loop).
         self._sending = False
         # The head of the outbox must go through a full publish (sending it ahead failed).
         self._redo = False
+        self._on_landed = self._landed  # bound once, not per message
 
     # -- adding events -------------------------------------------------------------------------------------
 
@@ -208,10 +212,19 @@ class SessionWriter:
         """Buffer a delta (``size``: its UTF-8 bytes), concatenating it to the run's open delta of the same part
         when the policy allows. Returns the sequence to ``wait`` on."""
         self._check()
+        if not self._batching:
+            # One message per event: encoded now, and kept as the line alone until it is sent.
+            self._seq += 1
+            event_id = self._new_id()
+            line = _delta_line(event_id, type, self._session, run_id, agent, now_ms(), part_id, delta)
+            self._items.append(_Encoded(self._seq, event_id, line))
+            self._pending_bytes += len(line)
+            if not self._urgent or self._task is None or self._task.done():
+                self._schedule(True)
+            return self._seq
         open_delta = self._open_delta.get(run_id)
         if (
             open_delta is not None
-            and self._batching
             and open_delta.part_id == part_id
             and open_delta.type == type
             and open_delta.size + size <= self._max_bytes
@@ -226,15 +239,6 @@ class SessionWriter:
                 if self._task is None or self._task.done():
                     self._start()
                 return open_delta.seq
-        elif not self._batching:
-            # One message per event: encoded now, and kept as the line alone until it is sent.
-            self._seq += 1
-            event_id = self._new_id()
-            line = _delta_line(event_id, type, self._session, run_id, agent, now_ms(), part_id, delta)
-            self._items.append(_Encoded(self._seq, event_id, line))
-            self._pending_bytes += len(line)
-            self._schedule(True)
-            return self._seq
         else:
             self._seq += 1
             open_delta = _Delta(self._seq, self._new_id(), type, run_id, agent, now_ms(), part_id, delta, size)
@@ -242,7 +246,7 @@ class SessionWriter:
             self._open_delta[run_id] = open_delta
             self._deltas += 1
             self._pending_bytes += size
-        self._schedule(urgent or not self._batching or self._pending_bytes >= self._max_bytes)
+        self._schedule(urgent or self._pending_bytes >= self._max_bytes)
         return open_delta.seq
 
     def add_encoded(self, *, id: str, run_id: str | None, data: bytes) -> int:
@@ -435,7 +439,7 @@ class SessionWriter:
         if message.fragments is not None:
             return None
         self._sending = True
-        return Outgoing(self._channel, message.data, message.message_id, self._landed)
+        return Outgoing(self._channel, message.data, message.message_id, self._on_landed)
 
     async def _send_ahead(self, outgoing: Outgoing) -> None:
         assert self._ahead is not None
@@ -461,7 +465,8 @@ class SessionWriter:
         self._done = message.last_seq
         if message.landed is not None and not message.landed.done():
             message.landed.set_result(result)
-        self._release_waiters()
+        if self._waiters:
+            self._release_waiters()
         outgoing = self._next_ahead()
         if outgoing is None and (self._items or self._outbox or self._retiring):
             self._wake.set()  # a window to wait for, a message that needs the loop, or the loop's own retirement
@@ -548,15 +553,21 @@ class SessionWriter:
         then keeps each waiting event as one object, not as a sealed message too (fewer objects for the garbage
         collector to go through while they wait).
         """
+        if not self._batching and self._items:
+            first = self._items[0]
+            if type(first) is _Encoded and not first.standalone and len(first.data) <= self._max_message:
+                # The common case without batching, kept short: one encoded event is one message.
+                self._items.popleft()
+                if self._items:
+                    self._pending_bytes -= len(first.data)
+                else:
+                    self._close_window()
+                self._outbox.append(_Message(first.id, first.seq, first.seq, data=first.data))
+                return
         items: deque[_Delta | _Encoded] | tuple[_Delta | _Encoded]
         if self._batching or len(self._items) <= 1:
             items, self._items = self._items, deque()
-            self._open_delta.clear()
-            self._pending_bytes = 0
-            self._urgent = False
-            self._deadline = None
-            self._stretched = False
-            self._deltas = 0
+            self._close_window()
         else:
             first = self._items.popleft()
             items = (first,)
@@ -606,6 +617,15 @@ class SessionWriter:
             size += len(line) + 1
             last_seq = item.seq
         close_batch()
+
+    def _close_window(self) -> None:
+        """Everything buffered was sealed: no window is open."""
+        self._open_delta.clear()
+        self._pending_bytes = 0
+        self._urgent = False
+        self._deadline = None
+        self._stretched = False
+        self._deltas = 0
 
     def _fragment(self, line: bytes) -> list[bytes]:
         chunk = (self._max_message - _FRAGMENT_OVERHEAD) // 4 * 3

@@ -13,7 +13,7 @@ from pydantic import JsonValue, ValidationError
 from ._reader import END_OF_MESSAGE, fold, read_events
 from ._runtime import HubRuntime
 from ._util import derived_id, now_ms, validate_name
-from .backends.base import Channel, ReadsSince
+from .backends.base import Channel
 from .cursor import Cursor
 from .errors import AckTimeout, ConfigurationError, ControlTooLarge, EventTooLarge, PayloadTooLarge
 from .events import (
@@ -381,10 +381,10 @@ class Session:
             raise ControlTooLarge(len(data), limit)
         backend = runtime.backend
         events = Channel(self.id, "events")
-        if isinstance(backend, ReadsSince):
+        if (reads_since := runtime.reads_since) is not None:
             # The answer is looked for from the control's own position: nothing is read before it is sent.
             sent = await backend.publish(Channel(self.id, "control"), data, message_id=control.id)
-            start = await backend.since(events, sent)
+            start = await reads_since.since(events, sent)
             return ControlHandle(self, control, Cursor(start.epoch, start.position, -1))
         head = await backend.head(events)
         await backend.publish(Channel(self.id, "control"), data, message_id=control.id)
