@@ -71,7 +71,7 @@ class Replies:
     def __len__(self) -> int:
         return len(self._pending)
 
-    async def publish(self, subject: str, data: bytes, headers: dict[str, str], answer: Answer) -> bool:
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None, answer: Answer) -> bool:
         """Publish; ``True`` if it went out (``answer`` is then called once), ``False`` if nats-py refused it."""
         token = str(next(self._tokens))
         loop = asyncio.get_running_loop()

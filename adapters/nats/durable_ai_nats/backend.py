@@ -708,6 +708,33 @@ class NatsBackend:
         log.highest_seq = seq
         return LogPosition(epoch, str(seq))
 
+    async def _js_publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
+        """Publish to a stream and wait for the acknowledgement, raising what ``js.publish`` raises.
+
+        The acknowledgement comes back through the connection's reply subscription (see :mod:`._replies`): no
+        request with its own inbox token, timer and JSON decoding each. A run writes presence this way twice.
+        """
+        _, js, _ = self._parts()
+        replies = self._replies
+        answered: asyncio.Future[Msg | BaseException] = asyncio.get_running_loop().create_future()
+
+        def answer(reply: Msg | BaseException) -> None:
+            if not answered.done():
+                answered.set_result(reply)
+
+        if replies is None or not replies.has_room() or not await replies.publish(subject, data, headers, answer):
+            await js.publish(subject, data, headers=headers)
+            return
+        reply = await answered
+        if isinstance(reply, BaseException):
+            raise reply
+        if reply.headers and reply.headers.get("Status") == "503":
+            raise nats.js.errors.NoStreamResponseError
+        if _PLAIN_ACK.fullmatch(reply.data) is None:
+            answer_json = json.loads(reply.data)
+            if "error" in answer_json:
+                nats.js.errors.APIError.from_error(answer_json["error"])
+
     async def _check_duplicate(self, jsm: JetStreamManager, stream: str, seq: int, subject: str, mid: str) -> None:
         """A duplicate ack names the message stored first under the id: it must be on the same subject."""
         try:
@@ -1065,19 +1092,19 @@ class NatsBackend:
         self._presence.entered((session, member_id, role), data)
 
     async def _put_presence(self, key: tuple[str, str, PresenceRole], data: bytes) -> None:
-        _, js, _ = self._parts()
+        self._parts()
         subject = self.names.presence_subject(*key)
         bucket = self.names.presence
 
         async def attempt() -> None:
             try:
-                await js.publish(subject, b"p" + data)
+                await self._js_publish(subject, b"p" + data)
             except nats.js.errors.NoStreamResponseError:
                 if bucket in self._buckets:
                     raise
                 # No bucket yet: create it (a trusted credential; a client's attempt is PermissionDenied).
                 await self._bucket(bucket)
-                await js.publish(subject, b"p" + data)
+                await self._js_publish(subject, b"p" + data)
             self._presence_seen = True  # a later leave that finds no stream is JetStream being away
 
         await self._call(attempt)
@@ -1086,12 +1113,12 @@ class NatsBackend:
         await self._put_presence(key, data)
 
     async def _leave_entry(self, key: tuple[str, str, PresenceRole]) -> None:
-        _, js, _ = self._parts()
+        self._parts()
         subject = self.names.presence_subject(*key)
 
         async def attempt() -> None:
             try:
-                await js.publish(subject, b"", headers={_KV_OPERATION: "DEL"})
+                await self._js_publish(subject, b"", {_KV_OPERATION: "DEL"})
             except nats.js.errors.NoStreamResponseError:
                 if self._presence_seen or self.names.presence in self._buckets:
                     raise  # the bucket exists: JetStream is away for now
