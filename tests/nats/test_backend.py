@@ -143,6 +143,24 @@ async def test_presence_leaves_when_the_backend_closes(nats_server: NatsServer, 
         await other.close()
 
 
+async def test_presence_the_server_refuses_is_an_error_and_keeps_the_entry_before(
+    nats_server: NatsServer, prefix: str
+) -> None:
+    """Presence writes are acknowledged through the connection's reply subscription: an error answer (here the
+    presence stream's 16 KiB message limit) must still raise, at once, and leave the stored entry as it was."""
+    backend = NatsBackend(nats_server.url, NatsOptions(prefix=prefix, publish_timeout=5.0))
+    await backend.open()
+    try:
+        await backend.enter_presence("s", "tab-1", b'{"n":1}', role="client")
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(BackendError, match="maximum"):
+            await backend.enter_presence("s", "tab-1", b"x" * (20 * 1024), role="client")
+        assert asyncio.get_running_loop().time() - started < 2.0  # answered, not timed out
+        assert await backend.presence("s") == [PresenceEntry("tab-1", "client", b'{"n":1}')]
+    finally:
+        await backend.close()
+
+
 async def test_a_recreated_stream_resets_old_cursors(nats_server: NatsServer, prefix: str) -> None:
     url = _url(nats_server, prefix)
     async with durable_ai.connect(url) as hub:
