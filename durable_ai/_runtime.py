@@ -32,7 +32,7 @@ from ._reader import ReadOptions, fold, fold_with_tail
 from ._tail import Tail, join_snapshot
 from ._util import IdFactory, RateBudget, derived_id, now_ms
 from ._writer import SessionWriter
-from .backends.base import Backend, Channel, PublishesAhead, ReadsSince
+from .backends.base import Backend, Channel, OpensLogs, PublishesAhead, ReadsSince
 from .backends.kit import cancel_and_wait
 from .cursor import Cursor, LogPosition
 from .errors import ConfigurationError, HubClosed, PublishError, RunIdInUse
@@ -151,6 +151,7 @@ class HubRuntime:
         self.backend = backend
         # The optional capabilities, checked once: a runtime protocol check costs more than a writer's set-up.
         self.sends_ahead = backend if isinstance(backend, PublishesAhead) else None
+        self.opens_logs = backend if isinstance(backend, OpensLogs) else None
         self.reads_since = backend if isinstance(backend, ReadsSince) else None
         self.settings = settings
         self.new_id = IdFactory()
@@ -342,6 +343,7 @@ class SessionRuntime:
             writer = self._writer = SessionWriter(
                 backend=self.hub.backend,
                 ahead=self.hub.sends_ahead,
+                opens=self.hub.opens_logs,
                 session=self.session,
                 policy=settings.coalesce,
                 budget=self._rate_budget.acquire if self._rate_budget is not None else None,

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ._util import now_ms
-from .backends.base import Backend, Channel, Outgoing, PublishesAhead
+from .backends.base import Backend, Channel, OpensLogs, Outgoing, PublishesAhead
 from .coalesce import Coalesce
 from .cursor import LogPosition
 from .errors import BackendUnavailable, HubClosed, PermissionDenied, PublishError, PublishRefused
@@ -132,6 +132,8 @@ class SessionWriter:
     Args:
         ahead: the backend, if it :class:`~durable_ai.backend.PublishesAhead` (checked once by the hub, not per
             writer: a runtime protocol check is slow).
+        opens: the backend, if it :class:`~durable_ai.backend.OpensLogs` (the first message of a log whose start
+            is not known then costs one request, not a ``head()`` and a publish).
         spawn: starts the flush loop as an owned task.
         log_started: whether the session's log is known to have its ``log-start`` record already.
         on_log_started: called once the writer knows the log has it.
@@ -145,6 +147,7 @@ class SessionWriter:
         *,
         backend: Backend,
         ahead: PublishesAhead | None,
+        opens: OpensLogs | None,
         session: str,
         policy: Coalesce,
         budget: Callable[[], Awaitable[None]] | None,
@@ -198,6 +201,7 @@ class SessionWriter:
         self._finished = False
         # Sending ahead: the backend's capability (only without a rate budget, which paces every message).
         self._ahead = ahead if budget is None else None
+        self._opens = opens
         # A message is in flight (sent ahead, or being published by the flush loop).
         self._sending = False
         # The head of the outbox must go through a full publish (sending it ahead failed).
@@ -640,6 +644,17 @@ class SessionWriter:
         return record(LOG_START, id=self._new_id(), session=self._session, ts=now_ms())
 
     async def _publish(self, message: _Message) -> None:
+        if not self._log_started and self._opens is not None and message.fragments is None:
+            # One request: the backend stores the opening record with the message only if the log is empty.
+            log_start = record(LOG_START, id=self._new_id(), session=self._session, ts=now_ms())
+            position = await self._opens.publish_opening(
+                self._channel, log_start, message.data, message_id=message.message_id
+            )
+            self._log_started = True
+            self._on_log_started()
+            if message.landed is not None and not message.landed.done():
+                message.landed.set_result(position)
+            return
         opening = None if self._log_started else await self._opening()
         if message.fragments is None:
             data = message.data if opening is None else opening + b"\n" + message.data

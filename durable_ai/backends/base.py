@@ -21,6 +21,7 @@ __all__ = [
     "ChannelKind",
     "IssuesClientCredentials",
     "Landed",
+    "OpensLogs",
     "Outgoing",
     "PresenceEntry",
     "PresenceRole",
@@ -161,6 +162,22 @@ class ReadsSince(Protocol):
         never raise ``LogReset`` for it merely because no message is at it) that yields every message stored in
         ``channel`` after ``published`` (a message of the same session's other log) was stored, and maybe a few
         stored shortly before."""
+        ...
+
+
+@runtime_checkable
+class OpensLogs(Protocol):
+    """An optional capability: a log's first message and its opening record in one request.
+
+    A writer puts an opening record (``log-start``) before the first message it publishes to an empty log. Without
+    this capability it asks for the log's end first (:meth:`Backend.head`), then publishes: two requests for every
+    new session. A backend that can publish on the condition that a log is empty implements this instead.
+    """
+
+    async def publish_opening(self, channel: Channel, opening: bytes, data: bytes, *, message_id: str) -> LogPosition:
+        """Store ``opening + b"\\n" + data`` if ``channel``'s log is empty, else ``data`` alone: one message under
+        ``message_id``, deduplicated as :meth:`Backend.publish` is (a retry of a message that was stored already
+        returns where it is, whichever of the two it was)."""
         ...
 
 

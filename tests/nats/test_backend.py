@@ -543,3 +543,77 @@ async def test_a_run_starts_its_control_loop_without_a_backlog_consumer(nats_ser
         await watcher.close()
     # Each process's live feed (new messages only), and no backlog consumer.
     assert [policy for policy, subjects in created if control in subjects] == ["new", "new"]
+
+
+async def _raw_messages(server: NatsServer, stream: str, subject: str) -> list[bytes]:
+    """Every message stored on ``subject``, as stored (the reader would drop repeats and decode records)."""
+    nc = await nats.connect(server.url)
+    try:
+        jsm = nc.jsm()
+        info = await jsm.stream_info(stream, subjects_filter=subject)
+        count = (info.state.subjects or {}).get(subject, 0)
+        stored: list[bytes] = []
+        seq = 0
+        while len(stored) < count:
+            seq += 1
+            try:
+                message = await jsm.get_msg(stream, seq)
+            except nats.js.errors.NotFoundError:
+                continue
+            if message.subject == subject:
+                stored.append(message.data or b"")
+        return stored
+    finally:
+        await nc.close()
+
+
+async def test_a_new_sessions_first_message_opens_its_log_in_one_request(nats_server: NatsServer, prefix: str) -> None:
+    # A run of a new session publishes its first message on the condition that the subject is empty, with the
+    # log-start record in it: no request for the log's end first. A session that holds messages already (written
+    # by another process, which this hub cannot know) gets its first message without a second log-start.
+    first = durable_ai.connect(_url(nats_server, prefix), snapshots=False)
+    async with first, first.session("other").run(agent="w") as run:  # the streams exist before anything watches
+        await run.text("zero")
+    watcher = await nats.connect(nats_server.url)
+    events = names(prefix).subject("s", "events")
+    asked_end: list[str] = []  # requests for the last message of the session's events subject
+
+    async def on_get(msg: nats.aio.msg.Msg) -> None:
+        if msg.subject.endswith(f".{events}") or events.encode() in msg.data:  # direct get by subject, or stream API
+            asked_end.append(msg.subject)
+
+    await watcher.subscribe("$JS.API.DIRECT.GET.>", cb=on_get)
+    await watcher.subscribe("$JS.API.STREAM.MSG.GET.>", cb=on_get)
+    await watcher.flush()
+    try:
+        hub = durable_ai.connect(_url(nats_server, prefix), snapshots=False)
+        async with hub, hub.session("s").run(agent="w") as run:
+            await run.text("one")
+        await watcher.flush()
+        assert asked_end == []
+        other = durable_ai.connect(_url(nats_server, prefix), snapshots=False)  # knows nothing of "s"
+        async with other, other.session("s").run(agent="w") as run:
+            await run.text("two")
+    finally:
+        await watcher.close()
+    stored = await _raw_messages(nats_server, names(prefix).stream, events)
+    types = [[json.loads(line)["type"] for line in message.splitlines()] for message in stored]
+    assert types[0][:2] == ["log-start", "run-start"]
+    assert sum(kinds.count("log-start") for kinds in types) == 1
+    assert sum(kinds.count("run-start") for kinds in types) == 2
+
+
+async def test_publish_opening_stores_once_and_only_opens_an_empty_log(nats_server: NatsServer, prefix: str) -> None:
+    backend = NatsBackend(nats_server.url, NatsOptions(prefix=prefix))
+    await backend.open()
+    channel = Channel("s", "events")
+    try:
+        first = await backend.publish_opening(channel, b'{"o":1}', b'{"a":1}', message_id="m1")
+        # A retry of the same message (its acknowledgement lost, say) answers where the first copy is.
+        assert await backend.publish_opening(channel, b'{"o":2}', b'{"a":1}', message_id="m1") == first
+        second = await backend.publish_opening(channel, b'{"o":3}', b'{"b":2}', message_id="m2")
+        assert int(second.position) > int(first.position)
+    finally:
+        await backend.close()
+    stored = await _raw_messages(nats_server, names(prefix).stream, names(prefix).subject("s", "events"))
+    assert stored == [b'{"o":1}\n{"a":1}', b'{"b":2}']

@@ -88,6 +88,8 @@ _PLAIN_ACK = re.compile(rb'\{"stream":"[^"\\]*","seq":(\d{1,19})\}')
 _ROLE_TOKEN: dict[PresenceRole, str] = {"agent": "a", "client": "c"}
 _TOKEN_ROLE: dict[str, PresenceRole] = {"a": "agent", "c": "client"}
 _MAX_CONSUMERS_CODE = 10026
+_WRONG_LAST_SEQUENCE = 10071
+_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 
 
 class _BufferFull(Exception):
@@ -506,13 +508,13 @@ class NatsBackend:
         log = self._logs[kind]
         assert log.epoch is not None
         data = json.dumps({"epoch": log.epoch, "msg_ttl": log.msg_ttl}).encode()
-        headers = {_MSG_ID: f"epoch:{log.epoch}", "Nats-Expected-Last-Subject-Sequence": "0"}
+        headers = {_MSG_ID: f"epoch:{log.epoch}", _EXPECTED_LAST_SUBJECT_SEQ: "0"}
         if log.msg_ttl:
             headers["Nats-TTL"] = "never"  # kept past max_age
         try:
             await js.publish(self.names.epoch_subject(kind), data, headers=headers)
         except nats.js.errors.APIError as exc:
-            if exc.err_code != 10071:  # wrong last sequence: another process wrote the marker first
+            if exc.err_code != _WRONG_LAST_SEQUENCE:  # another process wrote the marker first
                 raise
 
     async def _stream_info(self, jsm: JetStreamManager, kind: ChannelKind) -> StreamInfo:
@@ -613,6 +615,23 @@ class NatsBackend:
     # -- publish -------------------------------------------------------------------------------------------
 
     async def publish(self, channel: Channel, data: bytes, *, message_id: str) -> LogPosition:
+        position = await self._publish(channel, data, message_id, if_empty=False)
+        assert position is not None
+        return position
+
+    async def publish_opening(self, channel: Channel, opening: bytes, data: bytes, *, message_id: str) -> LogPosition:
+        """See :class:`durable_ai.backend.OpensLogs`: the first attempt expects the subject to be empty
+        (``Nats-Expected-Last-Subject-Sequence: 0``). JetStream checks that before its duplicate window, so a retry of
+        a first message stored already is refused too; the publish of ``data`` alone that follows, under the same
+        id, is then a duplicate of the stored message and answers where it is."""
+        position = await self._publish(channel, opening + b"\n" + data, message_id, if_empty=True)
+        if position is None:
+            position = await self._publish(channel, data, message_id, if_empty=False)
+            assert position is not None
+        return position
+
+    async def _publish(self, channel: Channel, data: bytes, message_id: str, *, if_empty: bool) -> LogPosition | None:
+        """Publish (``None``: ``if_empty`` and the subject holds messages, so nothing was stored)."""
         nc, js, jsm = self._parts()
         if len(data) > self._limits.max_message_bytes:
             raise PayloadTooLarge(len(data), self._limits.max_message_bytes)
@@ -622,6 +641,8 @@ class NatsBackend:
         subject = self.names.subject(channel.session, channel.kind)
         # Scoped to the session: the same id in two sessions is two messages.
         headers = {_MSG_ID: f"{channel.session}:{message_id}"}
+        if if_empty:
+            headers[_EXPECTED_LAST_SUBJECT_SEQ] = "0"
 
         async def attempt() -> Any:
             if log.epoch is None:
@@ -632,6 +653,18 @@ class NatsBackend:
                 # nats-py would raise after registering the ack future, which then never resolves: refuse first,
                 # and retry (for up to publish_timeout) in case the connection comes back.
                 raise _BufferFull
+            if if_empty:
+                # A request: its refusal comes back as an error (publish_async's future is never answered when
+                # JetStream refuses, because nats-py raises in its acknowledgement handler instead).
+                try:
+                    return await js.publish(subject, data, headers=headers)
+                except nats.js.errors.NoStreamResponseError:
+                    log.epoch = None
+                    raise
+                except nats.js.errors.APIError as exc:
+                    if exc.err_code == _WRONG_LAST_SEQUENCE:
+                        return None
+                    raise
             if js.publish_async_pending() >= _MAX_PENDING_ACKS:
                 # Checked here rather than with publish_async's wait_stall, which costs a task per publish.
                 raise PendingBufferFull(f"{_MAX_PENDING_ACKS} publishes are waiting for their acknowledgement")
@@ -647,6 +680,8 @@ class NatsBackend:
                 expiry.cancel()
 
         ack = await self._call(attempt)
+        if ack is None:
+            return None
         if ack.duplicate and channel.kind == "events":
             await self._check_duplicate(jsm, log.stream, ack.seq, subject, message_id)
         epoch = log.epoch
