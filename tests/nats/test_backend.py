@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 from collections.abc import AsyncIterator
@@ -14,7 +15,7 @@ from nats.js.api import StreamConfig
 import durable_ai
 from durable_ai import Coalesce, Reset, Run, RunEnd
 from durable_ai.backend import Channel, LogPosition, PresenceEntry
-from durable_ai.errors import BackendError, ConfigurationError, LogReset
+from durable_ai.errors import BackendError, ConfigurationError, LogReset, PublishRefused
 from durable_ai.testing.scenarios import collect, text_of
 from durable_ai_nats import NatsBackend, NatsOptions, PendingBufferFull, from_url, names
 from durable_ai_nats.testing import NatsServer, free_ports
@@ -617,3 +618,33 @@ async def test_publish_opening_stores_once_and_only_opens_an_empty_log(nats_serv
         await backend.close()
     stored = await _raw_messages(nats_server, names(prefix).stream, names(prefix).subject("s", "events"))
     assert stored == [b'{"o":1}\n{"a":1}', b'{"b":2}']
+
+
+async def test_a_message_jetstream_refuses_fails_alone_and_the_run_still_ends(
+    nats_server: NatsServer, prefix: str
+) -> None:
+    # An operator's stream takes smaller messages than the backend was told: JetStream refuses a large one. That
+    # refusal must reach the writer as one (its event fails at once), not as a broker that does not answer, which
+    # would be retried for ever and hold up every event behind it, the run's end included.
+    url = _url(nats_server, prefix, "&publish_timeout=5")
+    first = durable_ai.connect(url)
+    async with first, first.session("warm").run(agent="w") as run:
+        await run.text("the stream exists")
+    nc = await nats.connect(nats_server.url)
+    try:
+        info = await nc.jsm().stream_info(names(prefix).stream)
+        await nc.jsm().update_stream(dataclasses.replace(info.config, max_msg_size=4096))
+    finally:
+        await nc.close()
+    async with durable_ai.connect(url) as hub:
+        started = asyncio.get_running_loop().time()
+        async with hub.session("s").run(agent="w") as run:
+            await run.text("before ")
+            with pytest.raises(PublishRefused):
+                await run.tool_call("big", {"blob": "y" * 10_000})
+            await run.text("after")
+        assert asyncio.get_running_loop().time() - started < 4.0  # refused, not timed out and retried
+        view = await hub.session("s").view()
+    assert view.messages[-1].text == "before after"
+    assert view.active_runs == []
+    assert view.messages[-1].status == "completed"

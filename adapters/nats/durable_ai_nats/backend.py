@@ -39,7 +39,7 @@ from nats.aio.client import DEFAULT_PENDING_SIZE
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy, StorageType, StreamConfig, StreamConsumerLimits, StreamInfo
+from nats.js.api import DeliverPolicy, PubAck, StorageType, StreamConfig, StreamConsumerLimits, StreamInfo
 from nats.js.kv import KeyValue
 from nats.js.manager import JetStreamManager
 
@@ -632,7 +632,7 @@ class NatsBackend:
 
     async def _publish(self, channel: Channel, data: bytes, message_id: str, *, if_empty: bool) -> LogPosition | None:
         """Publish (``None``: ``if_empty`` and the subject holds messages, so nothing was stored)."""
-        nc, js, jsm = self._parts()
+        nc, _, jsm = self._parts()
         if len(data) > self._limits.max_message_bytes:
             raise PayloadTooLarge(len(data), self._limits.max_message_bytes)
         log = self._logs[channel.kind]
@@ -653,31 +653,20 @@ class NatsBackend:
                 # nats-py would raise after registering the ack future, which then never resolves: refuse first,
                 # and retry (for up to publish_timeout) in case the connection comes back.
                 raise _BufferFull
-            if if_empty:
-                # A request: its refusal comes back as an error (publish_async's future is never answered when
-                # JetStream refuses, because nats-py raises in its acknowledgement handler instead).
-                try:
-                    return await js.publish(subject, data, headers=headers)
-                except nats.js.errors.NoStreamResponseError:
-                    log.epoch = None
-                    raise
-                except nats.js.errors.APIError as exc:
-                    if exc.err_code == _WRONG_LAST_SEQUENCE:
-                        return None
-                    raise
-            if js.publish_async_pending() >= _MAX_PENDING_ACKS:
-                # Checked here rather than with publish_async's wait_stall, which costs a task per publish.
+            if self._replies is not None and not self._replies.has_room():
                 raise PendingBufferFull(f"{_MAX_PENDING_ACKS} publishes are waiting for their acknowledgement")
-            future = await js.publish_async(subject, data, headers=headers, msg_ttl=ttl)
-            # A lost ack would leave the future pending forever: expire it (cheaper than asyncio.timeout).
-            expiry = asyncio.get_running_loop().call_later(self._ack_timeout, _expire, future)
             try:
-                return await future
+                # Not publish_async: when JetStream refuses a message (over the stream's size limit, say), nats-py
+                # raises in its acknowledgement handler and the future is never answered, so a refusal would look
+                # like a broker that does not answer, and be retried for ever.
+                return await self._js_publish(subject, data, headers, ttl=ttl)
             except nats.js.errors.NoStreamResponseError:
                 log.epoch = None
                 raise
-            finally:
-                expiry.cancel()
+            except nats.js.errors.APIError as exc:
+                if if_empty and exc.err_code == _WRONG_LAST_SEQUENCE:
+                    return None
+                raise
 
         ack = await self._call(attempt)
         if ack is None:
@@ -743,11 +732,14 @@ class NatsBackend:
         log.highest_seq = seq
         return LogPosition(epoch, str(seq))
 
-    async def _js_publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
+    async def _js_publish(
+        self, subject: str, data: bytes, headers: dict[str, str] | None = None, *, ttl: float | None = None
+    ) -> PubAck:
         """Publish to a stream and wait for the acknowledgement, raising what ``js.publish`` raises.
 
         The acknowledgement comes back through the connection's reply subscription (see :mod:`._replies`): no
-        request with its own inbox token, timer and JSON decoding each. A run writes presence this way twice.
+        request with its own inbox token and timer each. A refusal is raised as nats-py's ``APIError``; no answer
+        within the acknowledgement timeout is ``TimeoutError``.
         """
         _, js, _ = self._parts()
         replies = self._replies
@@ -757,18 +749,22 @@ class NatsBackend:
             if not answered.done():
                 answered.set_result(reply)
 
+        if ttl is not None:
+            headers = {**(headers or {}), "Nats-TTL": str(int(ttl))}
         if replies is None or not replies.has_room() or not await replies.publish(subject, data, headers, answer):
-            await js.publish(subject, data, headers=headers)
-            return
+            return await js.publish(subject, data, headers=headers)
         reply = await answered
         if isinstance(reply, BaseException):
             raise reply
         if reply.headers and reply.headers.get("Status") == "503":
             raise nats.js.errors.NoStreamResponseError
-        if _PLAIN_ACK.fullmatch(reply.data) is None:
-            answer_json = json.loads(reply.data)
-            if "error" in answer_json:
-                nats.js.errors.APIError.from_error(answer_json["error"])
+        plain = _PLAIN_ACK.fullmatch(reply.data)
+        if plain is not None:
+            return PubAck(stream="", seq=int(plain[1]))
+        answer_json = json.loads(reply.data)
+        if "error" in answer_json:
+            nats.js.errors.APIError.from_error(answer_json["error"])
+        return PubAck.from_response(answer_json)
 
     async def _check_duplicate(self, jsm: JetStreamManager, stream: str, seq: int, subject: str, mid: str) -> None:
         """A duplicate ack names the message stored first under the id: it must be on the same subject."""
@@ -1181,11 +1177,6 @@ class NatsBackend:
                 continue
             entries.append(PresenceEntry(member, role, item.data[1:]))
         return entries
-
-
-def _expire(future: asyncio.Future[Any]) -> None:
-    if not future.done():
-        future.set_exception(nats.errors.TimeoutError())
 
 
 def _float(value: str, name: str) -> float:
