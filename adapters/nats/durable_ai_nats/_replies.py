@@ -24,7 +24,7 @@ __all__ = ["Answer", "Replies"]
 
 logger = logging.getLogger("durable_ai_nats")
 
-Answer = Callable[[Msg | BaseException], Coroutine[Any, Any, None] | None]
+Answer = Callable[[Msg | BaseException], Coroutine[Any, Any, object] | None]
 """Called once with the reply, or with ``TimeoutError`` (no reply in time) or the error that closed the sender."""
 
 
@@ -47,7 +47,7 @@ class Replies:
         *,
         timeout: float,
         limit: int,
-        spawn: Callable[[Coroutine[Any, Any, None]], None],
+        spawn: Callable[[Coroutine[Any, Any, object]], None],
     ) -> None:
         self._nc = nc
         self._timeout = timeout
@@ -71,8 +71,14 @@ class Replies:
     def __len__(self) -> int:
         return len(self._pending)
 
-    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None, answer: Answer) -> bool:
-        """Publish; ``True`` if it went out (``answer`` is then called once), ``False`` if nats-py refused it."""
+    async def publish(
+        self, subject: str, data: bytes, headers: dict[str, str] | None, answer: Answer, *, answer_refusal: bool = False
+    ) -> bool:
+        """Publish; ``True`` if it went out (``answer`` is then called once), ``False`` if nats-py refused it.
+
+        With ``answer_refusal``, ``answer`` is also called (with nats-py's error) when nats-py refused it: a caller
+        that is itself an answer, sending the next message, has no one to return ``False`` to.
+        """
         token = str(next(self._tokens))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout
@@ -81,7 +87,9 @@ class Replies:
             await self._nc.publish(subject, data, reply=self._prefix + token, headers=headers)
         except Exception as exc:
             logger.debug("could not send a publish ahead: %r", exc)
-            self._pending.pop(token, None)
+            pending = self._pending.pop(token, None)
+            if answer_refusal and pending is not None:
+                self._settle(pending, exc)
             return False
         if self._timer is None:
             self._timer = loop.call_at(deadline, self._expire)

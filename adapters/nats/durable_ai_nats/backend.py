@@ -299,7 +299,7 @@ class NatsBackend:
         self._presence = PresenceKeeper[tuple[str, str, PresenceRole]](
             self._refresh_presence, self.options.presence_ttl / 3
         )
-        self._closing: set[asyncio.Task[None]] = set()
+        self._closing: set[asyncio.Task[object]] = set()
         self._probe: asyncio.Task[None] | None = None
         self._limits = BackendLimits(self.options.max_message_bytes, None)
         self._ack_timeout = min(2.0, self.options.publish_timeout)
@@ -687,6 +687,11 @@ class NatsBackend:
         answer within the acknowledgement timeout) is reported as an error, and the writer's full ``publish`` of
         the same message, under the same id, deals with it.
         """
+        ahead = self._ahead(outgoing)
+        return False if ahead is None else await ahead
+
+    def _ahead(self, outgoing: Outgoing, *, answer_refusal: bool = False) -> Coroutine[Any, Any, bool] | None:
+        """The publish that sends ``outgoing`` ahead, or ``None`` when it may not go that way now."""
         nc, replies, channel = self._nc, self._replies, outgoing.channel
         log = self._logs["events"]
         if (
@@ -699,20 +704,24 @@ class NatsBackend:
             or not replies.has_room()
             or len(outgoing.data) > self._limits.max_message_bytes
         ):
-            return False
+            return None
         subject = self.names.subject(channel.session, "events")
         headers = {_MSG_ID: f"{channel.session}:{outgoing.message_id}"}
-        return await replies.publish(subject, outgoing.data, headers, partial(self._acknowledged, log, outgoing))
+        answer = partial(self._acknowledged, log, outgoing)
+        return replies.publish(subject, outgoing.data, headers, answer, answer_refusal=answer_refusal)
 
     def _acknowledged(
         self, log: _Log, outgoing: Outgoing, reply: Msg | BaseException
-    ) -> Coroutine[Any, Any, None] | None:
+    ) -> Coroutine[Any, Any, bool] | None:
+        """Tell the writer where its message landed, and return the publish of the next one it hands back."""
         then = outgoing.landed(self._position(log, reply))
-        return None if then is None else self._send_next(then)
-
-    async def _send_next(self, outgoing: Outgoing) -> None:
-        if not await self.send(outgoing):
-            outgoing.landed(BackendUnavailable("the next message could not be sent ahead"))
+        if then is None:
+            return None
+        # Sent from here, in the reply subscription's task: no writer task wakes per message.
+        ahead = self._ahead(then, answer_refusal=True)
+        if ahead is None:
+            then.landed(BackendUnavailable("the next message could not be sent ahead"))
+        return ahead
 
     def _position(self, log: _Log, reply: Msg | BaseException) -> LogPosition | BaseException:
         """Where an acknowledged message landed, or why that is not settled by the acknowledgement alone."""
@@ -742,20 +751,11 @@ class NatsBackend:
         within the acknowledgement timeout is ``TimeoutError``.
         """
         _, js, _ = self._parts()
-        replies = self._replies
-        answered: asyncio.Future[Msg | BaseException] = asyncio.get_running_loop().create_future()
-
-        def answer(reply: Msg | BaseException) -> None:
-            if not answered.done():
-                answered.set_result(reply)
-
         if ttl is not None:
             headers = {**(headers or {}), "Nats-TTL": str(int(ttl))}
-        if replies is None or not replies.has_room() or not await replies.publish(subject, data, headers, answer):
+        reply = await self._ask(subject, data, headers)
+        if reply is None:
             return await js.publish(subject, data, headers=headers)
-        reply = await answered
-        if isinstance(reply, BaseException):
-            raise reply
         if reply.headers and reply.headers.get("Status") == "503":
             raise nats.js.errors.NoStreamResponseError
         plain = _PLAIN_ACK.fullmatch(reply.data)
@@ -765,6 +765,29 @@ class NatsBackend:
         if "error" in answer_json:
             nats.js.errors.APIError.from_error(answer_json["error"])
         return PubAck.from_response(answer_json)
+
+    async def _ask(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> Msg | None:
+        """Send a request through the connection's reply subscription and wait for its answer (``None``: there is
+        no room for another, or nats-py would not send it; make an ordinary request instead).
+
+        Raises ``TimeoutError`` when no answer comes within the acknowledgement timeout. A request of nats-py's
+        has an inbox token, a future and ``wait_for`` each; this has a callback under a counter token.
+        """
+        replies = self._replies
+        if replies is None or not replies.has_room():
+            return None
+        answered: asyncio.Future[Msg | BaseException] = asyncio.get_running_loop().create_future()
+
+        def answer(reply: Msg | BaseException) -> None:
+            if not answered.done():
+                answered.set_result(reply)
+
+        if not await replies.publish(subject, data, headers, answer):
+            return None
+        reply = await answered
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
 
     async def _check_duplicate(self, jsm: JetStreamManager, stream: str, seq: int, subject: str, mid: str) -> None:
         """A duplicate ack names the message stored first under the id: it must be on the same subject."""
@@ -940,7 +963,7 @@ class NatsBackend:
             del self._feed_of[subject]
         self._spawn(group.close())
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, object]) -> None:
         """Clean-up that must not hold up the caller; close() waits for it."""
         task = asyncio.get_running_loop().create_task(work, name="durable-ai-nats cleanup")
         self._closing.add(task)
@@ -954,25 +977,67 @@ class NatsBackend:
 
     async def _last_message(self, kind: ChannelKind, subject: str) -> StoredMessage | None:
         """The last message stored on ``subject`` (its ``epoch`` is left empty), or ``None``."""
-        _, _, jsm = self._parts()
+        self._parts()
         log = self._logs[kind]
 
-        async def last() -> Any:
+        async def last() -> StoredMessage | None:
             try:
+                if kind == "events":
+                    return await self._last_direct(log.stream, subject)
                 # Controls are what clients write, headers included: read them through the stream API, whose
-                # answer wraps the message, never by direct get, whose answer is the message's own headers
-                # (nats-py would take a client's "Status: 503" for the server's).
-                return await jsm.get_last_msg(log.stream, subject, direct=kind == "events")
-            except nats.js.errors.NotFoundError:
-                return None
+                # answer wraps the message, never by direct get, whose answer is the message's own headers (a
+                # client's "Status: 503" would pass for the server's).
+                return await self._last_wrapped(log.stream, subject)
             except nats.errors.NoRespondersError:
                 # Nobody serves direct gets for the stream: JetStream is starting, or the stream was deleted.
                 log.epoch = None
                 await self._epoch(kind)
                 raise
 
-        message = await self._call(last)
-        return None if message is None else StoredMessage("", str(message.seq), message.data or b"")
+        return await self._call(last)
+
+    async def _last_direct(self, stream: str, subject: str) -> StoredMessage | None:
+        """The last message on ``subject`` by direct get, which answers with the message itself."""
+        _, _, jsm = self._parts()
+        reply = await self._ask(f"$JS.API.DIRECT.GET.{stream}.{subject}", b"")
+        if reply is None:
+            try:
+                found = await jsm.get_last_msg(stream, subject, direct=True)
+            except nats.js.errors.NotFoundError:
+                return None
+            return StoredMessage("", str(found.seq), found.data or b"")
+        headers = reply.headers or {}
+        status = headers.get("Status")
+        if status == "404":
+            return None
+        if status == "503":
+            raise nats.errors.NoRespondersError
+        sequence = headers.get("Nats-Sequence", "")
+        if status is not None or not sequence.isdigit():
+            raise BackendError(f"JetStream answered a direct get with {status} {headers.get('Description', '')}")
+        return StoredMessage("", sequence, reply.data)
+
+    async def _last_wrapped(self, stream: str, subject: str) -> StoredMessage | None:
+        """The last message on ``subject`` through the stream API, whose answer wraps the message in JSON (only its
+        sequence and data are decoded: the stored headers are a client's business)."""
+        _, _, jsm = self._parts()
+        request = json.dumps({"last_by_subj": subject}).encode()
+        reply = await self._ask(f"$JS.API.STREAM.MSG.GET.{stream}", request)
+        if reply is None:
+            try:
+                found = await jsm.get_last_msg(stream, subject)
+            except nats.js.errors.NotFoundError:
+                return None
+            return StoredMessage("", str(found.seq), found.data or b"")
+        if reply.headers and reply.headers.get("Status") == "503":
+            raise nats.js.errors.ServiceUnavailableError
+        answer = json.loads(reply.data)
+        if "error" in answer:
+            if answer["error"].get("code") == 404:
+                return None
+            nats.js.errors.APIError.from_error(answer["error"])
+        message = answer["message"]
+        return StoredMessage("", str(int(message["seq"])), base64.b64decode(message.get("data") or ""))
 
     async def delete(self, session: str) -> None:
         _, _, jsm = self._parts()
