@@ -18,6 +18,7 @@ from durable_ai.backend import Channel, LogPosition, PresenceEntry
 from durable_ai.errors import BackendError, ConfigurationError, LogReset, PublishRefused
 from durable_ai.testing.scenarios import collect, text_of
 from durable_ai_nats import NatsBackend, NatsOptions, PendingBufferFull, from_url, names
+from durable_ai_nats._replies import Replies
 from durable_ai_nats.testing import NatsServer, free_ports
 
 
@@ -647,4 +648,34 @@ async def test_a_message_jetstream_refuses_fails_alone_and_the_run_still_ends(
         view = await hub.session("s").view()
     assert view.messages[-1].text == "before after"
     assert view.active_runs == []
+    assert view.messages[-1].status == "completed"
+
+
+async def test_without_a_reply_subscription_requests_go_through_nats_py_and_answer_the_same(
+    nats_server: NatsServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A connection that could not subscribe to its reply subject publishes and reads the last message with
+    # nats-py's own requests; their answers must mean what the others do.
+    async def refused(self: Replies) -> None:
+        raise nats.errors.Error("permissions violation")
+
+    monkeypatch.setattr(Replies, "open", refused)
+    backend = NatsBackend(nats_server.url, NatsOptions(prefix=prefix))
+    await backend.open()
+    try:
+        for kind in ("events", "control"):
+            channel = Channel("s", kind)
+            assert await backend.head(channel) is None
+            first = await backend.publish(channel, b"{}", message_id=f"{kind}-1")
+            assert await backend.publish(channel, b"{}", message_id=f"{kind}-1") == first
+            second = await backend.publish(channel, b"{}", message_id=f"{kind}-2")
+            assert int(second.position or 0) > int(first.position or 0)
+            assert await backend.head(channel) == second
+    finally:
+        await backend.close()
+    async with durable_ai.connect(_url(nats_server, prefix)) as hub:
+        async with hub.session("t").run(agent="w") as run:
+            await run.text("through nats-py")
+        view = await hub.session("t").view()
+    assert view.messages[-1].text == "through nats-py"
     assert view.messages[-1].status == "completed"

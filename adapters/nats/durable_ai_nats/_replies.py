@@ -68,9 +68,6 @@ class Replies:
     def has_room(self) -> bool:
         return self._sub is not None and len(self._pending) < self._limit
 
-    def __len__(self) -> int:
-        return len(self._pending)
-
     async def publish(
         self, subject: str, data: bytes, headers: dict[str, str] | None, answer: Answer, *, answer_refusal: bool = False
     ) -> bool:

@@ -996,16 +996,20 @@ class NatsBackend:
 
         return await self._call(last)
 
+    async def _last_by_nats_py(self, stream: str, subject: str, *, direct: bool) -> StoredMessage | None:
+        """The last message on ``subject`` by nats-py's own request (the reply subscription has no room)."""
+        _, _, jsm = self._parts()
+        try:
+            found = await jsm.get_last_msg(stream, subject, direct=direct)
+        except nats.js.errors.NotFoundError:
+            return None
+        return StoredMessage("", str(found.seq), found.data or b"")
+
     async def _last_direct(self, stream: str, subject: str) -> StoredMessage | None:
         """The last message on ``subject`` by direct get, which answers with the message itself."""
-        _, _, jsm = self._parts()
         reply = await self._ask(f"$JS.API.DIRECT.GET.{stream}.{subject}", b"")
         if reply is None:
-            try:
-                found = await jsm.get_last_msg(stream, subject, direct=True)
-            except nats.js.errors.NotFoundError:
-                return None
-            return StoredMessage("", str(found.seq), found.data or b"")
+            return await self._last_by_nats_py(stream, subject, direct=True)
         headers = reply.headers or {}
         status = headers.get("Status")
         if status == "404":
@@ -1020,15 +1024,10 @@ class NatsBackend:
     async def _last_wrapped(self, stream: str, subject: str) -> StoredMessage | None:
         """The last message on ``subject`` through the stream API, whose answer wraps the message in JSON (only its
         sequence and data are decoded: the stored headers are a client's business)."""
-        _, _, jsm = self._parts()
         request = json.dumps({"last_by_subj": subject}).encode()
         reply = await self._ask(f"$JS.API.STREAM.MSG.GET.{stream}", request)
         if reply is None:
-            try:
-                found = await jsm.get_last_msg(stream, subject)
-            except nats.js.errors.NotFoundError:
-                return None
-            return StoredMessage("", str(found.seq), found.data or b"")
+            return await self._last_by_nats_py(stream, subject, direct=False)
         if reply.headers and reply.headers.get("Status") == "503":
             raise nats.js.errors.ServiceUnavailableError
         answer = json.loads(reply.data)
