@@ -58,8 +58,12 @@ class Replies:
         self._prefix = ""
         self._sub: Subscription | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # The connection's loop, looked up once: on Python 3.11 ``get_running_loop()`` makes a ``getpid()`` system
+        # call each time (to notice a fork), which costs more than the rest of a publish on some machines.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._prefix = f"{self._nc.new_inbox()}."
         self._sub = await self._nc.subscribe(
             f"{self._prefix}*", cb=self._reply, pending_msgs_limit=-1, pending_bytes_limit=-1
@@ -77,7 +81,8 @@ class Replies:
         that is itself an answer, sending the next message, has no one to return ``False`` to.
         """
         token = str(next(self._tokens))
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None, "publish() before open()"
         deadline = loop.time() + self._timeout
         self._pending[token] = _Pending(deadline, answer)
         try:
