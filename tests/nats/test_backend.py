@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import json
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 import nats
 import pytest
+from nats.aio.client import Client as NatsClient
 from nats.js.api import StreamConfig
 
 import durable_ai
@@ -679,3 +682,39 @@ async def test_without_a_reply_subscription_requests_go_through_nats_py_and_answ
         view = await hub.session("t").view()
     assert view.messages[-1].text == "through nats-py"
     assert view.messages[-1].status == "completed"
+
+
+async def test_a_next_message_nats_py_refuses_to_send_from_an_acknowledgement_is_published_again(
+    nats_server: NatsServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The next message of a session goes out from the previous one's acknowledgement, in the reply subscription's
+    # task. If nats-py refuses that publish (the connection closing, say), nobody awaits it: the writer must still
+    # hear of it and publish the message again, once.
+    sent_ahead = 0
+    refused: list[str] = []
+    publish = NatsClient.publish
+
+    async def refusing(self: NatsClient, subject: str, payload: bytes = b"", **kwargs: Any) -> None:
+        nonlocal sent_ahead
+        headers = kwargs.get("headers")
+        if subject.endswith(".events") and isinstance(headers, dict) and not refused:
+            sent_ahead += 1
+            if sent_ahead >= 5 and any(frame.function == "_reply" for frame in inspect.stack()):
+                refused.append(subject)
+                raise nats.errors.ConnectionClosedError
+        await publish(self, subject, payload, **kwargs)
+
+    monkeypatch.setattr(NatsClient, "publish", refusing)
+    async with durable_ai.connect(_url(nats_server, prefix), coalesce=Coalesce.off(), snapshots=False) as hub:
+        async with asyncio.timeout(20):
+            async with hub.session("s").run(agent="w") as run:
+                for index in range(20):
+                    await run.text(f"{index} ")
+            await hub.flush()
+        view = await hub.session("s").view()
+    assert refused, "no publish from an acknowledgement was refused"
+    assert view.messages[-1].text == "".join(f"{index} " for index in range(20))
+    assert view.messages[-1].status == "completed"
+    stored = await _raw_messages(nats_server, names(prefix).stream, names(prefix).subject("s", "events"))
+    deltas = [json.loads(line)["delta"] for message in stored for line in message.splitlines() if b'"delta"' in line]
+    assert deltas == [f"{index} " for index in range(20)]  # each stored once, in order

@@ -997,7 +997,7 @@ class NatsBackend:
         return await self._call(last)
 
     async def _last_by_nats_py(self, stream: str, subject: str, *, direct: bool) -> StoredMessage | None:
-        """The last message on ``subject`` by nats-py's own request (the reply subscription has no room)."""
+        """The last message on ``subject`` by nats-py's own request (no reply subscription, or no room in it)."""
         _, _, jsm = self._parts()
         try:
             found = await jsm.get_last_msg(stream, subject, direct=direct)
