@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import importlib.util
+import secrets
 import subprocess
 import sys
 import threading
@@ -904,13 +905,12 @@ def load_example(name: str) -> ModuleType:
 
 
 @pytest.fixture(params=["memory", "nats"])
-async def broker(request: pytest.FixtureRequest) -> AsyncIterator[MemoryBackend | str]:
-    """The embedded backend, or a real nats-server on loopback."""
+def broker(request: pytest.FixtureRequest) -> MemoryBackend | str:
+    """The embedded backend, or the session's nats-server on loopback under a subject prefix of this test's own."""
     if request.param == "memory":
-        yield MemoryBackend()
-        return
-    async with NatsServer() as server:
-        yield server.url
+        return MemoryBackend()
+    server: NatsServer = request.getfixturevalue("nats_server")
+    return f"{server.url}?prefix=t{secrets.token_hex(4)}"
 
 
 def check_team(events: Sequence[Event], orchestrator: Run, stopped: str, example: ModuleType) -> None:
