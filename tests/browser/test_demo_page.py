@@ -267,6 +267,55 @@ async def test_a_reload_reads_the_view_and_cursor_kept_in_local_storage_not_the_
     assert kept is not None  # and keeps the cursor of what it shows now
 
 
+# Fills the origin's localStorage with records of other sessions (each saved a moment later than the one before,
+# in shrinking sizes, so that not even a small record fits after them), with one unreadable record first; returns
+# the keys written, oldest first.
+FILL_STORAGE = """(prefix) => {
+  const keys = [];
+  localStorage.setItem(prefix + "unreadable", "{not json");
+  keys.push(prefix + "unreadable");
+  let at = 1000;
+  for (const size of [500000, 50000, 5000, 500, 50, 5]) {
+    for (;;) {
+      const key = prefix + "other-" + keys.length;
+      const view = { session: "other-" + keys.length, messages: [], pad: "x".repeat(size) };
+      try {
+        localStorage.setItem(key, JSON.stringify({ v: 1, at: at++, view }));
+      } catch {
+        break;
+      }
+      keys.push(key);
+    }
+  }
+  return keys;
+}"""
+
+
+@memory_only
+async def test_a_full_local_storage_drops_the_least_recently_saved_sessions_to_keep_this_one(
+    start_demo: StartDemo, browser_context: BrowserContext, shots: Shots
+) -> None:
+    demo = await start_demo(tokens_per_second=PACE, tokens=BRIEF)
+    chat = await ChatPage.open(browser_context, demo.base + "/")
+    others: list[str] = await chat.page.evaluate(FILL_STORAGE, f"durable-ai:{demo.base}/sessions/")
+    assert len(others) > 10, others  # the origin's quota was reached
+    await chat.send(QUESTION)
+    await expect(chat.answers.first).to_have_attribute("data-status", "completed")
+    key = f"durable-ai:{demo.base}/sessions/{chat.session_id}"
+    kept = "(key) => JSON.parse(localStorage.getItem(key) ?? 'null')?.view?.messages?.at(-1)?.status ?? null"
+    await chat.page.wait_for_function(f"(key) => ({kept})(key) === 'completed'", arg=key)
+    left: list[str] = await chat.page.evaluate(
+        "(keys) => keys.filter((key) => localStorage.getItem(key) !== null)", others
+    )
+    await shots.take(chat.page, "kept-after-dropping-others")
+    # The unreadable record and the least recently saved one made room; every later one is still kept.
+    assert left == others[2:], (others[:3], left[:3], len(others), len(left))
+
+    await chat.page.reload()
+    await expect(chat.connection).to_have_text(re.compile("^Live, resumed after cursor "))
+    await chat.matches_view(demo)
+
+
 @memory_only
 async def test_reconnects_back_off_exponentially_while_the_gateway_refuses(
     start_demo: StartDemo, browser_context: BrowserContext, shots: Shots

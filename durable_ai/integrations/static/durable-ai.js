@@ -23,6 +23,7 @@
 
 const STORAGE_PREFIX = "durable-ai:";
 const STORAGE_VERSION = 1;
+const SAVED_AT = /^\{"v":\d+,"at":(\d+)[,}]/; // the head of a kept record: when it was saved
 const SESSION_ID = /^[A-Za-z0-9_-]{1,128}$/;
 
 /** A failure the gateway reported (its `error` name is in `code`), or one of the client's own. */
@@ -352,12 +353,43 @@ export class DurableSession extends EventTarget {
     clearTimeout(this._saveTimer);
     this._saveTimer = null;
     if (!this.storage || !this._opened) return;
-    const record = JSON.stringify({ v: STORAGE_VERSION, view: this.view });
-    try {
-      this.storage.setItem(this.storageKey, record);
-    } catch {
-      this.forget(); // over the quota: keep nothing rather than a stale pair
+    const record = JSON.stringify({ v: STORAGE_VERSION, at: Date.now(), view: this.view });
+    let others = null;
+    for (;;) {
+      try {
+        this.storage.setItem(this.storageKey, record);
+        return;
+      } catch {
+        // Over the quota: make room by dropping what other sessions keep, least recently saved first; when nothing
+        // is left to drop, keep nothing for this one rather than a stale pair.
+        others ??= this._othersOldestFirst();
+        const key = others.shift();
+        try {
+          if (key === undefined) throw new Error("nothing left to drop");
+          this.storage.removeItem(key);
+        } catch {
+          this.forget();
+          return;
+        }
+      }
     }
+  }
+
+  /** The `storage` keys of other durable-ai sessions, least recently saved first (unreadable ones before all). */
+  _othersOldestFirst() {
+    const found = [];
+    try {
+      for (let index = 0; index < this.storage.length; index++) {
+        const key = this.storage.key(index);
+        if (key === null || !key.startsWith(STORAGE_PREFIX) || key === this.storageKey) continue;
+        // The time is at the head of the record: read it there, without parsing the view after it.
+        const head = SAVED_AT.exec(this.storage.getItem(key) ?? "");
+        found.push({ key, at: head === null ? -Infinity : Number(head[1]) });
+      }
+    } catch {
+      // storage that refuses to be listed: drop what was found
+    }
+    return found.sort((a, b) => (a.at === b.at ? 0 : a.at < b.at ? -1 : 1)).map((entry) => entry.key);
   }
 
   /** The gateway's view of the session (`GET {base}{id}/view`). */
