@@ -97,6 +97,27 @@ class Replies:
             self._timer = loop.call_at(deadline, self._expire)
         return True
 
+    async def request(self, subject: str, data: bytes, headers: dict[str, str] | None) -> Msg | None:
+        """Publish and wait for the reply; ``None`` if there is no room for another or nats-py refused to send it.
+
+        Raises ``TimeoutError`` when no reply comes in time, or the error that closed the sender.
+        """
+        if not self.has_room():
+            return None
+        assert self._loop is not None, "request() before open()"
+        answered: asyncio.Future[Msg | BaseException] = self._loop.create_future()
+
+        def answer(reply: Msg | BaseException) -> None:
+            if not answered.done():
+                answered.set_result(reply)
+
+        if not await self.publish(subject, data, headers, answer):
+            return None
+        reply = await answered
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
     async def _reply(self, msg: Msg) -> None:
         pending = self._pending.pop(msg.subject[len(self._prefix) :], None)
         if pending is not None:

@@ -774,20 +774,7 @@ class NatsBackend:
         has an inbox token, a future and ``wait_for`` each; this has a callback under a counter token.
         """
         replies = self._replies
-        if replies is None or not replies.has_room():
-            return None
-        answered: asyncio.Future[Msg | BaseException] = asyncio.get_running_loop().create_future()
-
-        def answer(reply: Msg | BaseException) -> None:
-            if not answered.done():
-                answered.set_result(reply)
-
-        if not await replies.publish(subject, data, headers, answer):
-            return None
-        reply = await answered
-        if isinstance(reply, BaseException):
-            raise reply
-        return reply
+        return None if replies is None else await replies.request(subject, data, headers)
 
     async def _check_duplicate(self, jsm: JetStreamManager, stream: str, seq: int, subject: str, mid: str) -> None:
         """A duplicate ack names the message stored first under the id: it must be on the same subject."""
