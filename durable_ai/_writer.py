@@ -176,7 +176,8 @@ class SessionWriter:
         self._items: deque[_Delta | _Encoded] = deque()
         self._pending_bytes = 0
         self._open_delta: dict[str, _Delta] = {}
-        self._outbox: deque[_Message] = deque()
+        # Sealed messages; without batching, an encoded event that is a message of its own stays as it is.
+        self._outbox: deque[_Message | _Encoded] = deque()
         self._seq = 0
         self._done = 0
         self._failed: OrderedDict[int, BaseException] = OrderedDict()
@@ -210,9 +211,7 @@ class SessionWriter:
 
     # -- adding events -------------------------------------------------------------------------------------
 
-    def add_delta(
-        self, *, type: str, run_id: str, agent: str, part_id: str, delta: str, size: int, urgent: bool
-    ) -> int:
+    def add_delta(self, type: str, run_id: str, agent: str, part_id: str, delta: str, size: int, urgent: bool) -> int:
         """Buffer a delta (``size``: its UTF-8 bytes), concatenating it to the run's open delta of the same part
         when the policy allows. Returns the sequence to ``wait`` on."""
         self._check()
@@ -292,6 +291,11 @@ class SessionWriter:
             self._deadline = time.monotonic() + self._policy.max_delay
             self._wake.set()
         self._start()
+
+    @property
+    def wants_caller(self) -> bool:
+        """The run that just added an event must act (see :attr:`overloaded` and :attr:`flush_due`)."""
+        return self._pending_bytes > self._max_pending_bytes or (not self._sending and self._due())
 
     @property
     def flush_due(self) -> bool:
@@ -434,16 +438,20 @@ class SessionWriter:
         ):
             return None
         if not self._outbox:
-            if not self._items or not self._due():
+            if not self._items or not (self._urgent or self._due()):
                 return None
             self._seal()
             if not self._outbox:
                 return None
         message = self._outbox[0]
-        if message.fragments is not None:
+        if isinstance(message, _Encoded):
+            data, message_id = message.data, message.id
+        elif message.fragments is None:
+            data, message_id = message.data, message.message_id
+        else:
             return None
         self._sending = True
-        return Outgoing(self._channel, message.data, message.message_id, self._on_landed)
+        return Outgoing(self._channel, data, message_id, self._on_landed, message.landed is not None)
 
     async def _send_ahead(self, outgoing: Outgoing) -> None:
         assert self._ahead is not None
@@ -455,7 +463,7 @@ class SessionWriter:
         if not sent:
             self._landed(BackendUnavailable("the backend could not send the message ahead"))
 
-    def _landed(self, result: LogPosition | BaseException) -> Outgoing | None:
+    def _landed(self, result: LogPosition | BaseException | None) -> Outgoing | None:
         """The outcome of the message sent ahead (the head of the outbox); returns the next one to send, if any."""
         if self._finished:
             return None
@@ -466,9 +474,11 @@ class SessionWriter:
             self._wake.set()
             return None
         message = self._outbox.popleft()
-        self._done = message.last_seq
-        if message.landed is not None and not message.landed.done():
-            message.landed.set_result(result)
+        self._done = message.seq if isinstance(message, _Encoded) else message.last_seq
+        landed = message.landed
+        if landed is not None and not landed.done():
+            assert result is not None, "the message's Outgoing asked for its position"
+            landed.set_result(result)
         if self._waiters:
             self._release_waiters()
         outgoing = self._next_ahead()
@@ -509,7 +519,10 @@ class SessionWriter:
             if (outgoing := self._next_ahead()) is not None:
                 await self._send_ahead(outgoing)
                 continue
-            message = self._outbox[0]
+            head = self._outbox[0]
+            if isinstance(head, _Encoded):
+                head = self._outbox[0] = _as_message(head)
+            message = head
             self._redo = False
             self._sending = True
             try:
@@ -559,14 +572,15 @@ class SessionWriter:
         """
         if not self._batching and self._items:
             first = self._items[0]
-            if type(first) is _Encoded and not first.standalone and len(first.data) <= self._max_message:
-                # The common case without batching, kept short: one encoded event is one message.
+            if type(first) is _Encoded and len(first.data) <= self._max_message:
+                # The common case without batching, kept short: one encoded event is one message, and goes to
+                # the outbox as it is.
                 self._items.popleft()
                 if self._items:
                     self._pending_bytes -= len(first.data)
                 else:
                     self._close_window()
-                self._outbox.append(_Message(first.id, first.seq, first.seq, data=first.data))
+                self._outbox.append(first)
                 return
         items: deque[_Delta | _Encoded] | tuple[_Delta | _Encoded]
         if self._batching or len(self._items) <= 1:
@@ -598,7 +612,10 @@ class SessionWriter:
                 if lines:
                     last_seq = item.seq
                 elif self._outbox:
-                    self._outbox[-1].last_seq = item.seq
+                    tail = self._outbox[-1]
+                    if isinstance(tail, _Encoded):
+                        tail = self._outbox[-1] = _as_message(tail)
+                    tail.last_seq = item.seq
                 else:
                     self._done = max(self._done, item.seq)
                     self._release_waiters()
@@ -730,6 +747,11 @@ class SessionWriter:
             for message in self._outbox:
                 if message.landed is not None and not message.landed.done():
                     message.landed.set_exception(closed)
+
+
+def _as_message(item: _Encoded) -> _Message:
+    """An event that went to the outbox as it is, as a sealed message (for the flush loop's full publish)."""
+    return _Message(item.id, item.seq, item.seq, data=item.data, landed=item.landed)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -231,12 +231,19 @@ class Run:
         seq = self._last_seq = writer.add_encoded(id=event.id, run_id=self.id, data=data)
         await writer.wait(seq)
 
-    async def _delta(self, kind: Literal["text-delta", "reasoning-delta"], delta: str, part_id: str) -> None:
-        writer = self._check_open()
+    def _push(self, kind: Literal["text-delta", "reasoning-delta"], delta: str, part_id: str) -> SessionWriter | None:
+        """Buffer a delta; returns the writer when the caller must await it (:meth:`_settle`), else ``None``.
+
+        Synchronous, so a token the writer takes without waiting costs no coroutine of its own.
+        """
+        writer = self._writer
+        if self._state != "active" or writer is None:
+            self._check_open()
+        assert writer is not None
         if not isinstance(delta, str):
             raise ConfigurationError(f"a delta is a string, got {type(delta).__name__}")
         if not delta:
-            return
+            return None
         try:
             size = len(delta) if delta.isascii() else len(delta.encode())
         except UnicodeEncodeError:
@@ -247,15 +254,19 @@ class Run:
         if first:
             self._parts.add(validate_name("part_id", part_id))
         self._last_seq = writer.add_delta(
-            type=kind,
-            run_id=self.id,
-            agent=self.agent,
-            part_id=part_id,
-            delta=delta,
-            size=size,
+            kind,
+            self.id,
+            self.agent,
+            part_id,
+            delta,
+            size,
             # A part's first delta is flushed at once: time to first token matters more than cost.
-            urgent=first and self._runtime.settings.coalesce.flush_first_delta,
+            first and self._runtime.settings.coalesce.flush_first_delta,
         )
+        return writer if writer.wants_caller else None
+
+    async def _settle(self, writer: SessionWriter) -> None:
+        """What the writer asks of a run that just buffered a delta: wait for room, or send what is due now."""
         if writer.overloaded:
             await writer.wait(self._last_seq)
         elif writer.flush_due:
@@ -273,7 +284,9 @@ class Run:
                 self._text_part = self._runtime.new_id()
             part_id = self._text_part or ""
         self._reasoning_part = None
-        await self._delta("text-delta", delta, part_id)
+        writer = self._push("text-delta", delta, part_id)
+        if writer is not None:
+            await self._settle(writer)
 
     async def reasoning(self, delta: str, *, part_id: str | None = None) -> None:
         """Append reasoning text, in a part of its own (the same rules as :meth:`text`)."""
@@ -282,7 +295,9 @@ class Run:
                 self._reasoning_part = self._runtime.new_id()
             part_id = self._reasoning_part or ""
         self._text_part = None
-        await self._delta("reasoning-delta", delta, part_id)
+        writer = self._push("reasoning-delta", delta, part_id)
+        if writer is not None:
+            await self._settle(writer)
 
     async def tool_call(self, name: str, input: Any = None, *, call_id: str | None = None) -> str:
         """Record a tool call; returns its ``call_id`` for :meth:`tool_result`. Returns once it is stored.

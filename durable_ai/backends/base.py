@@ -181,9 +181,10 @@ class OpensLogs(Protocol):
         ...
 
 
-Landed: TypeAlias = "Callable[[LogPosition | BaseException], Outgoing | None]"
-"""Told where a message sent with :meth:`PublishesAhead.send` landed, or why it did not; may answer with the next
-message of the same channel to send."""
+Landed: TypeAlias = "Callable[[LogPosition | BaseException | None], Outgoing | None]"
+"""Told where a message sent with :meth:`PublishesAhead.send` landed (``None``: it landed, and its
+:class:`Outgoing` did not ask where), or why it did not; may answer with the next message of the same channel to
+send."""
 
 
 @dataclass(slots=True)
@@ -195,6 +196,9 @@ class Outgoing:
     data: bytes
     message_id: str
     landed: Landed
+    #: ``False``: ``landed`` only needs to know that the message landed, and may be given ``None`` for its position
+    #: (a writer that keeps nothing of a message's position spares the backend making one per message).
+    wants_position: bool = True
 
 
 @runtime_checkable

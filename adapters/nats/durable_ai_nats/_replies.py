@@ -13,7 +13,6 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -26,12 +25,6 @@ logger = logging.getLogger("durable_ai_nats")
 
 Answer = Callable[[Msg | BaseException], Coroutine[Any, Any, object] | None]
 """Called once with the reply, or with ``TimeoutError`` (no reply in time) or the error that closed the sender."""
-
-
-@dataclass(slots=True)
-class _Pending:
-    deadline: float
-    answer: Answer
 
 
 class Replies:
@@ -53,7 +46,8 @@ class Replies:
         self._timeout = timeout
         self._limit = limit
         self._spawn = spawn
-        self._pending: dict[str, _Pending] = {}
+        # token -> (deadline, answer): a tuple, not an object, per publish
+        self._pending: dict[str, tuple[float, Answer]] = {}
         self._tokens = itertools.count(1)
         self._prefix = ""
         self._sub: Subscription | None = None
@@ -84,7 +78,7 @@ class Replies:
         loop = self._loop
         assert loop is not None, "publish() before open()"
         deadline = loop.time() + self._timeout
-        self._pending[token] = _Pending(deadline, answer)
+        self._pending[token] = (deadline, answer)
         try:
             await self._nc.publish(subject, data, reply=self._prefix + token, headers=headers)
         except Exception as exc:
@@ -121,7 +115,7 @@ class Replies:
     async def _reply(self, msg: Msg) -> None:
         pending = self._pending.pop(msg.subject[len(self._prefix) :], None)
         if pending is not None:
-            then = pending.answer(msg)
+            then = pending[1](msg)
             if then is not None:
                 await then
 
@@ -132,14 +126,14 @@ class Replies:
         now = loop.time()
         while self._pending:
             token, pending = next(iter(self._pending.items()))
-            if pending.deadline > now:
-                self._timer = loop.call_at(pending.deadline, self._expire)
+            if pending[0] > now:
+                self._timer = loop.call_at(pending[0], self._expire)
                 return
             del self._pending[token]
             self._settle(pending, TimeoutError("no acknowledgement from JetStream"))
 
-    def _settle(self, pending: _Pending, error: BaseException) -> None:
-        then = pending.answer(error)
+    def _settle(self, pending: tuple[float, Answer], error: BaseException) -> None:
+        then = pending[1](error)
         if then is not None:
             self._spawn(then)
 

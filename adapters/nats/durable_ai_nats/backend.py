@@ -714,7 +714,18 @@ class NatsBackend:
         self, log: _Log, outgoing: Outgoing, reply: Msg | BaseException
     ) -> Coroutine[Any, Any, bool] | None:
         """Tell the writer where its message landed, and return the publish of the next one it hands back."""
-        then = outgoing.landed(self._position(log, reply))
+        if isinstance(reply, BaseException) or reply.headers:
+            then = outgoing.landed(self._position(log, reply))
+        else:
+            # The common case, inline (once per message): a plain acknowledgement of the next sequence.
+            plain = _PLAIN_ACK.fullmatch(reply.data)
+            seq = int(plain[1]) if plain is not None else -1
+            epoch = log.epoch
+            if seq < log.highest_seq or seq < 1 or epoch is None:
+                then = outgoing.landed(BackendError(f"JetStream answered {reply.data[:200]!r}"))
+            else:
+                log.highest_seq = seq
+                then = outgoing.landed(LogPosition(epoch, str(seq)) if outgoing.wants_position else None)
         if then is None:
             return None
         # Sent from here, in the reply subscription's task: no writer task wakes per message.
