@@ -608,6 +608,45 @@ async def test_a_new_sessions_first_message_opens_its_log_in_one_request(nats_se
     assert sum(kinds.count("run-start") for kinds in types) == 2
 
 
+async def test_concurrent_first_runs_read_the_streams_epoch_marker_no_more(
+    nats_server: NatsServer, prefix: str
+) -> None:
+    # Fifty runs of new sessions start at once: their first messages go out through full publishes, and while one
+    # waits to resume, acknowledgements of later messages are handled. That is no recreated stream, and must not
+    # cost a read of the stream's epoch marker each.
+    layout = names(prefix)
+    # Only the marker's own subject is listened to: a listener on every direct get would pass for a responder of
+    # streams that do not exist (the snapshots bucket), whose requests would then wait instead of failing at once.
+    marker = f"$JS.API.DIRECT.GET.{layout.stream}.{layout.epoch_subject('events')}"
+    watcher = await nats.connect(nats_server.url)
+    asked: list[str] = []
+
+    async def on_get(msg: nats.aio.msg.Msg) -> None:
+        asked.append(msg.subject)
+
+    try:
+        async with durable_ai.connect(_url(nats_server, prefix), snapshots=False) as hub:
+            async with hub.session("warm").run(agent="w") as run:  # the hub knows the stream's epoch
+                await run.text("zero")
+            await watcher.subscribe(marker, cb=on_get)
+            await watcher.flush()
+
+            async def one(i: int) -> None:
+                async with hub.session(f"s{i}").run(agent="w") as run:
+                    for _ in range(5):
+                        await run.text("token ")
+
+            await asyncio.gather(*(one(i) for i in range(50)))
+            await hub.flush()
+            await watcher.flush()
+            during_runs = list(asked)
+            views = [await hub.session(f"s{i}").view() for i in (0, 49)]  # a read asks for the marker: after
+    finally:
+        await watcher.close()
+    assert [view.messages[-1].text for view in views] == ["token " * 5] * 2
+    assert during_runs == []
+
+
 async def test_publish_opening_stores_once_and_only_opens_an_empty_log(nats_server: NatsServer, prefix: str) -> None:
     backend = NatsBackend(nats_server.url, NatsOptions(prefix=prefix))
     await backend.open()

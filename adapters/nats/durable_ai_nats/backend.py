@@ -643,8 +643,13 @@ class NatsBackend:
         headers = {_MSG_ID: f"{channel.session}:{message_id}"}
         if if_empty:
             headers[_EXPECTED_LAST_SUBJECT_SEQ] = "0"
+        # The highest sequence seen when the message went out: acknowledgements of one stream arrive in order, so
+        # only an answer lower than that means a recreated stream (later ones may have been handled meanwhile).
+        floor = 0
 
         async def attempt() -> Any:
+            nonlocal floor
+            floor = log.highest_seq
             if log.epoch is None:
                 # The stream went away (deleted by an operator): create it again, as on first use.
                 await self._epoch(channel.kind)
@@ -674,7 +679,7 @@ class NatsBackend:
         if ack.duplicate and channel.kind == "events":
             await self._check_duplicate(jsm, log.stream, ack.seq, subject, message_id)
         epoch = log.epoch
-        if ack.seq < log.highest_seq or epoch is None:
+        if ack.seq < floor or epoch is None:
             epoch = await self._epoch(channel.kind, refresh=True)
         log.highest_seq = max(log.highest_seq, ack.seq)
         return LogPosition(epoch, str(ack.seq))
