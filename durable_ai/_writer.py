@@ -438,8 +438,20 @@ class SessionWriter:
         ):
             return None
         if not self._outbox:
-            if not self._items or not (self._urgent or self._due()):
+            items = self._items
+            if not items or not (self._urgent or self._due()):
                 return None
+            first = items[0]
+            if not self._batching and type(first) is _Encoded and len(first.data) <= self._max_message:
+                # What _seal does in the common case without batching, here: once per message.
+                items.popleft()
+                if items:
+                    self._pending_bytes -= len(first.data)
+                else:
+                    self._close_window()
+                self._outbox.append(first)
+                self._sending = True
+                return Outgoing(self._channel, first.data, first.id, self._on_landed, first.landed is not None)
             self._seal()
             if not self._outbox:
                 return None
@@ -479,7 +491,7 @@ class SessionWriter:
         if landed is not None and not landed.done():
             assert result is not None, "the message's Outgoing asked for its position"
             landed.set_result(result)
-        if self._waiters:
+        if self._waiters and self._waiters[0].seq <= self._done:
             self._release_waiters()
         outgoing = self._next_ahead()
         if outgoing is None and (self._items or self._outbox or self._retiring):

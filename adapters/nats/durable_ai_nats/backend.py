@@ -84,6 +84,8 @@ _HEADER_ROOM = 1024
 _MAX_PENDING_ACKS = 4000
 _KV_OPERATION = "KV-Operation"
 _MSG_ID = "Nats-Msg-Id"
+# Sessions whose events subject a backend keeps made (a message sent ahead looks it up instead of formatting it).
+_SUBJECTS_KEPT = 4096
 _PLAIN_ACK = re.compile(rb'\{"stream":"[^"\\]*","seq":(\d{1,19})\}')
 _ROLE_TOKEN: dict[PresenceRole, str] = {"agent": "a", "client": "c"}
 _TOKEN_ROLE: dict[str, PresenceRole] = {"a": "agent", "c": "client"}
@@ -304,6 +306,7 @@ class NatsBackend:
         self._limits = BackendLimits(self.options.max_message_bytes, None)
         self._ack_timeout = min(2.0, self.options.publish_timeout)
         self._replies: Replies | None = None
+        self._event_subjects: dict[str, str] = {}
         self._pending_limit = int(self.options.connect.get("pending_size", DEFAULT_PENDING_SIZE))
 
     # -- connection ----------------------------------------------------------------------------------------
@@ -710,7 +713,11 @@ class NatsBackend:
             or len(outgoing.data) > self._limits.max_message_bytes
         ):
             return None
-        subject = self.names.subject(channel.session, "events")
+        subject = self._event_subjects.get(channel.session)
+        if subject is None:
+            if len(self._event_subjects) >= _SUBJECTS_KEPT:
+                self._event_subjects.clear()
+            subject = self._event_subjects[channel.session] = self.names.subject(channel.session, "events")
         headers = {_MSG_ID: f"{channel.session}:{outgoing.message_id}"}
         answer = partial(self._acknowledged, log, outgoing)
         return replies.publish(subject, outgoing.data, headers, answer, answer_refusal=answer_refusal)
