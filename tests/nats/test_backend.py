@@ -18,7 +18,7 @@ from nats.js.api import StreamConfig
 import durable_ai
 from durable_ai import Coalesce, Reset, Run, RunEnd
 from durable_ai.backend import Channel, LogPosition, PresenceEntry
-from durable_ai.errors import BackendError, ConfigurationError, LogReset, PublishRefused
+from durable_ai.errors import BackendError, ConfigurationError, LogReset, PublishRefused, RunIdInUse
 from durable_ai.testing.scenarios import collect, text_of
 from durable_ai_nats import NatsBackend, NatsOptions, PendingBufferFull, from_url, names
 from durable_ai_nats._replies import Replies
@@ -645,6 +645,24 @@ async def test_concurrent_first_runs_read_the_streams_epoch_marker_no_more(
         await watcher.close()
     assert [view.messages[-1].text for view in views] == ["token " * 5] * 2
     assert during_runs == []
+
+
+async def test_a_run_with_a_chosen_id_in_a_session_written_before_lands_where_it_is_read_back(
+    nats_server: NatsServer, prefix: str
+) -> None:
+    # Its run-start is a message of its own, sent ahead like any other once the session's log is known to have
+    # begun; the acknowledgement must give the writer its position, from which it reads the run-start back.
+    async with durable_ai.connect(_url(nats_server, prefix), snapshots=False) as hub:
+        async with hub.session("s").run(agent="w") as run:
+            await run.text("first")
+        async with hub.session("s").run(agent="w", run_id="chosen") as run:
+            await run.text("second")
+        with pytest.raises(RunIdInUse):
+            async with hub.session("s").run(agent="w", run_id="chosen"):
+                pass
+        view = await hub.session("s").view()
+    assert [m.text for m in view.messages] == ["first", "second"]
+    assert view.active_runs == []
 
 
 async def test_publish_opening_stores_once_and_only_opens_an_empty_log(nats_server: NatsServer, prefix: str) -> None:
