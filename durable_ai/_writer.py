@@ -438,18 +438,10 @@ class SessionWriter:
         ):
             return None
         if not self._outbox:
-            items = self._items
-            if not items or not (self._urgent or self._due()):
+            if not self._items or not (self._urgent or self._due()):
                 return None
-            first = items[0]
-            if not self._batching and type(first) is _Encoded and len(first.data) <= self._max_message:
-                # What _seal does in the common case without batching, here: once per message.
-                items.popleft()
-                if items:
-                    self._pending_bytes -= len(first.data)
-                else:
-                    self._close_window()
-                self._outbox.append(first)
+            first = self._seal_encoded()
+            if first is not None:
                 self._sending = True
                 return Outgoing(self._channel, first.data, first.id, self._on_landed, first.landed is not None)
             self._seal()
@@ -582,18 +574,8 @@ class SessionWriter:
         then keeps each waiting event as one object, not as a sealed message too (fewer objects for the garbage
         collector to go through while they wait).
         """
-        if not self._batching and self._items:
-            first = self._items[0]
-            if type(first) is _Encoded and len(first.data) <= self._max_message:
-                # The common case without batching, kept short: one encoded event is one message, and goes to
-                # the outbox as it is.
-                self._items.popleft()
-                if self._items:
-                    self._pending_bytes -= len(first.data)
-                else:
-                    self._close_window()
-                self._outbox.append(first)
-                return
+        if self._seal_encoded() is not None:
+            return
         items: deque[_Delta | _Encoded] | tuple[_Delta | _Encoded]
         if self._batching or len(self._items) <= 1:
             items, self._items = self._items, deque()
@@ -650,6 +632,23 @@ class SessionWriter:
             size += len(line) + 1
             last_seq = item.seq
         close_batch()
+
+    def _seal_encoded(self) -> _Encoded | None:
+        """The common case without batching, kept short: when the first item is one encoded event that fits a
+        message, it goes to the outbox as it is (returned), and is that message."""
+        items = self._items
+        if self._batching or not items:
+            return None
+        first = items[0]
+        if type(first) is not _Encoded or len(first.data) > self._max_message:
+            return None
+        items.popleft()
+        if items:
+            self._pending_bytes -= len(first.data)
+        else:
+            self._close_window()
+        self._outbox.append(first)
+        return first
 
     def _close_window(self) -> None:
         """Everything buffered was sealed: no window is open."""

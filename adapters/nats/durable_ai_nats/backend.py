@@ -725,19 +725,28 @@ class NatsBackend:
     def _acknowledged(
         self, log: _Log, outgoing: Outgoing, reply: Msg | BaseException
     ) -> Coroutine[Any, Any, bool] | None:
-        """Tell the writer where its message landed, and return the publish of the next one it hands back."""
-        if isinstance(reply, BaseException) or reply.headers:
-            then = outgoing.landed(self._position(log, reply))
+        """Tell the writer where its message landed, or why that is not settled by the acknowledgement alone, and
+        return the publish of the next message it hands back."""
+        result: LogPosition | BaseException | None
+        if isinstance(reply, BaseException):
+            if isinstance(reply, TimeoutError):
+                self._check_alive()
+            result = reply
+        elif reply.headers and reply.headers.get("Status") == "503":
+            log.epoch = None  # no stream answered: create it again, as on first use
+            result = BackendUnavailable("no JetStream stream answered")
         else:
-            # The common case, inline (once per message): a plain acknowledgement of the next sequence.
+            # The plain acknowledgement of the next sequence, without a JSON decoder; anything else (a duplicate, an
+            # error) goes the long way.
             plain = _PLAIN_ACK.fullmatch(reply.data)
             seq = int(plain[1]) if plain is not None else -1
             epoch = log.epoch
-            if seq < log.highest_seq or seq < 1 or epoch is None:
-                then = outgoing.landed(BackendError(f"JetStream answered {reply.data[:200]!r}"))
+            if seq < max(log.highest_seq, 1) or epoch is None:
+                result = BackendError(f"JetStream answered {reply.data[:200]!r}")
             else:
                 log.highest_seq = seq
-                then = outgoing.landed(LogPosition(epoch, str(seq)) if outgoing.wants_position else None)
+                result = LogPosition(epoch, str(seq)) if outgoing.wants_position else None
+        then = outgoing.landed(result)
         if then is None:
             return None
         # Sent from here, in the reply subscription's task: no writer task wakes per message.
@@ -745,24 +754,6 @@ class NatsBackend:
         if ahead is None:
             then.landed(BackendUnavailable("the next message could not be sent ahead"))
         return ahead
-
-    def _position(self, log: _Log, reply: Msg | BaseException) -> LogPosition | BaseException:
-        """Where an acknowledged message landed, or why that is not settled by the acknowledgement alone."""
-        if isinstance(reply, BaseException):
-            if isinstance(reply, TimeoutError):
-                self._check_alive()
-            return reply
-        if reply.headers and reply.headers.get("Status") == "503":
-            log.epoch = None  # no stream answered: create it again, as on first use
-            return BackendUnavailable("no JetStream stream answered")
-        # The plain acknowledgement, without a JSON decoder; anything else (a duplicate, an error) goes the long way.
-        plain = _PLAIN_ACK.fullmatch(reply.data)
-        epoch = log.epoch
-        seq = int(plain[1]) if plain is not None else -1
-        if seq < max(log.highest_seq, 1) or epoch is None:
-            return BackendError(f"JetStream answered {reply.data[:200]!r}")
-        log.highest_seq = seq
-        return LogPosition(epoch, str(seq))
 
     async def _js_publish(
         self, subject: str, data: bytes, headers: dict[str, str] | None = None, *, ttl: float | None = None
