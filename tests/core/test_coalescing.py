@@ -292,7 +292,7 @@ async def test_under_load_a_window_still_closes_while_the_run_goes_on(policy: Co
 
 def test_the_load_gauge_widens_while_the_loop_runs_late_and_narrows_once_on_time() -> None:
     clock = demand = 0.0
-    gauge = LoadGauge(period=1.0, clock=lambda: clock, demand=lambda: demand)
+    gauge = LoadGauge(period=1.0, clock=lambda: clock, demand=lambda: (demand, 0.0))
     assert gauge.stretching() == 0.0  # the first call starts the first period
     widths = []
     for _ in range(4):  # under load, and callbacks wait 50 ms to run
@@ -314,6 +314,22 @@ def test_the_load_gauge_widens_while_the_loop_runs_late_and_narrows_once_on_time
     assert gauge.widening == 1.0
 
 
+def test_a_thread_waiting_for_a_core_stretches_windows_by_the_share_it_did_not_get() -> None:
+    # Its runs write their tokens as much more slowly, so a window must be as much longer to hold as many deltas.
+    clock = ran = waited = 0.0
+    gauge = LoadGauge(period=1.0, clock=lambda: clock, demand=lambda: (ran, waited))
+    gauge.stretching()  # the first call starts the first period
+    clock, ran = 0.2, 0.2  # running all the time, waiting for nothing: the usual stretch
+    assert gauge.stretching() == 1.0
+    clock, ran, waited = 1.2, 0.7, 0.5  # runnable all the time, and ran half of it
+    assert gauge.stretching() == pytest.approx(2.0)
+    assert gauge.got == pytest.approx(0.5)
+    clock, ran, waited = 2.2, 0.75, 1.45  # ran 5% of what it wanted: stretched 4 times at most
+    assert gauge.stretching() == pytest.approx(4.0)
+    clock, ran, waited = 3.2, 1.0, 1.45  # a quarter of the time: not short of CPU, whatever it got
+    assert gauge.stretching() == 0.0
+
+
 async def test_the_load_gauge_measures_how_late_the_loop_runs_a_callback() -> None:
     gauge = LoadGauge(period=0.01)
     gauge.loaded()
@@ -332,7 +348,7 @@ async def test_the_load_gauge_measures_how_late_the_loop_runs_a_callback() -> No
 
 def test_the_load_gauge_enters_and_leaves_with_hysteresis() -> None:
     clock = demand = 0.0
-    gauge = LoadGauge(period=1.0, enter=0.9, leave=0.75, clock=lambda: clock, demand=lambda: demand)
+    gauge = LoadGauge(period=1.0, enter=0.9, leave=0.75, clock=lambda: clock, demand=lambda: (demand, 0.0))
     assert gauge.loaded() is False  # the first call starts the first period
     clock, demand = 0.25, 0.25  # the first period is a fifth of the others: busy from the start is known soon
     assert gauge.loaded() is True
