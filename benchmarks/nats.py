@@ -212,6 +212,14 @@ async def _paired(
     return Samples(tuple(sdk_values), better), Samples(tuple(base_values), better)
 
 
+def _paired_ratio(sdk: Samples, baseline: Samples) -> float:
+    """The median over the rounds of :func:`_paired` of the SDK's speed relative to the baseline round measured
+    right after it (above 1: the SDK was faster). Both sides of a pair share the machine's state of the moment."""
+    better = sdk.better
+    ratios = [s / b if better == "higher" else b / s for s, b in zip(sdk.values, baseline.values, strict=True)]
+    return statistics.median(ratios)
+
+
 def _rate(count: float, seconds: Samples) -> tuple[float, float]:
     """(best, median) rate of ``count`` things done in ``seconds``."""
     return count / seconds.best(), count / seconds.median()
@@ -262,6 +270,12 @@ async def _event_size(place: _Place, tokens: int) -> int:
     return round(statistics.median(sizes[1:-1] or sizes))
 
 
+def _message_id(session_id: str, index: int) -> str:
+    """A ``Nats-Msg-Id`` of the backend's shape and length: the session, a colon, 24 hex digits (the backend's ids
+    are 96 random bits). The same bytes go on the wire and into the server's duplicate window as the SDK's."""
+    return f"{session_id}:{index:024x}"
+
+
 async def raw_publish(place: _Place, *, subjects: int, messages: int, payload: bytes) -> float:
     """Seconds for nats-py to store ``messages`` messages on each of ``subjects`` subjects of the stream.
 
@@ -272,12 +286,14 @@ async def raw_publish(place: _Place, *, subjects: int, messages: int, payload: b
     """
     async with _raw_connection(place) as (_, js):
         await _ensure_stream(place, js)
-        ids = [_session_id("raw") for _ in range(subjects)]
+        ids = [_session_id("publish") for _ in range(subjects)]  # as long as the SDK side's
 
         async def publisher(session_id: str) -> None:
             subject = place.subject(session_id)
             for index in range(messages):
-                await (await js.publish_async(subject, payload, headers={"Nats-Msg-Id": f"{session_id}-{index}"}))
+                await (
+                    await js.publish_async(subject, payload, headers={"Nats-Msg-Id": _message_id(session_id, index)})
+                )
 
         settle()
         start = time.perf_counter()
@@ -299,12 +315,12 @@ async def raw_publish_pipelined(place: _Place, *, messages: int, payload: bytes)
     """
     async with _raw_connection(place) as (_, js):
         await _ensure_stream(place, js)
-        session_id = _session_id("pipelined")
+        session_id = _session_id("publish")
         subject = place.subject(session_id)
         settle()
         start = time.perf_counter()
         acks = [
-            await js.publish_async(subject, payload, headers={"Nats-Msg-Id": f"{session_id}-{index}"})
+            await js.publish_async(subject, payload, headers={"Nats-Msg-Id": _message_id(session_id, index)})
             for index in range(messages)
         ]
         await asyncio.gather(*acks)
@@ -348,21 +364,24 @@ async def bench_publish(sizes: Sizes, report: Report) -> None:
                     lambda: raw_publish(place, subjects=case.sessions, messages=events, payload=payload)
                 )
 
-            sdk_seconds, base_seconds = await _paired(sizes.repeats, sdk, baseline, "lower")
+            # Identical rounds of either side vary by 10% or more on a busy host, and a ratio of the bests swings with
+            # one fast round of either side: three times the usual repeats, alternating, and the target is judged on
+            # the median of the paired ratios (each SDK round against the nats-py round right after it).
+            sdk_seconds, base_seconds = await _paired(3 * sizes.repeats, sdk, baseline, "lower")
             if any(count != case.sessions * events for count in stored):
                 raise BenchmarkError(f"the SDK stored {stored} messages, expected {case.sessions * events} each time")
             uncoalesced[case.key] = (sdk_seconds, base_seconds)
             total = case.sessions * events
             sdk_best, sdk_median = _rate(total, sdk_seconds)
             base_best, base_median = _rate(total, base_seconds)
-            ratio = sdk_best / base_best
+            paired = _paired_ratio(sdk_seconds, base_seconds)
             report.target(
                 Target(
                     f"publish throughput, {case.sessions} concurrent run{'s' if case.sessions > 1 else ''}",
-                    ">= 0.9x nats-py publish_async + await, 1 in flight per subject",
-                    f"{ratio:.2f}x ({sdk_best:,.0f} vs {base_best:,.0f} events/s; medians {sdk_median:,.0f} vs "
-                    f"{base_median:,.0f})",
-                    ratio >= 0.9,
+                    ">= 0.9x nats-py publish_async + await, 1 in flight per subject (median of paired rounds)",
+                    f"{paired:.2f}x (best {sdk_best:,.0f} vs {base_best:,.0f} events/s, {sdk_best / base_best:.2f}x; "
+                    f"medians {sdk_median:,.0f} vs {base_median:,.0f})",
+                    paired >= 0.9,
                 )
             )
             where = (
@@ -383,6 +402,7 @@ async def bench_publish(sizes: Sizes, report: Report) -> None:
                     extra={
                         "sdk_median": sdk_median,
                         "baseline_median": base_median,
+                        "paired_ratio": paired,
                         "events": float(total),
                         "broker_messages": float(max(stored)),
                         "payload_bytes": float(size),
