@@ -273,17 +273,25 @@ async def sample(times: int, measure: Callable[[], Awaitable[float]], better: Be
 def cpu_hogs(count: int | None = None) -> Iterator[int]:
     """A loaded machine: ``count`` processes (default: one per CPU) spinning until the block ends.
 
-    The benchmark then shares every core with a process that never sleeps, as on a busy host. Yields the count.
+    The benchmark then shares every core with a process that never sleeps, as on a busy host. Yields the count
+    once every one of them is spinning (an interpreter starting up would load the machine unevenly at first).
     """
     count = count if count is not None else os.cpu_count() or 1
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    spin = "import sys; sys.stdout.write('spinning'); sys.stdout.flush()\nwhile True: pass"
+    hogs = [subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE) for _ in range(count)]
     try:
+        for hog in hogs:
+            assert hog.stdout is not None
+            if hog.stdout.read(len("spinning")) != b"spinning":
+                raise BenchmarkError("a spinning process did not start")
         yield count
     finally:
         for hog in hogs:
             hog.kill()
         for hog in hogs:
             hog.wait()
+            if hog.stdout is not None:
+                hog.stdout.close()
 
 
 def settle() -> None:

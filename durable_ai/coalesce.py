@@ -27,7 +27,8 @@ class Coalesce:
     many tokens per broker message as an idle one, instead of more messages that each cost it more; the first
     delta of a part is still flushed at once. ``stretch_under_load=1`` keeps windows to ``max_delay`` always.
     While the thread waits for a core (other processes hold the CPUs), its runs write as much more slowly, and the
-    stretch grows by the inverse of the share of the CPU it got (up to 4 times: 640 ms by default).
+    stretch past ``max_delay`` grows by the inverse of the share of the CPU it got (up to 4 times: a window of
+    520 ms by default).
 
     A loop that also runs late (a callback waits more than 20 ms to run, on average) has more work than it can do:
     while it does, the stretch widens by a quarter every tenth of a second, up to ``max_delay_under_load`` (1 s) for

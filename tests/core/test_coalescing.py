@@ -7,6 +7,9 @@ trigger under test (first delta, non-delta event, ``max_bytes``, run end), never
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from collections import defaultdict
 
@@ -373,6 +376,29 @@ async def test_the_load_gauge_reads_a_busy_and_an_idle_thread() -> None:
     assert gauge.loaded() is True, gauge.share
     await asyncio.sleep(0.05)  # waiting for I/O: not short of CPU
     assert gauge.loaded() is False, gauge.share
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/thread-self/schedstat"), reason="the kernel does not say run-queue waits")
+def test_a_thread_that_shares_its_cores_with_spinning_processes_gets_less_than_it_wanted() -> None:
+    # One spinning process per core the thread may run on, and one more: the kernel shares the cores out, so a busy
+    # thread is runnable all the time and runs only part of it.
+    cores = len(os.sched_getaffinity(0))
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores + 1)]
+    try:
+        gauge = LoadGauge(period=0.2)
+        gauge.loaded()
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            gauge.loaded()
+        stretched = gauge.stretching()
+    finally:
+        for hog in hogs:
+            hog.kill()
+        for hog in hogs:
+            hog.wait()
+    assert gauge.share >= 0.9  # it wanted the CPU all along
+    assert gauge.got < 0.9, gauge.got
+    assert stretched == pytest.approx(1 / gauge.got)
 
 
 async def test_a_writer_far_ahead_of_a_held_broker_is_held_back_and_loses_nothing() -> None:
