@@ -94,7 +94,8 @@ class LoadGauge:
         if elapsed >= (self._period if self._sampled else self._period / 5):
             self._sampled = True
             ran, waited = self._demand()
-            ran_now, wanted = ran - self._ran_since, ran - self._ran_since + waited - self._waited_since
+            ran_now = ran - self._ran_since
+            wanted = ran_now + waited - self._waited_since
             self.share = wanted / elapsed
             self.got = max(_LEAST_GOT, min(1.0, ran_now / wanted)) if wanted > 0 else 1.0
             self._loaded = self.share >= (self._leave if self._loaded else self._enter)

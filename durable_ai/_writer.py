@@ -440,11 +440,7 @@ class SessionWriter:
         if not self._outbox:
             if not self._items or not (self._urgent or self._due()):
                 return None
-            first = self._seal_encoded()
-            if first is not None:
-                self._sending = True
-                return Outgoing(self._channel, first.data, first.id, self._on_landed, first.landed is not None)
-            self._seal()
+            self._seal()  # without batching, the first encoded event goes to the outbox as it is (_seal_encoded)
             if not self._outbox:
                 return None
         message = self._outbox[0]
@@ -574,7 +570,7 @@ class SessionWriter:
         then keeps each waiting event as one object, not as a sealed message too (fewer objects for the garbage
         collector to go through while they wait).
         """
-        if self._seal_encoded() is not None:
+        if self._seal_encoded():
             return
         items: deque[_Delta | _Encoded] | tuple[_Delta | _Encoded]
         if self._batching or len(self._items) <= 1:
@@ -633,22 +629,22 @@ class SessionWriter:
             last_seq = item.seq
         close_batch()
 
-    def _seal_encoded(self) -> _Encoded | None:
+    def _seal_encoded(self) -> bool:
         """The common case without batching, kept short: when the first item is one encoded event that fits a
-        message, it goes to the outbox as it is (returned), and is that message."""
+        message, it goes to the outbox as it is, and is that message (``True``)."""
         items = self._items
         if self._batching or not items:
-            return None
+            return False
         first = items[0]
         if type(first) is not _Encoded or len(first.data) > self._max_message:
-            return None
+            return False
         items.popleft()
         if items:
             self._pending_bytes -= len(first.data)
         else:
             self._close_window()
         self._outbox.append(first)
-        return first
+        return True
 
     def _close_window(self) -> None:
         """Everything buffered was sealed: no window is open."""
